@@ -1,0 +1,135 @@
+"""`HOSFLConfig`: `TrainingArguments` plus the federation and zeroth-order settings of HO-SFL."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = ["HOSFLConfig"]
+
+
+@dataclass
+class HOSFLConfig(TrainingArguments):
+    r"""
+    Configuration class for the [`HOSFLTrainer`].
+
+    This class includes only the parameters that are specific to HO-SFL training. For a full list of training
+    arguments, please refer to the [`~transformers.TrainingArguments`] documentation. Defaults are the paper's.
+    `learning_rate`, `lr_scheduler_type` and the warmup settings drive the server part; the client part follows the
+    same schedule shape scaled to `client_learning_rate`.
+
+    Parameters that control the split:
+
+        split_layer (`int` or `None`, *optional*, defaults to `None`):
+            Number of decoder blocks held by the clients (`1..num_layers-1`). `None` lets the trainer argument
+            `split_layer` decide.
+
+    Parameters that control the federation:
+
+        num_clients (`int`, *optional*, defaults to `10`):
+            Number `M` of clients; each owns one shard of `train_dataset`.
+        clients_per_round (`int`, *optional*, defaults to `3`):
+            Number `K` of clients sampled per round. Each contributes one batch of `per_device_train_batch_size`
+            examples. One optimizer step of the `Trainer` is one round: `gradient_accumulation_steps` is set to `K`
+            (each client batch is one accumulation micro-step, so the server backpropagates `loss / K`).
+        partition (`str`, *optional*, defaults to `"iid"`):
+            How `train_dataset` is split into client shards: `"iid"` or `"dirichlet"` (label skew).
+        dirichlet_alpha (`float`, *optional*, defaults to `1.0`):
+            Concentration of the Dirichlet partition; smaller is more skewed.
+        partition_column (`str`, *optional*, defaults to `"label"`):
+            Dataset column holding the class label used by the Dirichlet partition.
+
+    Parameters that control the zeroth-order client update:
+
+        num_perturbations (`int`, *optional*, defaults to `2`):
+            Number `P` of random directions (seeds) per round.
+        zo_eps (`float`, *optional*, defaults to `1e-3`):
+            Perturbation scale `mu`.
+        zo_estimator (`str`, *optional*, defaults to `"one_sided"`):
+            `"one_sided"` (one extra client forward per direction) or `"two_sided"` (two, lower bias).
+        client_optimizer (`str`, *optional*, defaults to `"adamw"`):
+            Optimizer that applies the zeroth-order gradient on every holder of the client part: `"adamw"` or `"sgd"`.
+        client_learning_rate (`float`, *optional*, defaults to `1e-5`):
+            Peak learning rate of the client optimizer.
+        client_weight_decay (`float`, *optional*, defaults to `0.0`):
+            Weight decay of the client optimizer.
+
+    Changed defaults: `learning_rate` defaults to `1e-5` (the paper) instead of `5e-5`; `logging_steps` to `10`
+    instead of `500`.
+    """
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of the server part (AdamW)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X rounds (optimizer steps)."})
+
+    split_layer: int | None = field(
+        default=None, metadata={"help": "Number of decoder blocks held by the clients (1..num_layers-1)."}
+    )
+    num_clients: int = field(default=10, metadata={"help": "Number M of clients (dataset shards)."})
+    clients_per_round: int = field(default=3, metadata={"help": "Number K of clients sampled per round."})
+    partition: str = field(
+        default="iid",
+        metadata={"help": "Client shards: 'iid' or 'dirichlet' (label skew).", "choices": ["iid", "dirichlet"]},
+    )
+    dirichlet_alpha: float = field(default=1.0, metadata={"help": "Concentration of the Dirichlet partition."})
+    partition_column: str = field(default="label", metadata={"help": "Label column used by the Dirichlet partition."})
+    num_perturbations: int = field(default=2, metadata={"help": "Number P of random directions per round."})
+    zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale mu of the zeroth-order estimate."})
+    zo_estimator: str = field(
+        default="one_sided",
+        metadata={
+            "help": "Zeroth-order estimator: 'one_sided' or 'two_sided'.",
+            "choices": ["one_sided", "two_sided"],
+        },
+    )
+    client_optimizer: str = field(
+        default="adamw", metadata={"help": "Client optimizer: 'adamw' or 'sgd'.", "choices": ["adamw", "sgd"]}
+    )
+    client_learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of the client optimizer."})
+    client_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the client optimizer."})
+
+    def __post_init__(self):
+        def fail(name: str, value: object, expected: str) -> None:
+            raise ValueError(f"HOSFLConfig.{name}={value!r} is invalid: {expected}.")
+
+        if self.split_layer is not None and (not isinstance(self.split_layer, int) or self.split_layer < 1):
+            fail("split_layer", self.split_layer, "use a positive number of client blocks, or None")
+        if not isinstance(self.num_clients, int) or self.num_clients < 1:
+            fail("num_clients", self.num_clients, "it must be an integer >= 1")
+        if not isinstance(self.clients_per_round, int) or not 1 <= self.clients_per_round <= self.num_clients:
+            fail(
+                "clients_per_round",
+                self.clients_per_round,
+                f"it must be an integer in 1..num_clients={self.num_clients}",
+            )
+        if self.partition not in ("iid", "dirichlet"):
+            fail("partition", self.partition, "use 'iid' or 'dirichlet'")
+        if not (
+            isinstance(self.dirichlet_alpha, (int, float))
+            and math.isfinite(self.dirichlet_alpha)
+            and self.dirichlet_alpha > 0
+        ):
+            fail("dirichlet_alpha", self.dirichlet_alpha, "it must be a finite number > 0")
+        if not isinstance(self.num_perturbations, int) or self.num_perturbations < 1:
+            fail("num_perturbations", self.num_perturbations, "it must be an integer >= 1")
+        if not (isinstance(self.zo_eps, (int, float)) and math.isfinite(self.zo_eps) and self.zo_eps > 0):
+            fail("zo_eps", self.zo_eps, "it must be a finite number > 0 (the paper uses 1e-3)")
+        if self.zo_estimator not in ("one_sided", "two_sided"):
+            fail("zo_estimator", self.zo_estimator, "use 'one_sided' or 'two_sided'")
+        if self.client_optimizer not in ("adamw", "sgd"):
+            fail("client_optimizer", self.client_optimizer, "use 'adamw' or 'sgd'")
+        for name in ("client_learning_rate", "client_weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                fail(name, value, "it must be a finite number >= 0")
+        if self.gradient_accumulation_steps not in (1, self.clients_per_round):
+            fail(
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+                f"HO-SFL accumulates the server gradient over the K={self.clients_per_round} client batches of a "
+                "round; leave it at 1 (it is set to clients_per_round) and raise per_device_train_batch_size for "
+                "larger client batches",
+            )
+        self.gradient_accumulation_steps = self.clients_per_round
+        super().__post_init__()

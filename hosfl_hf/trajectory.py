@@ -1,0 +1,120 @@
+"""The client trajectory: per round the seeds, the averaged scalars and the client learning rate.
+
+It is all a holder of the client part needs to follow training (model sync costs `P` seeds + `P` scalars per round,
+whatever the model size), and all a straggler needs to catch up: [`replay_trajectory`].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .split import split_model
+from .zeroth_order import RNG_SPEC, apply_zo_update, build_client_optimizer
+
+__all__ = ["TRAJECTORY_NAME", "Trajectory", "TrajectoryRound", "replay_trajectory"]
+
+TRAJECTORY_NAME = "hosfl_trajectory.json"
+
+
+@dataclass
+class TrajectoryRound:
+    """One round of client updates: `scalars[p]` is the clients' average for seed `seeds[p]`, applied with `lr`."""
+
+    round: int
+    seeds: list[int]
+    scalars: list[float]
+    lr: float
+
+
+@dataclass
+class Trajectory:
+    """Everything needed to reproduce the client part's training bit for bit from its initial weights.
+
+    Args:
+        split_layer: number of client decoder blocks.
+        parameter_names: the client's trainable parameters, in the pinned order of the RNG specification.
+        zo_eps: perturbation scale `mu`.
+        client_optimizer: `"sgd"` or `"adamw"`.
+        client_weight_decay: weight decay of the client optimizer.
+        rounds: the recorded rounds, in order.
+    """
+
+    split_layer: int
+    parameter_names: list[str]
+    zo_eps: float
+    client_optimizer: str
+    client_weight_decay: float = 0.0
+    rng: dict[str, Any] = field(default_factory=lambda: dict(RNG_SPEC))
+    rounds: list[TrajectoryRound] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Trajectory:
+        data = dict(data)
+        data["rounds"] = [TrajectoryRound(**r) for r in data.get("rounds", [])]
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the trajectory as JSON (floats round-trip exactly through Python's `repr`)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, TRAJECTORY_NAME)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trajectory:
+        if os.path.isdir(path):
+            path = os.path.join(path, TRAJECTORY_NAME)
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def replay_trajectory(
+    model: nn.Module, trajectory: Trajectory | dict | str | os.PathLike, start_round: int = 0
+) -> nn.Module:
+    """Applies recorded client updates to the client part of `model`, round by round (straggler catch-up).
+
+    `model` must hold the client weights the trajectory started from (the initial weights for `start_round=0`);
+    with them, the result is bit-identical to the trained client part, for SGD and AdamW. Only the client's
+    trainable parameters change; no forward pass is run.
+
+    Args:
+        model: the same architecture (plain or peft) as the trained model.
+        trajectory: a [`Trajectory`], its dict, or a path to `hosfl_trajectory.json` (or its folder).
+        start_round: first round to apply. An AdamW state cannot be rebuilt mid-way, so with AdamW replays must
+            start at 0.
+
+    Returns:
+        The same `model`, updated in place.
+    """
+    if not isinstance(trajectory, Trajectory):
+        trajectory = Trajectory.from_dict(trajectory) if isinstance(trajectory, dict) else Trajectory.load(trajectory)
+    if trajectory.rng.get("version") != RNG_SPEC["version"]:
+        raise ValueError(
+            f"Trajectory RNG spec {trajectory.rng} is not supported (expected version {RNG_SPEC['version']})."
+        )
+    if start_round and trajectory.client_optimizer != "sgd":
+        raise ValueError("Only SGD trajectories can be replayed from a mid-run round; replay AdamW from round 0.")
+    parts = split_model(model, trajectory.split_layer)
+    params = dict(parts.client_parameters())
+    missing = [n for n in trajectory.parameter_names if n not in params]
+    if missing or len(params) != len(trajectory.parameter_names):
+        raise ValueError(
+            f"The model's trainable client parameters do not match the trajectory (missing: {missing[:5]}, "
+            f"model has {len(params)}, trajectory {len(trajectory.parameter_names)}). Load the same architecture, "
+            "adapters and split layer as the trained model."
+        )
+    named = [(n, params[n]) for n in trajectory.parameter_names]
+    optimizer = build_client_optimizer(
+        [p for _, p in named], trajectory.client_optimizer, lr=0.0, weight_decay=trajectory.client_weight_decay
+    )
+    for record in trajectory.rounds[start_round:]:
+        apply_zo_update(named, optimizer, record.seeds, record.scalars, trajectory.zo_eps, record.lr)
+    return model

@@ -1,0 +1,195 @@
+"""Zeroth-order estimation for the client part: seeded perturbations, projected scalars and the shared update.
+
+RNG specification (version 1), identical on every holder of the client part:
+
+* the direction for parameter number `j` (in the pinned `named_parameters` order of the client's trainable
+  parameters) and perturbation seed `s` is `torch.randn(shape, generator=g, dtype=torch.float32)` drawn on the CPU
+  with `g = torch.Generator("cpu").manual_seed(direction_seed(s, j))`, then cast to the parameter's dtype and moved
+  to its device;
+* `direction_seed` mixes `(s, j)` with SplitMix64, so directions of different parameters are independent streams
+  and do not depend on the order in which parameters are visited.
+
+Every draw uses its own explicit `torch.Generator`; the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "RNG_SPEC",
+    "ZerothOrderEstimator",
+    "apply_zo_update",
+    "build_client_optimizer",
+    "direction",
+    "direction_seed",
+    "round_seeds",
+]
+
+RNG_SPEC = {
+    "version": 1,
+    "generator": "torch.Generator('cpu')",
+    "distribution": "standard normal, float32, cast to parameter dtype",
+    "seed_mixing": "splitmix64(seed ^ splitmix64(parameter_index))",
+}
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def direction_seed(seed: int, index: int) -> int:
+    """Seed of the generator for parameter `index` under perturbation seed `seed` (SplitMix64 mixing)."""
+    return _splitmix64((seed & _MASK64) ^ _splitmix64(index))
+
+
+def direction(param: torch.Tensor, seed: int, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The Gaussian direction `u` for one parameter tensor: an fp32 draw on the CPU, cast to `dtype` (default: the
+    parameter's dtype) and moved to the parameter's device."""
+    generator = torch.Generator("cpu").manual_seed(direction_seed(seed, index))
+    u = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+    return u.to(device=param.device, dtype=dtype or param.dtype)
+
+
+def round_seeds(base_seed: int, round_index: int, num_perturbations: int) -> list[int]:
+    """The `num_perturbations` perturbation seeds the server broadcasts in round `round_index`."""
+    generator = torch.Generator("cpu").manual_seed(_splitmix64((base_seed & _MASK64) ^ _splitmix64(round_index)))
+    return torch.randint(0, 2**62, (num_perturbations,), generator=generator).tolist()
+
+
+class ZerothOrderEstimator:
+    """Computes the client's projected scalars `v_p = <lambda, z(theta + mu u_p) - z(theta)>`.
+
+    Args:
+        parameters (`Sequence[tuple[str, nn.Parameter]]`):
+            The client's trainable parameters in their pinned order.
+        eps (`float`):
+            Perturbation scale `mu`.
+        estimator (`str`):
+            `"one_sided"` (`z(theta + mu u) - z(theta)`, one extra forward per direction) or `"two_sided"`
+            (`(z(theta + mu u) - z(theta - mu u)) / 2`, two extra forwards, lower bias).
+    """
+
+    def __init__(self, parameters: Sequence[tuple[str, nn.Parameter]], eps: float, estimator: str = "one_sided"):
+        if estimator not in ("one_sided", "two_sided"):
+            raise ValueError(f"estimator must be 'one_sided' or 'two_sided', got {estimator!r}.")
+        self.parameters = list(parameters)
+        self.eps = eps
+        self.estimator = estimator
+
+    @property
+    def forwards_per_direction(self) -> int:
+        return 1 if self.estimator == "one_sided" else 2
+
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float) -> Iterator[None]:
+        """Adds `scale * u(seed)` to the parameters in place, one tensor at a time, and restores them exactly.
+
+        Restoring copies back a saved tensor rather than subtracting `scale * u`: floating-point `(x + a) - a` is not
+        always `x`, and a drift would make the holders that probed differ from those that did not.
+        """
+        saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for index, (_, param) in enumerate(self.parameters):
+                    saved.append((param, param.detach().clone()))
+                    param.add_(direction(param, seed, index), alpha=scale)
+            yield
+        finally:
+            with torch.no_grad():
+                for param, original in saved:
+                    param.copy_(original)
+
+    def projected_scalars(
+        self,
+        forward: Callable[[], torch.Tensor],
+        reference: torch.Tensor,
+        cotangent: torch.Tensor,
+        seeds: Sequence[int],
+    ) -> list[float]:
+        """One scalar per seed: the inner product (fp32) of `cotangent` with the change of `forward()`'s output.
+
+        Args:
+            forward: recomputes the client output `z` with the current (perturbed) weights, without autograd.
+            reference: `z` at the unperturbed weights (used by the one-sided estimator).
+            cotangent: `lambda = dloss/dz` returned by the server.
+            seeds: the round's perturbation seeds.
+        """
+        cotangent = cotangent.float()
+        scalars = []
+        for seed in seeds:
+            with self.perturbed(seed, self.eps):
+                plus = forward()
+            if self.estimator == "one_sided":
+                delta = plus.float() - reference.float()
+            else:
+                with self.perturbed(seed, -self.eps):
+                    minus = forward()
+                delta = (plus.float() - minus.float()) / 2
+            scalars.append(float(torch.sum(cotangent * delta, dtype=torch.float32)))
+        return scalars
+
+
+def build_client_optimizer(
+    parameters: Sequence[nn.Parameter], name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """The client optimizer. Its implementation is pinned (no foreach/fused kernels) so every holder computes the
+    same bits."""
+    params = list(parameters)
+    if not params:
+        raise ValueError(
+            "The client part has no trainable parameters: there is nothing for the zeroth-order update to train. "
+            "Unfreeze client blocks or add client LoRA adapters (e.g. LoraConfig(layers_to_transform=...))."
+        )
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, foreach=False)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False, fused=False)
+    raise ValueError(f"client_optimizer must be 'sgd' or 'adamw', got {name!r}.")
+
+
+def apply_zo_update(
+    parameters: Sequence[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    seeds: Sequence[int],
+    scalars: Sequence[float],
+    eps: float,
+    lr: float,
+) -> None:
+    """Applies `g = (1 / (P eps)) sum_p scalars[p] u_p` through `optimizer`, one parameter tensor at a time.
+
+    The gradient of each tensor is rebuilt from the seeds, used for one optimizer step of that tensor and freed, so
+    no vector of all client parameters (or gradients) is ever materialized.
+
+    Raises:
+        `ValueError`: if a scalar is NaN or infinite (nothing is applied then).
+    """
+    if len(seeds) != len(scalars) or not seeds:
+        raise ValueError(f"Need one scalar per seed, got {len(seeds)} seeds and {len(scalars)} scalars.")
+    bad = [i for i, v in enumerate(scalars) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(
+            f"Zeroth-order scalars {[scalars[i] for i in bad]} (perturbations {bad}) are not finite; no update was "
+            "applied. The loss or the client activations diverged: lower the learning rates or zo_eps."
+        )
+    coefficients = [float(v) / (len(seeds) * eps) for v in scalars]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.no_grad():
+        for index, (_, param) in enumerate(parameters):
+            grad = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            for seed, c in zip(seeds, coefficients):
+                grad.add_(direction(param, seed, index, dtype=torch.float32), alpha=c)
+            param.grad = grad.to(param.dtype)
+            optimizer.step()
+            param.grad = None
