@@ -21,11 +21,17 @@ class Accuracy(evaluate.Metric):
             description="Accuracy: the proportion of correct predictions among all predictions.",
             citation="",
             inputs_description="predictions: list of int, references: list of int",
-            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
+            ),
         )
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
-        return {"accuracy": float(accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight))}
+        return {
+            "accuracy": float(
+                accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight)
+            )
+        }
 
 
 def load_accuracy() -> evaluate.Metric:

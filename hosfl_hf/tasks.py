@@ -9,8 +9,9 @@ the same for every row, which lets the model compute logits for that position on
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import numpy as np

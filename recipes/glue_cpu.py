@@ -50,8 +50,9 @@ def main(script_args: ScriptArguments, training_args: HOSFLConfig) -> dict[str, 
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    train = task.tokenize(task.load("train", script_args.data_dir, script_args.train_limit), tokenizer,
-                          script_args.max_length)
+    train = task.tokenize(
+        task.load("train", script_args.data_dir, script_args.train_limit), tokenizer, script_args.max_length
+    )
     evaluation = task.tokenize(
         task.load("validation", script_args.data_dir, script_args.eval_limit), tokenizer, script_args.max_length
     )
@@ -64,13 +65,19 @@ def main(script_args: ScriptArguments, training_args: HOSFLConfig) -> dict[str, 
         **task.trainer_kwargs(tokenizer),
     )
     before = trainer.evaluate(metric_key_prefix="before")
-    print(f"[{task.name}] validation accuracy before training: {100 * before['before_accuracy']:.2f}% "
-          f"({len(evaluation)} examples)", flush=True)
+    print(
+        f"[{task.name}] validation accuracy before training: {100 * before['before_accuracy']:.2f}% "
+        f"({len(evaluation)} examples)",
+        flush=True,
+    )
     trainer.train()
     after = trainer.evaluate(metric_key_prefix="after")
-    print(f"[{task.name}] validation accuracy before: {100 * before['before_accuracy']:.2f}%  "
-          f"after: {100 * after['after_accuracy']:.2f}%  ({len(evaluation)} examples, "
-          f"{trainer.state.global_step} rounds)", flush=True)
+    print(
+        f"[{task.name}] validation accuracy before: {100 * before['before_accuracy']:.2f}%  "
+        f"after: {100 * after['after_accuracy']:.2f}%  ({len(evaluation)} examples, "
+        f"{trainer.state.global_step} rounds)",
+        flush=True,
+    )
     trainer.save_model(training_args.output_dir)
     return {**before, **after}
 

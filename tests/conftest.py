@@ -1,0 +1,58 @@
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+VOCAB = 32
+SEQ = 12
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def counting_dataset(n: int = 200, seed: int = 0) -> Dataset:
+    """A learnable causal-LM task: each row counts up (mod VOCAB) from a random start."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        start = int(torch.randint(0, VOCAB, (1,), generator=g))
+        seq = [(start + j) % VOCAB for j in range(SEQ)]
+        rows.append({"input_ids": seq, "labels": seq, "label": start % 2})
+    return Dataset.from_list(rows)
+
+
+def stack_collator(features):
+    """Fixed-length rows: stack them (no padding, no attention mask)."""
+    return {
+        "input_ids": torch.tensor([f["input_ids"] for f in features]),
+        "labels": torch.tensor([f["labels"] for f in features]),
+    }
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def dataset():
+    return counting_dataset()
