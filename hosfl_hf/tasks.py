@@ -86,7 +86,8 @@ class ClassificationTask:
         path = os.path.join(data_dir or default_data_dir(), self.name, f"{split}.jsonl")
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{path} not found: pass data_dir (or set HOSFL_DATA_DIR) to the folder holding {self.name}/{split}.jsonl."
+                f"{path} not found: pass data_dir (or set HOSFL_DATA_DIR) to the folder holding "
+                f"{self.name}/{split}.jsonl."
             )
         dataset = datasets.load_dataset("json", data_files={split: path}, split=split)
         if limit is not None and limit < len(dataset):
