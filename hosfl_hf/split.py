@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 __all__ = ["SPLIT_REGISTRY", "CutActivations", "SplitModel", "split_model", "unwrap_causal_lm"]
 
@@ -112,6 +113,12 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             module = getattr(module, name, None)
         if isinstance(module, nn.ModuleList):
             return path, module
+    if type(model).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        raise ValueError(
+            f"Unsupported architecture '{model_type}' ({type(model).__name__}): hosfl_hf splits decoder-only "
+            f"*ForCausalLM models. Supported model types: {sorted(SPLIT_REGISTRY)} (others are detected when they "
+            "are causal LMs with one list of decoder blocks)."
+        )
     num_layers = getattr(text_config, "num_hidden_layers", None)
     candidates = [
         (name, m)

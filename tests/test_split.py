@@ -451,17 +451,12 @@ def test_non_model_is_rejected():
         split_model(nn.Linear(2, 2), split_layer=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hosfl_hf.split._find_layers falls back to any single ModuleList of num_hidden_layers modules, so the "
-    "bidirectional encoder BertModel (encoder.layer) is accepted with only a warning instead of a ValueError.",
-)
 def test_bert_encoder_is_rejected():
     config = transformers.BertConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32
     )
     model = transformers.BertModel(config)
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"(?i)supported model types"):
+    with pytest.raises(ValueError, match=r"(?i)supported model types"):
         split_model(model, split_layer=2)
 
 
