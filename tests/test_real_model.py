@@ -46,11 +46,19 @@ def test_one_round_with_lora_on_the_real_model(smollm2, tmp_path):
     task = get_task("sst2")
     train = task.tokenize(task.load("train", limit=64), tokenizer)
     args = HOSFLConfig(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_clients=4, clients_per_round=2,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_clients=4,
+        clients_per_round=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
-    trainer = HOSFLTrainer(model, args, split_layer=10, train_dataset=train, processing_class=tokenizer,
-                           **task.trainer_kwargs(tokenizer))
+    trainer = HOSFLTrainer(
+        model, args, split_layer=10, train_dataset=train, processing_class=tokenizer, **task.trainer_kwargs(tokenizer)
+    )
     client = {n: p.detach().clone() for n, p in trainer.split.client_parameters()}
     assert client and all("lora_" in n and int(n.split(".layers.")[1].split(".")[0]) < 10 for n in client)
     trainer.train()

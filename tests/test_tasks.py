@@ -46,9 +46,14 @@ def test_prompt_and_tokenize(tokenizer):
 
     task = get_task("sst2")
     assert task.prompt({"sentence": " good \n", "label": 1}) == "Review: good\nSentiment:"
-    ds = task.tokenize(Dataset.from_list([{"sentence": "good", "label": 1}, {"sentence": "bad bad", "label": 0}]), tokenizer)
+    ds = task.tokenize(
+        Dataset.from_list([{"sentence": "good", "label": 1}, {"sentence": "bad bad", "label": 0}]), tokenizer
+    )
     assert ds["labels"] == [1, 0] and "input_ids" in ds.column_names
-    assert task.verbalizer_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("Ġnegative"), tokenizer.convert_tokens_to_ids("Ġpositive")]
+    assert task.verbalizer_ids(tokenizer) == [
+        tokenizer.convert_tokens_to_ids("Ġnegative"),
+        tokenizer.convert_tokens_to_ids("Ġpositive"),
+    ]
 
 
 def test_multi_token_verbalizer_is_rejected(tokenizer):
