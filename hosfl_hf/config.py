@@ -7,7 +7,18 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-__all__ = ["HOSFLConfig"]
+__all__ = ["ALGORITHMS", "HOSFLConfig"]
+
+ALGORITHMS = (
+    "hosfl",
+    "splitlora",
+    "zo_sfl",
+    "fedavg_lora",
+    "centralized",
+    "mezo",
+    "frozen_client",
+    "client_only",
+)
 
 
 @dataclass
@@ -19,6 +30,17 @@ class HOSFLConfig(TrainingArguments):
     arguments, please refer to the [`~transformers.TrainingArguments`] documentation. Defaults are the paper's.
     `learning_rate`, `lr_scheduler_type` and the warmup settings drive the server part; the client part follows the
     same schedule shape scaled to `client_learning_rate`.
+
+    Parameters that control the method:
+
+        algorithm (`str`, *optional*, defaults to `"hosfl"`):
+            `"hosfl"` (server first-order, client zeroth-order), or a baseline run by the same trainer on the same
+            split, shards, client sampling and batches: `"splitlora"` (first-order split FL: clients backpropagate
+            lambda, client updates averaged), `"zo_sfl"` (both parts zeroth-order from a shared two-point loss
+            difference), `"fedavg_lora"` (no split: each sampled client backpropagates the whole model, updates
+            averaged), `"centralized"` (first-order on the same batches, no federation), `"mezo"` (centralized
+            zeroth-order), `"frozen_client"` (only the server trains) and `"client_only"` (the server never
+            changes; only the client update acts). See `docs/benchmarks.md`.
 
     Parameters that control the split:
 
@@ -63,6 +85,10 @@ class HOSFLConfig(TrainingArguments):
     learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of the server part (AdamW)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X rounds (optimizer steps)."})
 
+    algorithm: str = field(
+        default="hosfl",
+        metadata={"help": "Method: 'hosfl' or a baseline.", "choices": list(ALGORITHMS)},
+    )
     split_layer: int | None = field(
         default=None, metadata={"help": "Number of decoder blocks held by the clients (1..num_layers-1)."}
     )
@@ -93,6 +119,8 @@ class HOSFLConfig(TrainingArguments):
         def fail(name: str, value: object, expected: str) -> None:
             raise ValueError(f"HOSFLConfig.{name}={value!r} is invalid: {expected}.")
 
+        if self.algorithm not in ALGORITHMS:
+            fail("algorithm", self.algorithm, f"use one of {list(ALGORITHMS)}")
         if self.split_layer is not None and (not isinstance(self.split_layer, int) or self.split_layer < 1):
             fail("split_layer", self.split_layer, "use a positive number of client blocks, or None")
         if not isinstance(self.num_clients, int) or self.num_clients < 1:
@@ -132,4 +160,7 @@ class HOSFLConfig(TrainingArguments):
                 "larger client batches",
             )
         self.gradient_accumulation_steps = self.clients_per_round
+        # Under DDP the client's parameters get no gradient from the server's backward.
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = True
         super().__post_init__()

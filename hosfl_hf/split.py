@@ -201,9 +201,12 @@ class SplitModel:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        grad: bool = False,
         **kwargs: Any,
     ) -> CutActivations:
         """Runs embeddings and blocks `0..split_layer-1` without autograd and without dropout.
+
+        `grad=True` keeps the autograd graph (first-order baselines, where the client backpropagates lambda).
 
         Returns:
             [`CutActivations`]: the hidden states entering block `split_layer` and the masks/positions to send.
@@ -215,7 +218,7 @@ class SplitModel:
 
         handle = first_server_block.register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            with torch.no_grad(), self._client_eval_mode():
+            with torch.set_grad_enabled(grad), self._client_eval_mode():
                 self.model(
                     input_ids=input_ids,
                     attention_mask=attention_mask,

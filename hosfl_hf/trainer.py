@@ -24,9 +24,34 @@ from .config import HOSFLConfig
 from .federation import FederatedRoundSampler, RoundTraffic, partition_dataset, sample_clients
 from .split import CutActivations, split_model
 from .trajectory import Trajectory, TrajectoryRound
-from .zeroth_order import ZerothOrderEstimator, apply_zo_update, build_client_optimizer, round_seeds
+from .zeroth_order import (
+    ZerothOrderEstimator,
+    apply_zo_update,
+    build_client_optimizer,
+    loss_differences,
+    round_seeds,
+    zo_gradients,
+)
 
 __all__ = ["HOSFLTrainer"]
+
+# Algorithms without a split (the whole model is trained by the Trainer's optimizer).
+NO_SPLIT = frozenset({"fedavg_lora", "centralized", "mezo"})
+# Algorithms where every trainable parameter is updated from two-point loss differences (no backprop anywhere).
+ZO_EVERYWHERE = frozenset({"zo_sfl", "mezo"})
+# Algorithms whose client part is updated from seeds + averaged scalars.
+ZO_CLIENT = frozenset({"hosfl", "client_only", "zo_sfl", "mezo"})
+# Algorithms with a client optimizer.
+CLIENT_OPTIMIZER = frozenset({"hosfl", "client_only", "zo_sfl", "splitlora"})
+
+
+def _num_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _zo_sync_bytes(num_perturbations: int) -> int:
+    return RoundTraffic.hybrid_order(0, 0, 0, num_perturbations).sync_bytes
+
 
 # Inputs that stay on the client; everything else in a batch (besides labels) is forwarded to the server part.
 CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
@@ -91,6 +116,12 @@ class HOSFLTrainer(Trainer):
         self.split = split_model(model, split_layer)
         args.split_layer = split_layer
 
+        if args.clients_per_round * args.world_size > args.num_clients:
+            raise ValueError(
+                f"{args.world_size} processes x clients_per_round={args.clients_per_round} exceeds "
+                f"num_clients={args.num_clients}: each process hosts clients_per_round clients of a round, so raise "
+                "num_clients or lower clients_per_round."
+            )
         if train_dataset is not None:
             self._check_columns(train_dataset, "train_dataset", args, data_collator)
         if eval_dataset is not None and not isinstance(eval_dataset, dict):
@@ -123,6 +154,11 @@ class HOSFLTrainer(Trainer):
                 stacklevel=2,
             )
         self.estimator = ZerothOrderEstimator(self.client_parameters, args.zo_eps, args.zo_estimator)
+        # ZO-SFL / MeZO perturb every trainable parameter (client first, then server: the pinned RNG order).
+        self.all_estimator = ZerothOrderEstimator(
+            self.client_parameters + self.split.server_parameters(), args.zo_eps, "two_sided"
+        )
+        self._last_cut_bytes = 0
         self.trajectory = Trajectory(
             split_layer=split_layer,
             parameter_names=[n for n, _ in self.client_parameters],
@@ -185,7 +221,7 @@ class HOSFLTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> FederatedRoundSampler:
         return FederatedRoundSampler(
-            self.shards, self.args.clients_per_round, self._train_batch_size, seed=self._federation_seed
+            self.shards, self._clients_per_round_total, self._train_batch_size, seed=self._federation_seed
         )
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
@@ -193,16 +229,26 @@ class HOSFLTrainer(Trainer):
         return None
 
     # ------------------------------------------------------------------------------------------- optimizers
+    def _server_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters the Trainer's optimizer updates: the server part's, or the whole model's without a split."""
+        if self.args.algorithm in NO_SPLIT:
+            return [(n, p) for n, p in self.split.model.named_parameters() if p.requires_grad]
+        return self.split.server_parameters()
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, over the server's trainable parameters only."""
-        frozen = [p for _, p in self.split.client_parameters()]
+        """The Trainer's optimizer, over the server's trainable parameters only (all of them without a split)."""
+        frozen = [] if self.args.algorithm in NO_SPLIT else [p for _, p in self.split.client_parameters()]
         for p in frozen:
             p.requires_grad_(False)
         try:
-            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+            optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+        if self.args.algorithm == "client_only":  # control: the server part never changes
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
+        return optimizer
 
     def create_scheduler(
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
@@ -210,7 +256,7 @@ class HOSFLTrainer(Trainer):
         """The server's scheduler, plus the client optimizer and its scheduler (same schedule shape, peak
         `client_learning_rate`)."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.client_parameters and self.client_optimizer is None:
+        if self.args.algorithm in CLIENT_OPTIMIZER and self.client_parameters and self.client_optimizer is None:
             self.client_optimizer = build_client_optimizer(
                 [p for _, p in self.client_parameters],
                 self.args.client_optimizer,
@@ -238,15 +284,19 @@ class HOSFLTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         client_inputs = {k: inputs.pop(k) for k in CLIENT_INPUTS if k in inputs}
-        cut = self.split.client(**client_inputs)
         training = model.training and torch.is_grad_enabled()
-        cut = replace(cut, hidden_states=cut.hidden_states.detach().requires_grad_(training))
-        if self._loss_func is not None:
-            outputs = self.split.server(cut, model=model, **inputs)
-            loss = self._loss_func(outputs, labels)
+        lm_labels = None if self._loss_func is not None else labels
+        if self.args.algorithm in NO_SPLIT:
+            cut = client_graph = None
+            outputs = model(**client_inputs, **inputs, labels=lm_labels, use_cache=False)
         else:
-            outputs = self.split.server(cut, labels=labels, model=model, **inputs)
-            loss = outputs.loss
+            first_order_client = training and self.args.algorithm == "splitlora"
+            cut = self.split.client(**client_inputs, grad=first_order_client)
+            client_graph = cut.hidden_states if first_order_client else None
+            cut = replace(cut, hidden_states=cut.hidden_states.detach().requires_grad_(training))
+            self._last_cut_bytes = cut.num_bytes()
+            outputs = self.split.server(cut, labels=lm_labels, model=model, **inputs)
+        loss = self._loss_func(outputs, labels) if self._loss_func is not None else outputs.loss
         if loss is None:
             raise ValueError("The server part returned no loss: the batch needs 'labels' (or pass compute_loss_func).")
         if not torch.isfinite(loss.detach()).all():
@@ -256,67 +306,169 @@ class HOSFLTrainer(Trainer):
                 "use bf16/fp32 instead of fp16."
             )
         if training:
-            self._pending = (client_inputs, cut, labels)
+            self._pending = (client_inputs, cut, labels, client_graph)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        """One client of the round: server backprop (the stock step), then the client's zeroth-order scalars."""
-        self._pending = None
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        client_inputs, cut, labels = self._pending
-        self._pending = None
+        """One client batch of the round: the server's step (stock backprop), then the client's part of the method."""
+        algorithm = self.args.algorithm
         round_index = self.state.global_step
-        clients = self._round_sampler_clients(round_index)
-        client = clients[self._micro_step % len(clients)]
-
-        # lambda = dloss_i/dz: the Trainer backpropagated loss_i / K (times the fp16 loss scale, if any).
-        scale = self.current_gradient_accumulation_steps
-        if self.accelerator.scaler is not None:
-            scale = scale / self.accelerator.scaler.get_scale()
-        cotangent = cut.hidden_states.grad * scale
-        reference = cut.hidden_states.detach()
-        if self.client_parameters:
-            seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
-            with self.compute_loss_context_manager():
-                scalars = self.estimator.projected_scalars(
-                    lambda: self.split.client(**client_inputs).hidden_states, reference, cotangent, seeds
-                )
-            self._round_scalars[client] = scalars
-            self.zo_forward_passes += 1 + self.estimator.forwards_per_direction * len(seeds)
+        client = self._current_client(round_index)
+        if algorithm in ZO_EVERYWHERE:
+            loss = self._zeroth_order_step(model, inputs, client, round_index)
         else:
-            self.zo_forward_passes += 1
-        label_bytes = labels.numel() * labels.element_size() if isinstance(labels, torch.Tensor) else 0
-        traffic = RoundTraffic.hybrid_order(
-            cut.num_bytes(),
-            label_bytes,
-            cotangent.numel() * cotangent.element_size(),
-            self.args.num_perturbations if self.client_parameters else 0,
-        )
-        self.comm["activation_bytes"] += traffic.activation_bytes
-        self.comm["sync_bytes"] += traffic.sync_bytes
+            self._pending = None
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            client_inputs, cut, labels, client_graph = self._pending
+            self._pending = None
+            self._client_step(client, round_index, client_inputs, cut, labels, client_graph)
         self._micro_step += 1
         if self.accelerator.sync_gradients:
             self._finish_round(round_index)
         return loss
 
-    def _round_sampler_clients(self, round_index: int) -> list[int]:
-        return sample_clients(self._federation_seed, round_index, self.args.num_clients, self.args.clients_per_round)
+    def _grad_scale(self) -> float:
+        """The fp16 loss scale the Trainer's backward used (1 without a GradScaler)."""
+        return float(self.accelerator.scaler.get_scale()) if self.accelerator.scaler is not None else 1.0
+
+    def _client_step(
+        self,
+        client: int,
+        round_index: int,
+        client_inputs: dict[str, torch.Tensor],
+        cut: CutActivations | None,
+        labels: torch.Tensor | None,
+        client_graph: torch.Tensor | None,
+    ) -> None:
+        """What the client does with lambda (HO-SFL: projected scalars; SplitLoRA: backprop) and its traffic."""
+        algorithm = self.args.algorithm
+        label_bytes = _num_bytes(labels)
+        if cut is None:  # fedavg_lora / centralized: no split, the whole model was backpropagated
+            sync = 2 * _num_bytes(*(p for _, p in self._server_trainable())) if algorithm == "fedavg_lora" else 0
+            self._count_traffic(0, sync)
+            return
+        self.zo_forward_passes += 1
+        if algorithm == "frozen_client":  # no lambda is needed
+            self._count_traffic(cut.num_bytes() + label_bytes, 0)
+            return
+        # The Trainer backpropagated loss_i / K (times the fp16 loss scale): lambda_i = dloss_i/dz = grad * K / scale.
+        scaled_grad = cut.hidden_states.grad / self._grad_scale()
+        cotangent = scaled_grad * self.current_gradient_accumulation_steps
+        activation_bytes = cut.num_bytes() + label_bytes + _num_bytes(cotangent)
+        if algorithm == "splitlora":
+            # The client backpropagates lambda_i / K through its own part: the K gradients sum to the average.
+            client_graph.backward(scaled_grad)
+            # FedAvg of the client's trainable weights: download the global copy, upload the local one.
+            self._count_traffic(activation_bytes, 2 * _num_bytes(*(p for _, p in self.client_parameters)))
+            return
+        if self.client_parameters:  # hosfl / client_only
+            seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
+            with self.compute_loss_context_manager():
+                scalars = self.estimator.projected_scalars(
+                    lambda: self.split.client(**client_inputs).hidden_states,
+                    cut.hidden_states.detach(),
+                    cotangent,
+                    seeds,
+                )
+            self._round_scalars[client] = scalars
+            self.zo_forward_passes += self.estimator.forwards_per_direction * len(seeds)
+            self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
+        else:
+            self._count_traffic(activation_bytes, 0)
+
+    def _zeroth_order_step(
+        self, model: nn.Module, inputs: dict[str, Any], client: int, round_index: int
+    ) -> torch.Tensor:
+        """ZO-SFL / MeZO: two-point loss differences with both parts perturbed by the same seeds; no backprop."""
+        inputs = self._prepare_inputs(inputs)
+        seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
+        was_training = model.training
+        model.eval()  # the two losses of a pair must see the same network (no dropout)
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                scalars, loss = loss_differences(self.all_estimator, lambda: self.compute_loss(model, inputs), seeds)
+        finally:
+            model.train(was_training)
+        self._round_scalars[client] = scalars
+        self.zo_forward_passes += 2 * len(seeds)
+        if self.args.algorithm == "zo_sfl":
+            # Per direction two cuts go up (theta + mu u, theta - mu u); seeds and the loss difference are shared.
+            activation_bytes = 2 * len(seeds) * (self._last_cut_bytes + _num_bytes(inputs.get("labels")))
+            self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
+        return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
+
+    def _count_traffic(self, activation_bytes: int, sync_bytes: int) -> None:
+        self.comm["activation_bytes"] += activation_bytes
+        self.comm["sync_bytes"] += sync_bytes
+
+    def _current_client(self, round_index: int) -> int:
+        # With N processes each hosts K clients of the round; process r's i-th batch is the round's (i N + r)-th.
+        clients = sample_clients(
+            self._federation_seed, round_index, self.args.num_clients, self._clients_per_round_total
+        )
+        index = self._micro_step * self.accelerator.num_processes + self.accelerator.process_index
+        return clients[index % len(clients)]
+
+    @property
+    def _clients_per_round_total(self) -> int:
+        return self.args.clients_per_round * self.args.world_size
+
+    def _gather_scalars(self, local: dict[int, list[float]]) -> dict[int, list[float]]:
+        """All processes' client scalars (so that every process applies the same client update)."""
+        if self.accelerator.num_processes == 1:
+            return local
+        rows = torch.tensor([[c, *v] for c, v in local.items()], dtype=torch.float64, device=self.args.device)
+        gathered = self.accelerator.gather(rows).cpu().tolist()
+        return {int(row[0]): row[1:] for row in gathered}
 
     def _finish_round(self, round_index: int) -> None:
-        """Averages the round's scalars and applies the client update (every holder would apply the same one)."""
+        """Averages the round's client messages and applies the client update (identical on every holder)."""
         self._micro_step = 0
-        scalars_by_client, self._round_scalars = self._round_scalars, {}
-        if not self.client_parameters:
+        local, self._round_scalars = self._round_scalars, {}
+        algorithm = self.args.algorithm
+        if algorithm == "splitlora":
+            self._first_order_client_update()
+            return
+        if algorithm not in ZO_CLIENT or (algorithm not in ZO_EVERYWHERE and not self.client_parameters):
             return
         seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
-        averaged = average_scalars(scalars_by_client, len(seeds), round_index)
+        averaged = average_scalars(self._gather_scalars(local), len(seeds), round_index)
+        self._metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
+        if algorithm in ZO_EVERYWHERE:
+            # The server part's ZO gradient goes to the Trainer's optimizer (stepped by the stock loop right after).
+            first_index = len(self.client_parameters) if algorithm == "zo_sfl" else 0
+            targets = self.split.server_parameters() if algorithm == "zo_sfl" else self.all_estimator.parameters
+            for param, grad in zo_gradients(targets, seeds, averaged, self.args.zo_eps, first_index):
+                param.grad = grad.to(param.dtype)
+            if algorithm == "mezo":
+                return
         lr = self.client_lr_scheduler.get_last_lr()[0]
         apply_zo_update(self.client_parameters, self.client_optimizer, seeds, averaged, self.args.zo_eps, lr)
         self.client_lr_scheduler.step()
         self.trajectory.rounds.append(TrajectoryRound(round=round_index, seeds=seeds, scalars=averaged, lr=lr))
-        self._metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
+        self._metrics["client_learning_rate"].append(lr)
+
+    def _first_order_client_update(self) -> None:
+        """SplitLoRA: the averaged client gradient through the client optimizer (= FedAvg of one local SGD step)."""
+        params = [p for _, p in self.client_parameters]
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            raise RuntimeError("A client parameter received no gradient in this round.")
+        if self.accelerator.num_processes > 1:
+            for p in params:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if not all(torch.isfinite(p.grad).all() for p in params):
+            raise ValueError(
+                "Non-finite client gradients in this round; no update was applied. Lower the learning rates."
+            )
+        lr = self.client_lr_scheduler.get_last_lr()[0]
+        for group in self.client_optimizer.param_groups:
+            group["lr"] = lr
+        self.client_optimizer.step()
+        self.client_optimizer.zero_grad(set_to_none=True)
+        self.client_lr_scheduler.step()
         self._metrics["client_learning_rate"].append(lr)
 
     # -------------------------------------------------------------------------------------------- logging

@@ -26,8 +26,10 @@ __all__ = [
     "ZerothOrderEstimator",
     "apply_zo_update",
     "build_client_optimizer",
+    "zo_gradients",
     "direction",
     "direction_seed",
+    "loss_differences",
     "round_seeds",
 ]
 
@@ -140,6 +142,22 @@ class ZerothOrderEstimator:
         return scalars
 
 
+def loss_differences(
+    estimator: ZerothOrderEstimator, loss: Callable[[], torch.Tensor], seeds: Sequence[int]
+) -> tuple[list[float], float]:
+    """Two-point loss differences `(L(theta + mu u_p) - L(theta - mu u_p)) / 2` over all of `estimator`'s parameters
+    (ZO-SFL and MeZO, where no backpropagation happens anywhere), and the mean of the evaluated losses."""
+    values, total = [], 0.0
+    for seed in seeds:
+        with estimator.perturbed(seed, estimator.eps):
+            plus = float(loss())
+        with estimator.perturbed(seed, -estimator.eps):
+            minus = float(loss())
+        values.append((plus - minus) / 2)
+        total += plus + minus
+    return values, total / (2 * len(seeds))
+
+
 def build_client_optimizer(
     parameters: Sequence[nn.Parameter], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -158,6 +176,37 @@ def build_client_optimizer(
     raise ValueError(f"client_optimizer must be 'sgd' or 'adamw', got {name!r}.")
 
 
+def _check_scalars(seeds: Sequence[int], scalars: Sequence[float]) -> None:
+    if len(seeds) != len(scalars) or not seeds:
+        raise ValueError(f"Need one scalar per seed, got {len(seeds)} seeds and {len(scalars)} scalars.")
+    bad = [i for i, v in enumerate(scalars) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(
+            f"Zeroth-order scalars {[scalars[i] for i in bad]} (perturbations {bad}) are not finite; no update was "
+            "applied. The loss or the client activations diverged: lower the learning rates or zo_eps."
+        )
+
+
+def zo_gradients(
+    parameters: Sequence[tuple[str, nn.Parameter]],
+    seeds: Sequence[int],
+    scalars: Sequence[float],
+    eps: float,
+    first_index: int = 0,
+) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+    """Yields `(parameter, g)` with `g = (1 / (P eps)) sum_p scalars[p] u_p` (fp32), one tensor at a time.
+
+    `first_index` is the RNG index of the first parameter (when these parameters follow others in the pinned order).
+    """
+    _check_scalars(seeds, scalars)
+    coefficients = [float(v) / (len(seeds) * eps) for v in scalars]
+    for offset, (_, param) in enumerate(parameters):
+        grad = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        for seed, c in zip(seeds, coefficients):
+            grad.add_(direction(param, seed, first_index + offset, dtype=torch.float32), alpha=c)
+        yield param, grad
+
+
 def apply_zo_update(
     parameters: Sequence[tuple[str, nn.Parameter]],
     optimizer: torch.optim.Optimizer,
@@ -174,22 +223,11 @@ def apply_zo_update(
     Raises:
         `ValueError`: if a scalar is NaN or infinite (nothing is applied then).
     """
-    if len(seeds) != len(scalars) or not seeds:
-        raise ValueError(f"Need one scalar per seed, got {len(seeds)} seeds and {len(scalars)} scalars.")
-    bad = [i for i, v in enumerate(scalars) if not math.isfinite(v)]
-    if bad:
-        raise ValueError(
-            f"Zeroth-order scalars {[scalars[i] for i in bad]} (perturbations {bad}) are not finite; no update was "
-            "applied. The loss or the client activations diverged: lower the learning rates or zo_eps."
-        )
-    coefficients = [float(v) / (len(seeds) * eps) for v in scalars]
+    _check_scalars(seeds, scalars)
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.no_grad():
-        for index, (_, param) in enumerate(parameters):
-            grad = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-            for seed, c in zip(seeds, coefficients):
-                grad.add_(direction(param, seed, index, dtype=torch.float32), alpha=c)
+        for param, grad in zo_gradients(parameters, seeds, scalars, eps):
             param.grad = grad.to(param.dtype)
             optimizer.step()
             param.grad = None
