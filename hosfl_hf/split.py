@@ -392,6 +392,7 @@ def split_model(model: nn.Module, split_layer: int) -> SplitModel:
     torch.Size([2, 5, 16])
     >>> torch.allclose(parts.server(cut).logits, model(ids).logits, atol=1e-5)
     True
+
     ```
     """
     lm = unwrap_causal_lm(model)

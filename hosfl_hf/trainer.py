@@ -80,6 +80,11 @@ class HOSFLTrainer(Trainer):
         compute_loss_func (`Callable`, *optional*):
             `compute_loss_func(outputs, labels)` returning the mean loss of one batch (e.g. a verbalizer loss from
             `hosfl_hf.tasks`); by default the model's own causal-LM loss is used.
+        peft_config (`peft.PeftConfig` or `tuple[LoraConfig | None, LoraConfig | None]`, *optional*):
+            Adapters to add before the split: one config for the whole model (each adapter belongs to the part that
+            runs it), or `(client_config, server_config)` to set each part apart (merged by
+            [`~hosfl_hf.lora.split_lora_config`] into one adapter). Not with a model that is already a `PeftModel`.
+            Trainable adapter weights are kept in float32 (a half-precision trainable client weight raises).
         kwargs: other [`~transformers.Trainer`] arguments (e.g. `preprocess_logits_for_metrics`).
 
     Attributes:
@@ -102,6 +107,7 @@ class HOSFLTrainer(Trainer):
         compute_metrics: Callable | None = None,
         callbacks: list | None = None,
         compute_loss_func: Callable | None = None,
+        peft_config: Any = None,
         **kwargs: Any,
     ):
         if args is None:
@@ -113,7 +119,13 @@ class HOSFLTrainer(Trainer):
         split_layer = split_layer if split_layer is not None else args.split_layer
         if split_layer is None:
             raise ValueError("HO-SFL needs a split point: pass split_layer=k (number of client decoder blocks).")
+        from .lora import get_split_peft_model, upcast_trainable_adapters
+
+        if peft_config is not None:
+            model = get_split_peft_model(model, peft_config, split_layer)
         self.split = split_model(model, split_layer)
+        # Zeroth-order steps (~client_learning_rate) round away on half-precision weights: adapters go to float32.
+        upcast_trainable_adapters(self.split)
         args.split_layer = split_layer
 
         if args.clients_per_round * args.world_size > args.num_clients:
@@ -489,6 +501,8 @@ class HOSFLTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             self.trajectory.save(os.path.join(output_dir, "hosfl_trajectory.json"))
+            self.hosfl_split_config().save_pretrained(output_dir)
+            self.create_model_card(output_dir=output_dir)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -517,3 +531,93 @@ class HOSFLTrainer(Trainer):
         self.comm = dict(state["comm"])
         self.zo_forward_passes = state["zo_forward_passes"]
         self.trajectory = Trajectory.load(os.path.join(checkpoint, "hosfl_trajectory.json"))
+
+    # ------------------------------------------------------------------------------------------ hub artifacts
+    def hosfl_split_config(self) -> Any:
+        """The split and training settings of this run ([`~hosfl_hf.hub.HOSFLSplitConfig`], `hosfl_config.json`)."""
+        from .hub import HOSFLSplitConfig
+
+        return HOSFLSplitConfig.from_training_args(self.args, self.split, self._base_model_name())
+
+    def _base_model_name(self) -> str | None:
+        model = self.accelerator.unwrap_model(self.model)
+        peft_config = getattr(model, "peft_config", None)
+        if isinstance(peft_config, dict) and peft_config:
+            name = next(iter(peft_config.values())).base_model_name_or_path
+        else:
+            name = getattr(self.split.model.config, "_name_or_path", None)
+        return name or None
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        language: str | None = None,
+        license: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        """Writes the model card (`README.md`): base model, HO-SFL tags, citation, split layer, final metrics from
+        `state.log_history`, and the run's communication (`self.comm`) and weight-memory figures.
+
+        Args:
+            model_name (`str`, *optional*): title of the card.
+            dataset_name (`str`, *optional*): the training dataset (same as `dataset`).
+            tags (`str` or `list[str]`, *optional*): extra tags.
+            language, license: card metadata.
+            finetuned_from (`str`, *optional*): the base model, if the model config does not name it.
+            tasks, dataset_tags, dataset_args: accepted for compatibility with `Trainer.create_model_card`; unused.
+            dataset (`str` or `list[str]`, *optional*): the training dataset(s).
+            output_dir (`str`, *optional*): where to write it; defaults to `args.output_dir`.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .hub import build_model_card, final_metrics, parameter_memory
+
+        config = self.hosfl_split_config()
+        if finetuned_from is not None:
+            config.base_model_name_or_path = finetuned_from
+        model = self.accelerator.unwrap_model(self.model)
+        peft_config = getattr(model, "peft_config", None)
+        adapter = None
+        if isinstance(peft_config, dict) and peft_config:
+            adapter = peft_config[getattr(model, "active_adapter", None) or next(iter(peft_config))].to_dict()
+        comm = {**self.comm, "zo_forward_passes": self.zo_forward_passes}
+        memory = parameter_memory(self.split)
+        for entry in self.state.log_history:  # measured figures, if a callback logged any as `memory/...`
+            memory.update({k: v for k, v in entry.items() if k.startswith("memory/")})
+        card = build_model_card(
+            config,
+            model_name=model_name,
+            hub_model_id=self.hub_model_id or self.args.hub_model_id,
+            library_name="peft" if adapter is not None else "transformers",
+            adapter=adapter,
+            metrics=final_metrics(self.state.log_history),
+            comm=comm,
+            memory=memory,
+            tags=[tags] if isinstance(tags, str) else tags,
+            dataset=dataset or dataset_name,
+            license=license,
+            language=language,
+        )
+        card.save(os.path.join(output_dir if output_dir is not None else self.args.output_dir, "README.md"))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The stock method copies only weight/config files of the checkpoint into output_dir before uploading it;
+        # the HO-SFL files must follow, or the Hub would get stale (or no) split config, trajectory and card.
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            import shutil
+
+            from .hub import HOSFL_CONFIG_NAME
+
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            for name in (HOSFL_CONFIG_NAME, "hosfl_trajectory.json", "README.md"):
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source):
+                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)

@@ -1,12 +1,13 @@
 import os
 
-import pytest
-import torch
-from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
-
+# Before anything imports huggingface_hub: tests never reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 32
 SEQ = 12
