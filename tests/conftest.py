@@ -49,6 +49,15 @@ def stack_collator(features):
     }
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost (a lot of it on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -20,6 +20,9 @@ CHANGES = {
 ROUNDS, CLIENTS, BATCH, HIDDEN = 30, 2, 4, 32
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 def run(tmp_path, algorithm, **overrides):
     values = dict(
         output_dir=str(tmp_path),

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer, Trajectory, replay_trajectory
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def make_args(tmp_path, **overrides):
     values = dict(

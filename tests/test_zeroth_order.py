@@ -21,14 +21,7 @@ from hosfl_hf.zeroth_order import (
     round_seeds,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny tensors: intra-op threads only add synchronisation cost.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _named_params(*shapes, dtype=torch.float32, seed=0):
