@@ -34,7 +34,7 @@ ZO_EVERYWHERE = {"zo_sfl", "mezo"}
 
 @dataclass
 class Budget:
-    rounds: int = 100
+    rounds: int = 60
     batch: int = 8
     max_length: int = 128
     num_clients: int = 10
@@ -46,7 +46,7 @@ class Budget:
     zo_perturbations: int = 1  # the paper's P for ZO-SFL (and MeZO)
     lora_r: int = 8
     lora_alpha: int = 16
-    eval_points: int = 4
+    eval_points: int = 3
     curve_eval_limit: int = 256
     eval_limit: int = 0  # 0: the full validation set (final accuracy and McNemar tests)
 

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timing_rounds", type=int, default=4)
     parser.add_argument("--timing_repeats", type=int, default=2)
     parser.add_argument("--skip_timing", action="store_true")
+    parser.add_argument("--timing_only", action="store_true", help="Keep memory.json's memory rows; re-time rounds.")
     parser.add_argument("--child", nargs=5, metavar=("MODE", "BATCH", "LENGTH", "SPLIT", "P"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -182,7 +183,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     results = {"memory": [], "device": "cpu", "threads": torch.get_num_threads()}
-    for split in args.splits:
+    path = os.path.join(args.out, "memory.json")
+    if args.timing_only:
+        with open(path) as f:
+            results = json.load(f)
+    for split in args.splits if not args.timing_only else []:
         for shape in args.shapes:
             batch, length = SHAPES[shape]
             for mode in ("inference", "hosfl", "splitlora"):
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         print("round seconds:", results["round_seconds"], flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "memory.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
 
 

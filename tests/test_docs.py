@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import hosfl_hf
 
@@ -167,27 +166,22 @@ def runnable_blocks(page: Path) -> list[tuple[str, int]]:
 
 
 @pytest.mark.parametrize("name", EXECUTED)
-def test_python_examples_run(name, tmp_path, monkeypatch):
+def test_python_examples_run(name, tmp_path, monkeypatch, single_thread):
     page = ROOT / name
     blocks = runnable_blocks(page)
     assert blocks, f"{name} has no runnable Python block"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     namespace = {"__name__": f"docs_{page.stem}"}
-    try:
-        for body, line in blocks:
-            where = f"{name}:{line}"
-            if re.search(r"^\s*>>> ", body, re.M):
-                test = doctest.DocTestParser().get_doctest(body, namespace, where, str(page), line)
-                runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-                runner.run(test, clear_globs=False)
-                assert runner.failures == 0, f"doctest failed in {where} (see the captured output)"
-            else:
-                exec(compile(body, where, "exec"), namespace)
-    finally:
-        torch.set_num_threads(threads)
+    for body, line in blocks:
+        where = f"{name}:{line}"
+        if re.search(r"^\s*>>> ", body, re.M):
+            test = doctest.DocTestParser().get_doctest(body, namespace, where, str(page), line)
+            runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+            runner.run(test, clear_globs=False)
+            assert runner.failures == 0, f"doctest failed in {where} (see the captured output)"
+        else:
+            exec(compile(body, where, "exec"), namespace)
 
 
 def test_skipped_blocks_are_marked_on_their_first_line():

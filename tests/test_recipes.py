@@ -14,15 +14,18 @@ import pytest
 import torch
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer
-from hosfl_hf.cli import estimate_memory, get_task, load_splits, main, make_parser, parse_recipe_args
+from hosfl_hf.cli import build_task, estimate_memory, load_splits, main, make_parser, parse_recipe_args
 from hosfl_hf.tasks import default_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = default_data_dir()
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(DATA_DIR, "sst2", "train.jsonl")), reason=f"GLUE data not found in {DATA_DIR}"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.isfile(os.path.join(DATA_DIR, "sst2", "train.jsonl")), reason=f"GLUE data not found in {DATA_DIR}"
+    ),
+    pytest.mark.usefixtures("single_thread"),  # tiny models (conftest.py)
+]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # Prompt words and verbalizers of the tasks (each verbalizer must be one token).
@@ -90,14 +93,6 @@ def tiny_opt_path(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny_opt"), "opt")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_flags(model_path: str, output_dir: Path, **overrides) -> list[str]:
     values = {
         "model_name_or_path": model_path,
@@ -148,6 +143,18 @@ def test_flags_override_the_config_file():
     assert training.report_to == []  # "none"
 
 
+def test_config_file_values_are_typed_like_flags(tmp_path):
+    """Lists, nulls and YAML strings such as `1e-4` (a string in YAML 1.1) come out as the flags' types."""
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "lora_target_modules: [q_proj, k_proj, v_proj]\nreport_to: [tensorboard]\neval_limit: null\n"
+        "learning_rate: 1e-4\nuse_cpu: true\noutput_dir: out\n"
+    )
+    script, model, training = make_parser().parse_args_and_config(["--config", str(path)])
+    assert model.lora_target_modules == ["q_proj", "k_proj", "v_proj"] and training.report_to == ["tensorboard"]
+    assert script.eval_limit is None and training.learning_rate == 1e-4 and training.use_cpu is True
+
+
 def test_unknown_config_keys_are_rejected(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("task: sst2\nnum_client: 4\n")
@@ -183,7 +190,7 @@ def test_paper_hyperparameters_are_the_defaults():
 
 def test_mezo_protocol_sizes_are_1000_500_872():
     script, _, _ = parse_recipe_args("opt13b-sst2", ["--data_dir", DATA_DIR, "--use_cpu", "true"])
-    task = get_task(script)
+    task = build_task(script)
     train, dev, test = load_splits(task, script)
     assert (len(train), len(dev), len(test)) == (1000, 500, 872)
     assert not set(train["idx"]) & set(dev["idx"])  # dev is drawn from the training set, without overlap
@@ -192,7 +199,7 @@ def test_mezo_protocol_sizes_are_1000_500_872():
 
 # ----------------------------------------------------------------------------------------------- in-process runs
 @pytest.mark.parametrize("task", ["sst2", "rte"])
-def test_cpu_recipe_runs_in_process(task, tiny_llama_path, tmp_path, capsys, one_thread):
+def test_cpu_recipe_runs_in_process(task, tiny_llama_path, tmp_path, capsys):
     recipe = f"{task}-smollm2"
     out = tmp_path / "out"
     metrics = main(*parse_recipe_args(recipe, tiny_flags(tiny_llama_path, out)))
@@ -204,7 +211,7 @@ def test_cpu_recipe_runs_in_process(task, tiny_llama_path, tmp_path, capsys, one
     assert len(json.loads((out / "hosfl_trajectory.json").read_text())["rounds"]) == 2
 
 
-def test_opt13b_recipe_on_a_tiny_opt_with_4bit_client_and_bf16(tiny_opt_path, tmp_path, capsys, one_thread):
+def test_opt13b_recipe_on_a_tiny_opt_with_4bit_client_and_bf16(tiny_opt_path, tmp_path, capsys):
     from bitsandbytes.nn import Linear4bit
 
     from hosfl_hf.cli import get_peft_config, load_model
@@ -297,14 +304,14 @@ def test_cli_unknown_command_fails(capsys):
     assert cli(["trian"]) == 2
 
 
-def test_cli_runs_a_recipe(tiny_llama_path, tmp_path, capsys, one_thread):
+def test_cli_runs_a_recipe(tiny_llama_path, tmp_path, capsys):
     from hosfl_hf.cli import cli
 
     assert cli(["sst2-smollm2", *tiny_flags(tiny_llama_path, tmp_path / "out", max_steps=1)]) == 0
     assert "(16 examples, 1 rounds)" in capsys.readouterr().out
 
 
-def test_cli_train_with_a_config_file(tiny_llama_path, tmp_path, capsys, one_thread):
+def test_cli_train_with_a_config_file(tiny_llama_path, tmp_path, capsys):
     from hosfl_hf.cli import cli
 
     config = tmp_path / "run.yaml"
