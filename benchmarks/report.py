@@ -172,6 +172,8 @@ def summarize(out: str, command: str) -> dict:
                 "round_seconds": timing.get(method)
                 if method in timing
                 else (float(np.mean([c["round_seconds"] for c in sst2])) if sst2 else None),
+                # Interleaved timing is comparable across methods; grid wall time shared the CPU with other jobs.
+                "round_seconds_source": "interleaved" if method in timing else ("grid" if sst2 else None),
             }
         )
         summary["methods"][method] = entry
@@ -238,6 +240,8 @@ def write_markdown(summary: dict, out: str) -> None:
         syn = f"{e['sync_bytes_per_client_round']:.3g}" if e["sync_bytes_per_client_round"] is not None else "—"
         memv = f"{e['client_peak_memory_bytes'] / 2**20:.0f} MiB" if e["client_peak_memory_bytes"] else "—"
         sec = f"{e['round_seconds']:.2f}" if e["round_seconds"] else "—"
+        if e["round_seconds_source"] == "grid":
+            sec += " (grid wall time, CPU shared)"
         lines.append(f"| {LABELS[m]} | {act} | {syn} | {memv} | {sec} |")
     lines.append("")
     if summary["paired"]:
@@ -256,9 +260,9 @@ def write_markdown(summary: dict, out: str) -> None:
                 f"s{t['seed']}: {t['hosfl_only_right']}/{t['other_only_right']}, p={t['p_value']:.2f}"
                 for t in p["mcnemar"]
             )
-            se_r = f"{p['standard_error_rounds']:.4f}" if p["standard_error_rounds"] is not None else "—"
-            se_s = f"{p['standard_error_seeds']:.4f}" if p["standard_error_seeds"] is not None else "—"
-            lines.append(f"| {name} | {p['seeds']} | {p['mean_loss_difference']:+.4f} | {se_r} | {se_s} | {mc} |")
+            se_r = f"{p['standard_error_rounds']:.2e}" if p["standard_error_rounds"] is not None else "—"
+            se_s = f"{p['standard_error_seeds']:.2e}" if p["standard_error_seeds"] is not None else "—"
+            lines.append(f"| {name} | {p['seeds']} | {p['mean_loss_difference']:+.2e} | {se_r} | {se_s} | {mc} |")
         lines.append("")
     if summary["memory"]:
         lines += [
