@@ -129,6 +129,7 @@ def summarize(out: str, command: str) -> dict:
         "headline_depth": HEADLINE_DEPTH,
         "inference_peak_memory_bytes": (mem("inference", split=headline_split) or {}).get("peak_bytes"),
         "zero_shot": {t: z["accuracy"] for t, z in zero_shot.items()},
+        "zero_shot_curve_subset": {t: z["curve_accuracy"] for t, z in zero_shot.items()},
         "cells": sorted("_".join(map(str, k)) for k in cells),
         "methods": {},
         "paired": {},
@@ -311,7 +312,7 @@ def write_plots(summary: dict, out: str) -> None:
     cells = load_cells(out)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=False)
     for ax, (task, depth) in zip(axes.flat, [(t, d) for t in ("sst2", "rte") for d in ("deep", "shallow")]):
-        zero = summary["zero_shot"].get(task)
+        zero = summary["zero_shot_curve_subset"].get(task)  # same subset as the curve points
         for m in METHODS:
             runs = [c for c in cells if (c["method"], c["task"], c["depth"]) == (m, task, depth)]
             if not runs:
