@@ -41,6 +41,28 @@ def counting_dataset(n: int = 200, seed: int = 0) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def tiny_args(tmp_path, **overrides):
+    """An HOSFLConfig for tiny-model runs: 4 clients, 2 per round, batch 4, CPU, no saving or reporting."""
+    from hosfl_hf import HOSFLConfig
+
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        client_learning_rate=1e-3,
+        num_clients=4,
+        clients_per_round=2,
+        logging_steps=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
+    )
+    return HOSFLConfig(**{**values, **overrides})
+
+
 def stack_collator(features):
     """Fixed-length rows: stack them (no padding, no attention mask)."""
     return {

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import counting_dataset, stack_collator, tiny_llama
+from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
 from hub_server import USER, LoopbackHub
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from test_split import ARCHITECTURES as SPLIT_ARCHITECTURES  # the split suite's model zoo (24 architectures)
@@ -96,22 +96,7 @@ def block_of(name: str, path: str) -> int:
 
 
 def make_args(tmp_path, **overrides) -> HOSFLConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        client_learning_rate=1e-3,
-        num_clients=4,
-        clients_per_round=2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-    )
-    return HOSFLConfig(**{**values, **overrides})
+    return tiny_args(tmp_path, **{"max_steps": 3, "logging_steps": 1, **overrides})
 
 
 def make_trainer(tmp_path, model, split_layer=2, **kwargs) -> HOSFLTrainer:

@@ -4,32 +4,16 @@ import math
 
 import pytest
 import torch
-from conftest import SEQ, counting_dataset, stack_collator, tiny_llama
+from conftest import SEQ, counting_dataset, stack_collator, tiny_args, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from hosfl_hf import HOSFLConfig, HOSFLTrainer, Trajectory, replay_trajectory
+from hosfl_hf import HOSFLTrainer, Trajectory, replay_trajectory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        client_learning_rate=1e-3,
-        num_clients=4,
-        clients_per_round=2,
-        logging_steps=4,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return HOSFLConfig(**values)
+    return tiny_args(tmp_path, **overrides)
 
 
 def make_trainer(tmp_path, model=None, dataset=None, **overrides):
