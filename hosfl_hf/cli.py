@@ -610,19 +610,11 @@ def estimate_memory(
 
     ```
     """
-    import warnings
 
-    from transformers import AutoModelForCausalLM
-
-    from .split import _find_layers
+    from .split import skeleton_layers
 
     config = _model_config(model)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        skeleton = AutoModelForCausalLM.from_config(config)
-    layers_path, layers = _find_layers(skeleton)
-    if not 1 <= split_layer <= len(layers) - 1:
-        raise ValueError(f"split_layer={split_layer} must be in 1..{len(layers) - 1} for this model.")
+    skeleton, layers_path, layers = skeleton_layers(config, split_layer)
     text_config = config.get_text_config()
     hidden = text_config.hidden_size
     heads = text_config.num_attention_heads

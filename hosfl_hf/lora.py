@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .split import SplitModel, _find_layers, unwrap_causal_lm
+from .split import SplitModel, _find_layers, skeleton_layers, unwrap_causal_lm
 
 __all__ = [
     "client_4bit_config",
@@ -323,16 +322,11 @@ def client_4bit_config(
     Returns:
         `BitsAndBytesConfig`: with `llm_int8_skip_modules` listing every linear layer outside the client blocks.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
     from transformers.pytorch_utils import Conv1D
 
     # A weightless copy of the architecture gives the exact module names (no memory, no download).
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    path, layers = _find_layers(skeleton)
-    if not 1 <= split_layer <= len(layers) - 1:
-        raise ValueError(f"split_layer={split_layer} must be in 1..{len(layers) - 1} for this model.")
+    skeleton, path, layers = skeleton_layers(model_config, split_layer)
     client_prefixes = tuple(f"{path}.{i}." for i in range(split_layer))
     # Exact names (not prefixes): transformers matches skip entries by prefix or suffix, and `layers.1` must not
     # also skip `layers.10`.

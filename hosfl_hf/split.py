@@ -139,6 +139,22 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+def skeleton_layers(config, split_layer: int) -> tuple[nn.Module, str, nn.ModuleList]:
+    """A weightless (meta-device) copy of the architecture, its block-list path and blocks, with `split_layer`
+    checked: exact module names without memory or a download."""
+    import warnings as _warnings
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        skeleton = AutoModelForCausalLM.from_config(config)
+    path, layers = _find_layers(skeleton)
+    if not 1 <= split_layer <= len(layers) - 1:
+        raise ValueError(f"split_layer={split_layer} must be in 1..{len(layers) - 1} for this model.")
+    return skeleton, path, layers
+
+
 def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 

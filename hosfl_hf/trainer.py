@@ -184,7 +184,7 @@ class HOSFLTrainer(Trainer):
         self.zo_forward_passes = 0
         self._round_scalars: dict[int, list[float]] = {}
         self._micro_step = 0
-        self._pending: tuple[dict[str, torch.Tensor], CutActivations, torch.Tensor | None] | None = None
+        self._pending: tuple[dict[str, torch.Tensor], CutActivations | None, Any, torch.Tensor | None] | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     # --------------------------------------------------------------------------------------------------- data
