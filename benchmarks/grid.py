@@ -30,6 +30,8 @@ from hosfl_hf.tasks import get_task
 METHODS = ["hosfl", "splitlora", "frozen_client", "zo_sfl", "client_only", "fedavg_lora", "centralized", "mezo"]
 TIER = {"hosfl": 0, "splitlora": 0, "frozen_client": 0, "zo_sfl": 1, "client_only": 1}
 ZO_EVERYWHERE = {"zo_sfl", "mezo"}
+# Methods without a split do not depend on the depth: one cell per (task, seed) serves both depths.
+NO_SPLIT = {"fedavg_lora", "centralized", "mezo"}
 
 
 @dataclass
@@ -55,8 +57,51 @@ def split_for(depth: str, num_layers: int) -> int:
     return {"shallow": num_layers // 3, "deep": (2 * num_layers) // 3}[depth]
 
 
+def cell_depth(method: str, depth: str) -> str:
+    return "nosplit" if method in NO_SPLIT else depth
+
+
 def cell_name(method: str, task: str, depth: str, seed: int) -> str:
-    return f"{method}_{task}_{depth}_s{seed}"
+    return f"{method}_{task}_{cell_depth(method, depth)}_s{seed}"
+
+
+def plan_cells(
+    methods: list[str], tasks: list[str], depths: list[str], seeds: list[int]
+) -> list[tuple[str, str, str, int]]:
+    """The (method, task, depth, seed) cells to run, in priority order, one per cell file.
+
+    Priority: task by task, deep split first, the headline comparison (HO-SFL, SplitLoRA, frozen client) before
+    the other methods. Methods without a split appear once per (task, seed).
+    """
+    cells = sorted(
+        ((m, t, d, s) for m in methods for t in tasks for d in depths for s in seeds),
+        key=lambda c: (tasks.index(c[1]), depths.index(c[2]), TIER.get(c[0], 2), c[3], METHODS.index(c[0])),
+    )
+    seen: set[str] = set()
+    return [c for c in cells if not (cell_name(*c) in seen or seen.add(cell_name(*c)))]
+
+
+def claim(path: str) -> bool:
+    """Claims a cell for this process (a lock file holding its pid), so several workers can share one grid.
+
+    A lock left by a process that no longer runs (a stopped session) is taken over.
+    """
+    lock = path + ".lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(open(lock).read().strip() or 0)
+            os.kill(pid, 0)
+            return False  # another live worker runs this cell
+        except (ValueError, ProcessLookupError):
+            os.replace(lock, lock + ".stale")
+            return claim(path)
+        except PermissionError:
+            return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def hosfl_args(method: str, split_layer: int, seed: int, budget: Budget, output_dir: str) -> HOSFLConfig:
@@ -131,8 +176,8 @@ def run_cell(method: str, task_name: str, depth: str, seed: int, budget: Budget,
     return {
         "method": method,
         "task": task_name,
-        "depth": depth,
-        "split_layer": split_layer,
+        "depth": cell_depth(method, depth),
+        "split_layer": None if method in NO_SPLIT else split_layer,
         "num_layers": num_layers,
         "seed": seed,
         "rounds": budget.rounds,
@@ -192,18 +237,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many new cells.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's). Run one worker per core with --threads 1 to share a grid.",
+    )
     for name, value in Budget().__dict__.items():
         parser.add_argument(f"--{name}", type=type(value), default=value)
     args = parser.parse_args(argv)
     budget = Budget(**{k: getattr(args, k) for k in Budget().__dict__})
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cells_dir = os.path.join(args.out, "cells")
     os.makedirs(cells_dir, exist_ok=True)
 
-    # Priority: the headline comparison (HO-SFL, SplitLoRA, frozen client) first, task by task, deep split first.
-    cells = sorted(
-        ((m, t, d, s) for m in args.methods for t in args.tasks for d in args.depths for s in args.seeds),
-        key=lambda c: (args.tasks.index(c[1]), args.depths.index(c[2]), TIER.get(c[0], 2), c[3], METHODS.index(c[0])),
-    )
+    cells = plan_cells(args.methods, args.tasks, args.depths, args.seeds)
     for task in args.tasks:
         path = os.path.join(cells_dir, f"zero_shot_{task}.json")
         if not os.path.isfile(path):
@@ -211,15 +260,21 @@ def main(argv: list[str] | None = None) -> None:
     todo = [c for c in cells if not os.path.isfile(os.path.join(cells_dir, cell_name(*c) + ".json"))]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done; {len(todo)} to run", flush=True)
     durations: list[float] = []
-    for i, cell in enumerate(todo[: args.max_cells]):
+    ran = 0
+    for i, cell in enumerate(todo):
         name = cell_name(*cell)
+        path = os.path.join(cells_dir, name + ".json")
+        if (args.max_cells is not None and ran >= args.max_cells) or os.path.isfile(path) or not claim(path):
+            continue
+        ran += 1
         eta = f", ETA {np.mean(durations) * (len(todo) - i) / 60:.0f} min" if durations else ""
         print(f"[{i + 1}/{len(todo)}] {name}{eta}", flush=True)
         start = time.perf_counter()
         result = run_cell(*cell, budget=budget, data_dir=args.data_dir)
         result["cell_seconds"] = time.perf_counter() - start
         result["command"] = "python benchmarks/grid.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_json(os.path.join(cells_dir, name + ".json"), result)
+        write_json(path, result)
+        os.remove(path + ".lock")
         durations.append(result["cell_seconds"])
         print(
             f"  {name}: accuracy {100 * result['accuracy']:.2f}% in {result['cell_seconds'] / 60:.1f} min", flush=True

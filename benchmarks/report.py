@@ -38,6 +38,12 @@ CLIENT_MEMORY_MODE = {
     "frozen_client": "inference",
 }
 HEADLINE_DEPTH = "deep"
+# Methods without a split: their cells (depth "nosplit") serve both depths' tables.
+NO_SPLIT = {"fedavg_lora", "centralized", "mezo"}
+
+
+def cell_depth(method: str, depth: str) -> str:
+    return "nosplit" if method in NO_SPLIT else depth
 
 
 def load_cells(out: str) -> list[dict]:
@@ -141,7 +147,9 @@ def summarize(out: str, command: str) -> dict:
         for task in ("sst2", "rte"):
             by_depth = {}
             for depth in ("deep", "shallow"):
-                rows = [c for (m, t, d, _), c in cells.items() if (m, t, d) == (method, task, depth)]
+                rows = [
+                    c for (m, t, d, _), c in cells.items() if (m, t, d) == (method, task, cell_depth(method, depth))
+                ]
                 if rows:
                     acc = [r["accuracy"] for r in rows]
                     by_depth[depth] = {
@@ -160,7 +168,9 @@ def summarize(out: str, command: str) -> dict:
                 "samples": head["samples"] if head else None,
                 "by_depth": by_depth,
             }
-        sst2 = [c for (m, t, d, _), c in cells.items() if (m, t, d) == (method, "sst2", HEADLINE_DEPTH)]
+        sst2 = [
+            c for (m, t, d, _), c in cells.items() if (m, t, d) == (method, "sst2", cell_depth(method, HEADLINE_DEPTH))
+        ]
         mode = CLIENT_MEMORY_MODE.get(method)
         row = mem(mode, split=headline_split) if mode else None
         timing = (memory or {}).get("round_seconds", {}).get(str(headline_split), {})
@@ -222,7 +232,8 @@ def write_markdown(summary: dict, out: str) -> None:
             e = summary["methods"][m]
             s, r = e["sst2"]["by_depth"].get(depth), e["rte"]["by_depth"].get(depth)
             samples = (s or r or {}).get("samples", "—")
-            lines.append(f"| {LABELS[m]} | {fmt_acc(s)} | {fmt_acc(r)} | {samples} |")
+            label = LABELS[m] + (" (no split: same runs at both depths)" if m in NO_SPLIT else "")
+            lines.append(f"| {label} | {fmt_acc(s)} | {fmt_acc(r)} | {samples} |")
         lines.append("")
     lines += [
         "## Communication, memory and time per client (SST-2, headline split)",
@@ -314,7 +325,7 @@ def write_plots(summary: dict, out: str) -> None:
     for ax, (task, depth) in zip(axes.flat, [(t, d) for t in ("sst2", "rte") for d in ("deep", "shallow")]):
         zero = summary["zero_shot_curve_subset"].get(task)  # same subset as the curve points
         for m in METHODS:
-            runs = [c for c in cells if (c["method"], c["task"], c["depth"]) == (m, task, depth)]
+            runs = [c for c in cells if (c["method"], c["task"], c["depth"]) == (m, task, cell_depth(m, depth))]
             if not runs:
                 continue
             curve = defaultdict(list)
