@@ -36,11 +36,12 @@ class HOSFLConfig(TrainingArguments):
         algorithm (`str`, *optional*, defaults to `"hosfl"`):
             `"hosfl"` (server first-order, client zeroth-order), or a baseline run by the same trainer on the same
             split, shards, client sampling and batches: `"splitlora"` (first-order split FL: clients backpropagate
-            lambda, client updates averaged), `"zo_sfl"` (both parts zeroth-order from a shared two-point loss
-            difference), `"fedavg_lora"` (no split: each sampled client backpropagates the whole model, updates
-            averaged), `"centralized"` (first-order on the same batches, no federation), `"mezo"` (centralized
-            zeroth-order), `"frozen_client"` (only the server trains) and `"client_only"` (the server never
-            changes; only the client update acts). See `docs/benchmarks.md`.
+            lambda, one shared client-optimizer step on their averaged gradients), `"zo_sfl"` (both parts
+            zeroth-order from a shared two-point loss difference), `"fedavg_lora"` (no split: each sampled client
+            backpropagates the whole model, one step on the averaged gradients), `"centralized"` (first-order on the
+            same batches, no federation), `"mezo"` (centralized zeroth-order), `"frozen_client"` (only the server
+            trains) and `"client_only"` (the server never changes; only the client update acts). See
+            `docs/benchmarks.md`.
 
     Parameters that control the split:
 

@@ -463,7 +463,7 @@ class HOSFLTrainer(Trainer):
         self._metrics["client_learning_rate"].append(lr)
 
     def _first_order_client_update(self) -> None:
-        """SplitLoRA: the averaged client gradient through the client optimizer (= FedAvg of one local SGD step)."""
+        """SplitLoRA: one client-optimizer step on the averaged client gradient (FedAvg of one local step for SGD)."""
         params = [p for _, p in self.client_parameters]
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
