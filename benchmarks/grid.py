@@ -4,8 +4,10 @@
     python benchmarks/grid.py --methods hosfl splitlora frozen_client --tasks sst2 --depths deep --seeds 0 1 2
     python benchmarks/grid.py --rounds 8889 --batch 32 --max_length 128   # the paper's budget (80k samples)
 
-Each cell writes `<out>/cells/<method>_<task>_<depth>_s<seed>.json` when it finishes; cells whose file exists are
-skipped, so a stopped run keeps what it finished and the next run fills in the rest. Every method of a seed sees the
+Each cell writes `<out>/cells/<method>_<task>_<depth>_s<seed>.json` when it finishes (depth `nosplit` for FedAvg-LoRA,
+centralized and MeZO, which serve both depths); cells whose file exists are skipped, so a stopped run keeps what it
+finished and the next run fills in the rest. Workers started side by side (`--threads 1` each) share the grid through
+lock files. Every method of a seed sees the
 same shards, client sampling and batches (one schedule per seed), the same LoRA initialisation, prompts and split.
 """
 
