@@ -28,12 +28,10 @@ from peft import LoraConfig, get_peft_model
 from hosfl_hf import HOSFLConfig, HOSFLTrainer
 from hosfl_hf.models import load_model_and_tokenizer
 from hosfl_hf.tasks import get_task
+from hosfl_hf.trainer import NO_SPLIT, ZO_EVERYWHERE  # NO_SPLIT methods do not depend on the depth
 
 METHODS = ["hosfl", "splitlora", "frozen_client", "zo_sfl", "client_only", "fedavg_lora", "centralized", "mezo"]
 TIER = {"hosfl": 0, "splitlora": 0, "frozen_client": 0, "zo_sfl": 1, "client_only": 1}
-ZO_EVERYWHERE = {"zo_sfl", "mezo"}
-# Methods without a split do not depend on the depth: one cell per (task, seed) serves both depths.
-NO_SPLIT = {"fedavg_lora", "centralized", "mezo"}
 
 
 @dataclass
@@ -60,6 +58,7 @@ def split_for(depth: str, num_layers: int) -> int:
 
 
 def cell_depth(method: str, depth: str) -> str:
+    """The depth a cell is filed under: methods without a split have one cell (`nosplit`) serving both depths."""
     return "nosplit" if method in NO_SPLIT else depth
 
 

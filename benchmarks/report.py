@@ -17,6 +17,7 @@ import platform
 from collections import defaultdict
 
 import numpy as np
+from grid import NO_SPLIT, cell_depth  # one rule for where no-split cells are filed
 
 METHODS = ["hosfl", "splitlora", "zo_sfl", "fedavg_lora", "centralized", "mezo", "frozen_client", "client_only"]
 LABELS = {
@@ -38,12 +39,6 @@ CLIENT_MEMORY_MODE = {
     "frozen_client": "inference",
 }
 HEADLINE_DEPTH = "deep"
-# Methods without a split: their cells (depth "nosplit") serve both depths' tables.
-NO_SPLIT = {"fedavg_lora", "centralized", "mezo"}
-
-
-def cell_depth(method: str, depth: str) -> str:
-    return "nosplit" if method in NO_SPLIT else depth
 
 
 def load_cells(out: str) -> list[dict]:
