@@ -14,10 +14,11 @@ import json
 import math
 import os
 import platform
+import textwrap
 from collections import defaultdict
 
 import numpy as np
-from grid import NO_SPLIT, cell_depth  # one rule for where no-split cells are filed
+from grid import NO_SPLIT, cell_depth, cell_name, plan_cells  # one rule for where no-split cells are filed
 
 METHODS = ["hosfl", "splitlora", "zo_sfl", "fedavg_lora", "centralized", "mezo", "frozen_client", "client_only"]
 LABELS = {
@@ -30,6 +31,18 @@ LABELS = {
     "frozen_client": "Frozen client",
     "client_only": "Client only",
 }
+# One fixed colour (matplotlib's tab10) and marker per method, used by every figure; never the axes' colour cycle,
+# which shifts every later colour when a panel lacks a method. No-split methods are dashed.
+STYLE = {
+    "hosfl": {"color": "#1f77b4", "marker": "o", "size": 7, "linestyle": "-"},
+    "splitlora": {"color": "#ff7f0e", "marker": "s", "size": 6, "linestyle": "-"},
+    "zo_sfl": {"color": "#2ca02c", "marker": "^", "size": 7, "linestyle": "-"},
+    "fedavg_lora": {"color": "#d62728", "marker": "D", "size": 5, "linestyle": "--"},
+    "centralized": {"color": "#9467bd", "marker": "v", "size": 7, "linestyle": "--"},
+    "mezo": {"color": "#8c564b", "marker": "P", "size": 7, "linestyle": "--"},
+    "frozen_client": {"color": "#7f7f7f", "marker": "X", "size": 6, "linestyle": "-"},
+    "client_only": {"color": "#e377c2", "marker": "*", "size": 9, "linestyle": "-"},
+}
 # Which client step each method's client runs (memory rows measured by benchmarks/memory.py).
 CLIENT_MEMORY_MODE = {
     "hosfl": "hosfl",
@@ -39,6 +52,11 @@ CLIENT_MEMORY_MODE = {
     "frozen_client": "inference",
 }
 HEADLINE_DEPTH = "deep"
+TASKS = ("sst2", "rte")
+DEPTHS = ("deep", "shallow")
+BLOCK_ROUNDS = 10  # block length of the moving-block bootstrap over rounds (1/6 of a 60-round run)
+SEEDS = (0, 1, 2)  # the full grid's seeds (grid.py's default)
+REFERENCE = "frozen_client"  # the control every method's paired training-loss difference is taken against
 
 
 def load_cells(out: str) -> list[dict]:
@@ -59,31 +77,76 @@ def mcnemar_p(a: list[int], b: list[int], labels: list[int]) -> tuple[int, int, 
     return n01, n10, min(1.0, p)
 
 
+def standard_error_over_seeds(per_seed_means: list[float]) -> float | None:
+    """SE of the mean paired difference with the seed as the unit: std (ddof=1) of the per-seed means / sqrt(seeds).
+
+    Each seed's mean over its rounds is one observation, so the correlation between rounds of one run (the weights
+    carry over) cannot shrink it. None with fewer than two seeds.
+    """
+    if len(per_seed_means) < 2:
+        return None
+    return float(np.std(per_seed_means, ddof=1) / math.sqrt(len(per_seed_means)))
+
+
+def block_bootstrap_se(series: list[np.ndarray], block: int = BLOCK_ROUNDS) -> float | None:
+    """Moving-block bootstrap SE of the mean over seeds of each seed's mean per-round difference.
+
+    Each seed's series of T rounds is resampled as ceil(T / b) blocks of b consecutive rounds drawn with replacement
+    from its T - b + 1 overlapping blocks (seeds independently), so correlation within b rounds is kept. The value is
+    the exact bootstrap SE, i.e. the limit of infinitely many resamples: a resampled seed's mean is the mean of k
+    independent draws of a block mean, so its variance is the population variance of the T - b + 1 block means over
+    k, and the mean over S seeds has variance sum_s var_s / S^2. None when no seed has two rounds.
+    """
+    variances = []
+    for d in series:
+        d = np.asarray(d, dtype=float)
+        if d.size < 2:
+            return None
+        b = min(block, d.size)
+        block_means = np.convolve(d, np.ones(b) / b, mode="valid")  # the T - b + 1 overlapping block means
+        variances.append(float(np.var(block_means)) / math.ceil(d.size / b))
+    if not variances:
+        return None
+    return float(math.sqrt(sum(variances)) / len(variances))
+
+
 def paired_losses(cells: dict, method: str, other: str, task: str, depth: str) -> dict | None:
+    """Per-round training-loss differences `method - other` on the same batches, paired by seed.
+
+    `depth` is the panel's depth; methods without a split are read from their `nosplit` cell. The mean is the mean over
+    seeds of each seed's mean difference over rounds; its standard errors treat the seed (SE over seeds) or blocks of
+    rounds (moving-block bootstrap) as the unit, never single rounds.
+    """
+    key_depth, other_depth = cell_depth(method, depth), cell_depth(other, depth)
     diffs, seeds = [], []
-    for (m, t, d, s), cell in cells.items():
-        if (m, t, d) == (method, task, depth) and (other, t, d, s) in cells:
-            a, b = np.array(cell["train_losses"]), np.array(cells[(other, t, d, s)]["train_losses"])
+    for (m, t, d, s), cell in sorted(cells.items()):
+        if (m, t, d) == (method, task, key_depth) and (other, t, other_depth, s) in cells:
+            a, b = np.array(cell["train_losses"]), np.array(cells[(other, t, other_depth, s)]["train_losses"])
             n = min(len(a), len(b))
             diffs.append(a[:n] - b[:n])
             seeds.append(s)
     if not diffs:
         return None
     per_seed = [float(d.mean()) for d in diffs]
-    all_diffs = np.concatenate(diffs)
-    # Rounds are not independent (the weights carry over), so the standard error is also given across seeds.
     return {
-        "seeds": sorted(seeds),
-        "rounds": int(all_diffs.size),
-        "mean_loss_difference": float(all_diffs.mean()),
-        "standard_error_rounds": float(all_diffs.std(ddof=1) / math.sqrt(all_diffs.size))
-        if all_diffs.size > 1
-        else None,
+        "seeds": seeds,
+        "rounds": int(sum(d.size for d in diffs)),
+        "mean_loss_difference": float(np.mean(per_seed)),
         "per_seed_mean": per_seed,
-        "standard_error_seeds": float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed)))
-        if len(per_seed) > 1
-        else None,
+        "standard_error_seeds": standard_error_over_seeds(per_seed),
+        "standard_error_block_bootstrap": block_bootstrap_se(diffs),
+        "block_rounds": BLOCK_ROUNDS,
     }
+
+
+def mcnemar_tests(cells: dict, method: str, other: str, task: str, depth: str, seeds: list[int]) -> list[dict]:
+    tests = []
+    for s in seeds:
+        a = cells[(method, task, cell_depth(method, depth), s)]
+        b = cells[(other, task, cell_depth(other, depth), s)]
+        n01, n10, pv = mcnemar_p(a["predictions"], b["predictions"], a["labels"])
+        tests.append({"seed": s, "method_only_right": n01, "other_only_right": n10, "p_value": pv})
+    return tests
 
 
 def summarize(out: str, command: str) -> dict:
@@ -131,7 +194,13 @@ def summarize(out: str, command: str) -> dict:
         "inference_peak_memory_bytes": (mem("inference", split=headline_split) or {}).get("peak_bytes"),
         "zero_shot": {t: z["accuracy"] for t, z in zero_shot.items()},
         "zero_shot_curve_subset": {t: z["curve_accuracy"] for t, z in zero_shot.items()},
-        "cells": sorted("_".join(map(str, k)) for k in cells),
+        "cells": sorted(cell_name(*k) for k in cells),
+        # Every cell of the full grid (grid.py's defaults) that has no file yet.
+        "missing_cells": [
+            cell_name(m, t, d, s)
+            for m, t, d, s in plan_cells(METHODS, list(TASKS), list(DEPTHS), list(SEEDS))
+            if (m, t, cell_depth(m, d), s) not in cells
+        ],
         "methods": {},
         "paired": {},
         "memory": memory,
@@ -139,9 +208,9 @@ def summarize(out: str, command: str) -> dict:
     }
     for method in METHODS:
         entry: dict = {}
-        for task in ("sst2", "rte"):
+        for task in TASKS:
             by_depth = {}
-            for depth in ("deep", "shallow"):
+            for depth in DEPTHS:
                 rows = [
                     c for (m, t, d, _), c in cells.items() if (m, t, d) == (method, task, cell_depth(method, depth))
                 ]
@@ -183,19 +252,24 @@ def summarize(out: str, command: str) -> dict:
             }
         )
         summary["methods"][method] = entry
-    for task in ("sst2", "rte"):
-        for depth in ("deep", "shallow"):
+    summary["vs_frozen_client"] = {}
+    for task in TASKS:
+        for depth in DEPTHS:
             for other in ("frozen_client", "splitlora", "zo_sfl", "client_only"):
                 p = paired_losses(cells, "hosfl", other, task, depth)
-                if p is None:
-                    continue
-                tests = []
-                for s in p["seeds"]:
-                    a, b = cells[("hosfl", task, depth, s)], cells[(other, task, depth, s)]
-                    n01, n10, pv = mcnemar_p(a["predictions"], b["predictions"], a["labels"])
-                    tests.append({"seed": s, "hosfl_only_right": n01, "other_only_right": n10, "p_value": pv})
-                p["mcnemar"] = tests
-                summary["paired"][f"hosfl_vs_{other}_{task}_{depth}"] = p
+                if p is not None:
+                    p["mcnemar"] = mcnemar_tests(cells, "hosfl", other, task, depth, p["seeds"])
+                    summary["paired"][f"hosfl_vs_{other}_{task}_{depth}"] = p
+            for method in METHODS:
+                p = paired_losses(cells, method, REFERENCE, task, depth) if method != REFERENCE else None
+                if p is not None:
+                    p["mcnemar"] = mcnemar_tests(cells, method, REFERENCE, task, depth, p["seeds"])
+                    summary["vs_frozen_client"][f"{method}_{task}_{depth}"] = {
+                        "method": method,
+                        "task": task,
+                        "depth": depth,
+                        **p,
+                    }
     return summary
 
 
@@ -216,7 +290,7 @@ def write_markdown(summary: dict, out: str) -> None:
         + ".",
         "",
     ]
-    for depth in ("deep", "shallow"):
+    for depth in DEPTHS:
         lines += [
             f"## Validation accuracy, {depth} split (mean ± std over seeds, full validation set)",
             "",
@@ -251,25 +325,47 @@ def write_markdown(summary: dict, out: str) -> None:
             sec += " (grid wall time, CPU shared)"
         lines.append(f"| {LABELS[m]} | {act} | {syn} | {memv} | {sec} |")
     lines.append("")
-    if summary["paired"]:
+    se_note = (
+        "Standard errors never treat rounds as independent (the weights carry over from round to round): "
+        "**SE (seeds)** is the standard deviation of the per-seed mean differences over sqrt(number of seeds) "
+        "(needs two seeds or more); **SE (block bootstrap)** is the exact moving-block bootstrap over rounds with "
+        f"blocks of {BLOCK_ROUNDS} consecutive rounds, each seed resampled separately. The mean is the mean over "
+        "seeds of each seed's mean over rounds."
+    )
+    for key, title, first, ref in (
+        ("paired", "Paired comparisons: HO-SFL against each baseline (same schedule per seed)", "HO-SFL", "other"),
+        (
+            "vs_frozen_client",
+            "Paired differences against the frozen client: what each method's training adds",
+            "method",
+            "frozen client",
+        ),
+    ):
+        if not summary.get(key):
+            continue
         lines += [
-            "## Paired comparisons (same schedule per seed)",
+            f"## {title}",
             "",
-            "Mean per-round training-loss difference HO-SFL − other (negative: HO-SFL lower), its standard "
-            "error over rounds and over seeds, and exact McNemar tests on the validation predictions.",
+            f"Mean per-round training-loss difference {first} − {ref} on the same batches (negative: {first} "
+            f"lower), and exact McNemar tests on the validation predictions ({first} only right / {ref} only right, "
+            "two-sided p). " + se_note,
             "",
-            "| comparison | seeds | mean Δloss | SE (rounds) | SE (seeds) "
-            "| McNemar (HO-SFL only right / other only right, p) |",
+            "| comparison | seeds | mean Δloss | SE (seeds) | SE (block bootstrap) | McNemar per seed |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        for name, p in summary["paired"].items():
+        for name, p in summary[key].items():
             mc = "; ".join(
-                f"s{t['seed']}: {t['hosfl_only_right']}/{t['other_only_right']}, p={t['p_value']:.2f}"
+                f"s{t['seed']}: {t['method_only_right']}/{t['other_only_right']}, p={t['p_value']:.2g}"
                 for t in p["mcnemar"]
             )
-            se_r = f"{p['standard_error_rounds']:.2e}" if p["standard_error_rounds"] is not None else "—"
-            se_s = f"{p['standard_error_seeds']:.2e}" if p["standard_error_seeds"] is not None else "—"
-            lines.append(f"| {name} | {p['seeds']} | {p['mean_loss_difference']:+.2e} | {se_r} | {se_s} | {mc} |")
+            se_s = f"{p['standard_error_seeds']:.2e}" if p["standard_error_seeds"] is not None else "— (one seed)"
+            se_b = (
+                f"{p['standard_error_block_bootstrap']:.2e}"
+                if p["standard_error_block_bootstrap"] is not None
+                else "—"
+            )
+            label = name if key == "paired" else f"{LABELS[p['method']]}, {p['task']}, {p['depth']}"
+            lines.append(f"| {label} | {p['seeds']} | {p['mean_loss_difference']:+.2e} | {se_s} | {se_b} | {mc} |")
         lines.append("")
     if summary["memory"]:
         lines += [
@@ -300,28 +396,95 @@ def write_markdown(summary: dict, out: str) -> None:
             lines.append(f"| {r['directions']} | {r['cosine']:.4f} | {r['expected']:.4f} |")
         lines.append("")
     lines += [
-        "Plots: [accuracy vs samples](accuracy_vs_samples.png), [bytes per client](bytes_per_client.png), "
-        "[client memory](client_memory.png).",
+        "Plots: [accuracy vs samples](accuracy_vs_samples.png), [paired loss differences vs the frozen client]"
+        "(paired_vs_frozen_client.png), [bytes per client](bytes_per_client.png), [client memory](client_memory.png).",
         "",
-        "Cells present: " + ", ".join(summary["cells"]) + ".",
+        f"Cells present ({len(summary['cells'])}): " + ", ".join(summary["cells"]) + ".",
+        "",
+        f"Cells of the full grid (seeds {', '.join(map(str, SEEDS))}) still missing "
+        f"({len(summary['missing_cells'])}): " + (", ".join(summary["missing_cells"]) or "none") + ".",
     ]
     with open(os.path.join(out, "benchmark.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def write_plots(summary: dict, out: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = load_cells(out)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=False)
-    for ax, (task, depth) in zip(axes.flat, [(t, d) for t in ("sst2", "rte") for d in ("deep", "shallow")]):
-        zero = summary["zero_shot_curve_subset"].get(task)  # same subset as the curve points
+    return plt
+
+
+def method_line(method: str) -> dict:
+    """The fixed style of a method, for `ax.plot` (and a legend handle): same colour and marker in every figure."""
+    return {
+        "color": STYLE[method]["color"],
+        "marker": STYLE[method]["marker"],
+        "linestyle": STYLE[method]["linestyle"],
+    }
+
+
+def method_legend(fig, methods: list[str], lines: bool = True, **kwargs) -> None:
+    """One figure-level legend built from the fixed mapping, over the methods drawn in at least one panel.
+
+    Each panel draws only its own methods, so the legend is true for every panel: a method's colour and marker mean
+    the same method wherever they appear. `lines=False` for figures of markers only.
+    """
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], label=LABELS[m], **(method_line(m) | ({} if lines else {"linestyle": "none"})))
+        for m in METHODS
+        if m in methods
+    ]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=4, **kwargs)
+
+
+def missing_note(ax, missing: list[str], extra: str = "", y: float = -0.13) -> None:
+    """A note under the panel naming the methods that have no cells there (drawn as nothing, never as a line).
+
+    The first line names the missing methods (one line, at most the seven other methods); `extra` adds further lines
+    (fewer seeds, overlapping curves). The note's gid is `missing-note` when it names missing methods, else `note`.
+    """
+    lines = ["no cells: " + ", ".join(LABELS[m] for m in missing)] if missing else []  # always the first line
+    text = "\n".join(lines + [textwrap.fill(t, 100) for t in extra.split("\n") if t])
+    if text:
+        ax.text(
+            0.5,
+            y,
+            text,
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=7,
+            bbox={"boxstyle": "round", "facecolor": "#fff6e0" if missing else "white", "edgecolor": "0.6"},
+            gid="missing-note" if missing else "note",
+        )
+
+
+def panels() -> list[tuple[str, str]]:
+    return [(t, d) for t in TASKS for d in DEPTHS]
+
+
+def plot_accuracy(cells: list[dict], zero_shot_curve: dict):
+    """Validation accuracy (curve subset) vs processed samples, one panel per (task, depth); returns the figure.
+
+    Each panel draws only the methods with cells there, in their fixed style, as the mean over their seeds; the
+    methods without cells are named in a note, and methods with fewer seeds than the panel's most are noted too.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 10))
+    drawn: set[str] = set()
+    for ax, (task, depth) in zip(axes.flat, panels()):
+        zero = zero_shot_curve.get(task)  # same subset as the curve points
+        missing, seeds, same = [], {}, defaultdict(list)
         for m in METHODS:
             runs = [c for c in cells if (c["method"], c["task"], c["depth"]) == (m, task, cell_depth(m, depth))]
             if not runs:
+                missing.append(m)
                 continue
             curve = defaultdict(list)
             for c in runs:
@@ -331,55 +494,189 @@ def write_plots(summary: dict, out: str) -> None:
             ys = [100 * np.mean(curve[x]) for x in xs]
             if zero is not None:
                 xs, ys = [0] + xs, [100 * zero] + ys
-            ax.plot(xs, ys, marker="o", label=LABELS[m])
+            ax.plot(xs, ys, label=LABELS[m], markersize=STYLE[m]["size"], alpha=0.85, **method_line(m))
+            drawn.add(m)
+            seeds[m] = len({c["seed"] for c in runs})
+            same[(tuple(xs), tuple(np.round(ys, 6)))].append(m)
+        most = max(seeds.values(), default=0)
+        notes = []
+        fewer = ", ".join(f"{LABELS[m]} n={n}" for m, n in seeds.items() if n < most)
+        if fewer:
+            notes.append(f"fewer seeds than n={most}: {fewer}")
+        for group in same.values():
+            if len(group) > 1:
+                notes.append("identical curves (drawn on top of each other): " + ", ".join(LABELS[m] for m in group))
+        missing_note(ax, missing, "\n".join(notes), y=-0.14)
         ax.set_title(f"{task.upper()}, {depth} split")
         ax.set_xlabel("processed training samples")
-        ax.set_ylabel("validation accuracy (%) [subset]")
+        ax.set_ylabel("validation accuracy (%), curve subset")
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=4)
+    fig.suptitle("Validation accuracy on the curve subset vs processed samples (mean over seeds; 0: zero-shot)")
+    method_legend(fig, sorted(drawn))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(os.path.join(out, "accuracy_vs_samples.png"), dpi=110)
-    plt.close(fig)
+    return fig
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    names, act, syn = [], [], []
+
+def plot_paired(summary: dict):
+    """Mean paired training-loss difference of each method vs the frozen client with ±1 SE error bars, per panel.
+
+    The bars are the SE over seeds; a method with one seed gets the moving-block bootstrap SE over rounds instead and
+    an open marker. The y axis is symmetric-log (linear within ±1e-4) because the differences span four decades.
+    """
+    plt = _pyplot()
+    vs_frozen = summary["vs_frozen_client"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 10))
+    drawn: set[str] = set()
+    others = [m for m in METHODS if m != REFERENCE]
+    # One symmetric y range for every panel, so that the panels compare at a glance.
+    reach = [
+        abs(p["mean_loss_difference"]) + (p["standard_error_seeds"] or p["standard_error_block_bootstrap"] or 0)
+        for p in vs_frozen.values()
+    ]
+    limit = 10 ** math.ceil(math.log10(max(reach, default=1e-3) * 3))
+    for ax, (task, depth) in zip(axes.flat, panels()):
+        methods = summary["methods"]
+        has_reference = depth in methods[REFERENCE][task]["by_depth"]
+        missing, unpaired = [], []
+        for x, m in enumerate(others):
+            p = vs_frozen.get(f"{m}_{task}_{depth}")
+            if p is None:
+                (unpaired if depth in methods[m][task]["by_depth"] else missing).append(m)
+                continue
+            se = p["standard_error_seeds"]
+            one_seed = se is None
+            if one_seed:
+                se = p["standard_error_block_bootstrap"]
+            style = method_line(m) | {"linestyle": "none"}
+            y = p["mean_loss_difference"]
+            ax.errorbar([x], [y], yerr=[se or 0.0], fmt="none", ecolor=style["color"], capsize=4, label="_nolegend_")
+            ax.plot(
+                [x],
+                [y],
+                label=LABELS[m],
+                markersize=STYLE[m]["size"] + 2,
+                markerfacecolor="white" if one_seed else style["color"],
+                **style,
+            )
+            n = len(p["seeds"])
+            text = f"{y:+.1e}\n±{se:.0e} (n={n})" if se else f"{y:+.1e} (n={n})"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 10), ha="center", fontsize=6)
+            drawn.add(m)
+        if not has_reference:
+            missing.append(REFERENCE)
+            extra = f"no {LABELS[REFERENCE]} cells: nothing to pair with"
+        else:
+            extra = (
+                ("no seed shared with the frozen client: " + ", ".join(LABELS[m] for m in unpaired))
+                if unpaired
+                else ""
+            )
+        missing_note(ax, missing, extra, y=-0.3)
+        ax.axhline(0.0, color="0.3", linewidth=0.8)
+        ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_ylim(-limit, limit)
+        ax.set_xticks(range(len(others)), [LABELS[m] for m in others], rotation=30, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(others) - 0.4)
+        ax.set_title(f"{task.upper()}, {depth} split: training loss − frozen client")
+        ax.set_ylabel("mean paired Δ training loss per round")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(
+        "Paired training-loss difference against the frozen client (same batches per seed; below 0: lower loss)"
+    )
+    method_legend(fig, sorted(drawn), lines=False, bbox_to_anchor=(0.5, 0.02))
+    fig.text(
+        0.5,
+        0.005,
+        "error bars: ±1 SE over seeds (filled markers); open markers: one seed, ±1 SE of a moving-block bootstrap "
+        f"over rounds ({BLOCK_ROUNDS}-round blocks)",
+        ha="center",
+        fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def plot_bytes(summary: dict):
+    """Cumulative bytes per client slot, SST-2 at the headline split: one bar pair per method in its fixed colour."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    names, act, syn, colours = [], [], [], []
     for m in METHODS:
         e = summary["methods"][m]["sst2"]
         if e["activation_bytes_per_client_round"] is None:
             continue
         rounds = (e["samples"] or 0) / 24 if e["samples"] else 1
         names.append(LABELS[m])
+        colours.append(STYLE[m]["color"])
         act.append(max(e["activation_bytes_per_client_round"] * rounds, 1))
         syn.append(max(e["sync_bytes_per_client_round"] * rounds, 1))
     x = np.arange(len(names))
-    ax.bar(x - 0.2, act, 0.4, label="activations + lambda + labels")
-    ax.bar(x + 0.2, syn, 0.4, label="model sync (seeds + scalars, or weights)")
+    ax.bar(x - 0.2, act, 0.4, color=colours, edgecolor="black")
+    ax.bar(x + 0.2, syn, 0.4, color=colours, edgecolor="black", hatch="///")
     ax.set_yscale("log")
-    ax.set_xticks(x, names, rotation=20)
+    ax.set_ylim(0.5, max([*act, *syn, 1]) * 1e3)  # room for the legend above the bars
     ax.set_ylabel("cumulative bytes per client slot (all rounds)")
-    ax.set_title("SST-2 communication, headline split")
-    ax.legend()
+    ax.set_title("SST-2 communication, headline split (bars at 1 byte: nothing sent)")
+    ax.set_xticks(x, names, rotation=20)
+    ax.legend(
+        loc="upper center",
+        ncol=2,
+        handles=[
+            Patch(facecolor="white", edgecolor="black", label="activations + lambda + labels"),
+            Patch(facecolor="white", edgecolor="black", hatch="///", label="model sync (seeds + scalars, or weights)"),
+        ],
+    )
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "bytes_per_client.png"), dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def plot_memory(memory: dict):
+    """Client peak memory of one step; inference rows in the frozen client's colour (it only runs inference)."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    rows = memory["memory"]
+    mode_method = {"inference": REFERENCE, "hosfl": "hosfl", "splitlora": "splitlora"}
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    ax.bar(
+        range(len(rows)),
+        [r["peak_bytes"] / 2**20 for r in rows],
+        color=[STYLE[mode_method[r["mode"]]]["color"] for r in rows],
+    )
+    ax.set_xticks(range(len(rows)), [f"split {r['split_layer']}\n{r['shape']}\n{r['mode']}" for r in rows], fontsize=7)
+    ax.set_ylabel("client peak RSS (MiB)")
+    ax.set_title("Client peak memory of one step")
+    modes = [mode for mode in mode_method if any(r["mode"] == mode for r in rows)]
+    ax.legend(
+        handles=[
+            Patch(
+                color=STYLE[mode_method[mode]]["color"], label=f"{mode}: the {LABELS[mode_method[mode]]} client step"
+            )
+            for mode in modes
+        ]
+    )
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(summary: dict, out: str) -> list[str]:
+    """Renders every figure from the cells under `out` and the summary; returns the files written."""
+    plt = _pyplot()
+    figures = {
+        "accuracy_vs_samples.png": plot_accuracy(load_cells(out), summary["zero_shot_curve_subset"]),
+        "paired_vs_frozen_client.png": plot_paired(summary),
+        "bytes_per_client.png": plot_bytes(summary),
+    }
     if summary["memory"]:
-        rows = summary["memory"]["memory"]
-        fig, ax = plt.subplots(figsize=(10, 4.5))
-        labels = [f"split {r['split_layer']}\n{r['shape']}\n{r['mode']}" for r in rows]
-        ax.bar(
-            range(len(rows)),
-            [r["peak_bytes"] / 2**20 for r in rows],
-            color=[{"inference": "tab:gray", "hosfl": "tab:blue", "splitlora": "tab:orange"}[r["mode"]] for r in rows],
-        )
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_ylabel("client peak RSS (MiB)")
-        ax.set_title("Client peak memory of one step (gray: inference, blue: HO-SFL, orange: SplitLoRA)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "client_memory.png"), dpi=110)
+        figures["client_memory.png"] = plot_memory(summary["memory"])
+    written = []
+    for name, fig in figures.items():
+        fig.savefig(os.path.join(out, name), dpi=110)
         plt.close(fig)
+        written.append(os.path.join(out, name))
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:

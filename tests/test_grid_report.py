@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -79,6 +80,204 @@ def test_report_shares_no_split_cells_across_depths_and_pairs_by_seed(tmp_path):
     # Per-round differences: seed 0 (0, -0.1), seed 1 (0, -0.2): mean -0.075.
     assert paired["mean_loss_difference"] == pytest.approx(-0.075)
     assert paired["seeds"] == [0, 1]
-    assert [t["hosfl_only_right"] for t in paired["mcnemar"]] == [1, 0]
+    assert [t["method_only_right"] for t in paired["mcnemar"]] == [1, 0]
     report.write_markdown(summary, str(tmp_path))
-    assert "no split: same runs at both depths" in (tmp_path / "benchmark.md").read_text()
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "no split: same runs at both depths" in text
+    # The full grid's cells without a file are listed, those with one are not.
+    assert "hosfl_rte_shallow_s2" in summary["missing_cells"] and "hosfl_sst2_deep_s0" not in summary["missing_cells"]
+    assert "centralized_sst2_nosplit_s1" in summary["missing_cells"]
+    assert "still missing" in text and "hosfl_rte_shallow_s2" in text
+
+
+def _write(tmp_path, rows, zero_shot=None):
+    cells = tmp_path / "cells"
+    cells.mkdir(exist_ok=True)
+    for r in rows:
+        (cells / f"{r['method']}_{r['task']}_{r['depth']}_s{r['seed']}.json").write_text(json.dumps(r))
+    for task, accuracy in (zero_shot or {}).items():
+        (cells / f"zero_shot_{task}.json").write_text(
+            json.dumps({"task": task, "accuracy": accuracy, "curve_accuracy": accuracy})
+        )
+    return report.summarize(str(tmp_path), "cmd")
+
+
+def test_standard_errors_treat_seeds_or_blocks_of_rounds_as_the_unit():
+    assert report.standard_error_over_seeds([1.0, 2.0, 3.0]) == pytest.approx(1 / np.sqrt(3))
+    assert report.standard_error_over_seeds([0.5]) is None
+    # Block means of (0, 0, 1, 1) with b=2: 0, 0.5, 1 (population variance 1/6); 2 blocks per resample: var 1/12.
+    assert report.block_bootstrap_se([np.array([0.0, 0.0, 1.0, 1.0])], block=2) == pytest.approx(np.sqrt(1 / 12))
+    # Two seeds resampled independently: the mean of two such means has variance (1/12 + 1/12) / 4.
+    two = [np.array([0.0, 0.0, 1.0, 1.0])] * 2
+    assert report.block_bootstrap_se(two, block=2) == pytest.approx(np.sqrt(1 / 24))
+    # Blocks of one round are the ordinary bootstrap of the mean: population std / sqrt(T).
+    d = np.array([0.3, -1.2, 0.8, 2.0, 0.1, -0.4])
+    assert report.block_bootstrap_se([d], block=1) == pytest.approx(np.std(d) / np.sqrt(d.size))
+    assert report.block_bootstrap_se([np.array([1.0])]) is None
+
+
+def test_block_bootstrap_se_is_the_limit_of_resampling_blocks():
+    rng = np.random.default_rng(0)
+    series = [np.cumsum(rng.normal(size=23)), np.cumsum(rng.normal(size=23))]  # strongly autocorrelated rounds
+    block = 5
+    means = []
+    for _ in range(20000):
+        per_seed = []
+        for d in series:
+            starts = rng.integers(0, d.size - block + 1, size=-(-d.size // block))
+            per_seed.append(np.concatenate([d[s : s + block] for s in starts]).mean())
+        means.append(np.mean(per_seed))
+    assert report.block_bootstrap_se(series, block=block) == pytest.approx(np.std(means), rel=0.03)
+    # Treating the rounds as independent would claim a much smaller error for these series.
+    naive = np.concatenate(series).std(ddof=1) / np.sqrt(46)
+    assert report.block_bootstrap_se(series, block=block) > 1.5 * naive
+
+
+def test_paired_difference_standard_error_does_not_shrink_with_rounds(tmp_path):
+    rounds = 40
+    summary = _write(
+        tmp_path,
+        [
+            _cell("hosfl", "sst2", "deep", 0, 0.75, [1.0] * rounds),
+            _cell("hosfl", "sst2", "deep", 1, 0.75, [1.0] * rounds),
+            _cell("frozen_client", "sst2", "deep", 0, 0.5, [1.1] * rounds),
+            _cell("frozen_client", "sst2", "deep", 1, 0.5, [1.3] * rounds),
+            _cell("centralized", "sst2", "nosplit", 0, 1.0, [0.6] * rounds),
+        ],
+    )
+    p = summary["vs_frozen_client"]["hosfl_sst2_deep"]
+    # Per-seed mean differences -0.1 and -0.3: mean -0.2, SE over seeds std(ddof=1) / sqrt(2) = 0.1.
+    assert p["per_seed_mean"] == pytest.approx([-0.1, -0.3])
+    assert p["mean_loss_difference"] == pytest.approx(-0.2)
+    assert p["standard_error_seeds"] == pytest.approx(0.1)
+    assert p["standard_error_block_bootstrap"] == pytest.approx(0.0, abs=1e-12)  # constant within each seed
+    # A method without a split pairs with the frozen client of each depth; one seed: no SE over seeds.
+    central = summary["vs_frozen_client"]["centralized_sst2_deep"]
+    assert central["seeds"] == [0] and central["mean_loss_difference"] == pytest.approx(-0.5)
+    assert central["standard_error_seeds"] is None
+    assert "frozen_client_sst2_deep" not in summary["vs_frozen_client"]
+
+
+# The synthetic grid: (method, task, depth it is filed under, seeds). SST-2 shallow lacks HO-SFL and has ZO-SFL (which
+# the axes' colour cycle would have drawn in HO-SFL's colour); centralized has no split, so its cells serve both
+# depths; RTE has no frozen client (nothing to pair with).
+CELLS = [
+    ("hosfl", "sst2", "deep", [0, 1]),
+    ("splitlora", "sst2", "deep", [0, 1]),
+    ("frozen_client", "sst2", "deep", [0, 1]),
+    ("centralized", "sst2", "nosplit", [0, 1]),
+    ("zo_sfl", "sst2", "shallow", [0]),
+    ("frozen_client", "sst2", "shallow", [0, 1]),
+    ("hosfl", "rte", "deep", [0, 1]),
+    ("centralized", "rte", "nosplit", [0]),
+]
+PANELS = {
+    ("sst2", "deep"): ["hosfl", "splitlora", "centralized", "frozen_client"],
+    ("sst2", "shallow"): ["zo_sfl", "centralized", "frozen_client"],
+    ("rte", "deep"): ["hosfl", "centralized"],
+    ("rte", "shallow"): ["centralized"],
+}
+ACCURACY = {"hosfl": 0.7, "splitlora": 0.8, "zo_sfl": 0.55, "centralized": 0.9, "frozen_client": 0.6}
+
+
+def _seeds(method, task, depth):
+    (seeds,) = [s for m, t, d, s in CELLS if (m, t, d) == (method, task, grid.cell_depth(method, depth))]
+    return seeds
+
+
+def _synthetic_grid(tmp_path):
+    rows = [
+        _cell(m, t, d, s, ACCURACY[m] + 0.05 * s, [1.0 - 0.1 * ACCURACY[m] - 0.01 * s, 0.9 - 0.1 * ACCURACY[m]])
+        for m, t, d, seeds in CELLS
+        for s in seeds
+    ]
+    return _write(tmp_path, rows, zero_shot={"sst2": 0.5})
+
+
+def _panel(fig, task, depth):
+    (ax,) = [a for a in fig.axes if a.get_title().startswith(f"{task.upper()}, {depth} split")]
+    return ax
+
+
+def _drawn(ax):
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def _note(ax):
+    """The panel note's first line, which names the methods without cells there ("" when none is missing)."""
+    notes = [t.get_text() for t in ax.texts if t.get_gid() == "missing-note"]
+    assert len(notes) <= 1
+    return notes[0].split("\n")[0] if notes else ""
+
+
+def test_accuracy_figure_draws_each_method_in_its_fixed_style_and_notes_missing_ones(tmp_path):
+    from matplotlib.colors import to_hex
+
+    summary = _synthetic_grid(tmp_path)
+    fig = report.plot_accuracy(report.load_cells(str(tmp_path)), summary["zero_shot_curve_subset"])
+    for (task, depth), methods in PANELS.items():
+        ax = _panel(fig, task, depth)
+        lines = _drawn(ax)
+        assert set(lines) == {report.LABELS[m] for m in methods}, (task, depth)
+        for m in methods:
+            line = lines[report.LABELS[m]]
+            assert to_hex(line.get_color()) == report.STYLE[m]["color"]
+            assert line.get_marker() == report.STYLE[m]["marker"]
+            # The line carries this method's own numbers: the mean over its seeds, after the zero-shot start.
+            seeds = _seeds(m, task, depth)
+            assert line.get_ydata()[-1] == pytest.approx(100 * np.mean([ACCURACY[m] + 0.05 * s for s in seeds]))
+            if task == "sst2":
+                assert line.get_xdata()[0] == 0 and line.get_ydata()[0] == pytest.approx(50.0)
+        absent = [report.LABELS[m] for m in report.METHODS if m not in methods]
+        assert _note(ax) == "no cells: " + ", ".join(absent)
+    assert "ZO-SFL n=1" in "\n".join(t.get_text() for t in _panel(fig, "sst2", "shallow").texts)
+    # One figure-level legend over the methods drawn anywhere, in the same fixed styles.
+    (legend,) = fig.legends
+    drawn = [m for m in report.METHODS if any(m in ms for ms in PANELS.values())]
+    assert [t.get_text() for t in legend.get_texts()] == [report.LABELS[m] for m in drawn]
+    for m, handle in zip(drawn, legend.legend_handles):
+        assert (
+            to_hex(handle.get_color()) == report.STYLE[m]["color"] and handle.get_marker() == report.STYLE[m]["marker"]
+        )
+
+
+def test_paired_figure_shows_each_method_against_the_frozen_client_with_error_bars(tmp_path):
+    from matplotlib.colors import to_hex
+
+    summary = _synthetic_grid(tmp_path)
+    fig = report.plot_paired(summary)
+    for (task, depth), methods in PANELS.items():
+        ax = _panel(fig, task, depth)
+        lines = _drawn(ax)
+        paired = [m for m in methods if m != "frozen_client" and "frozen_client" in methods]
+        assert set(lines) == {report.LABELS[m] for m in paired}, (task, depth)
+        for m in paired:
+            p = summary["vs_frozen_client"][f"{m}_{task}_{depth}"]
+            line = lines[report.LABELS[m]]
+            assert to_hex(line.get_color()) == report.STYLE[m]["color"]
+            assert line.get_ydata()[0] == pytest.approx(p["mean_loss_difference"])
+            # One seed (ZO-SFL): open marker, block-bootstrap error bar; otherwise filled, SE over seeds.
+            assert (to_hex(line.get_markerfacecolor()) == "#ffffff") == (len(p["seeds"]) == 1)
+        bars = [c for c in ax.containers if c.has_yerr]
+        assert len(bars) == len(paired)
+        for m, bar in zip(paired, bars):
+            p = summary["vs_frozen_client"][f"{m}_{task}_{depth}"]
+            se = (
+                p["standard_error_seeds"]
+                if p["standard_error_seeds"] is not None
+                else p["standard_error_block_bootstrap"]
+            )
+            (segments,) = [seg.get_segments() for seg in bar.lines[2]]
+            assert segments[0][1][1] - segments[0][0][1] == pytest.approx(2 * se)
+    assert "Frozen client" in _note(_panel(fig, "rte", "deep")) and "HO-SFL" not in _note(_panel(fig, "rte", "deep"))
+    assert "nothing to pair with" in "\n".join(t.get_text() for t in _panel(fig, "rte", "deep").texts)
+    absent = [m for m in report.METHODS if m not in PANELS[("sst2", "shallow")]]
+    assert _note(_panel(fig, "sst2", "shallow")) == "no cells: " + ", ".join(report.LABELS[m] for m in absent)
+
+
+def test_write_plots_writes_every_figure(tmp_path):
+    summary = _synthetic_grid(tmp_path)
+    written = report.write_plots(summary, str(tmp_path))
+    names = {os.path.basename(p) for p in written}
+    assert {"accuracy_vs_samples.png", "paired_vs_frozen_client.png", "bytes_per_client.png"} <= names
+    assert all(os.path.getsize(p) > 1000 for p in written)
