@@ -39,8 +39,9 @@ class HOSFLConfig(TrainingArguments):
             lambda, one shared client-optimizer step on their averaged gradients), `"zo_sfl"` (both parts
             zeroth-order from a shared two-point loss difference), `"fedavg_lora"` (no split: each sampled client
             backpropagates the whole model, one step on the averaged gradients), `"centralized"` (first-order on the
-            same batches, no federation), `"mezo"` (centralized zeroth-order), `"frozen_client"` (only the server
-            trains) and `"client_only"` (the server never changes; only the client update acts). See
+            same batches, no federation), `"mezo"` (MeZO's two-point estimate of the whole model's gradient, applied
+            by the `Trainer`'s optimizer: AdamW by default, MeZO's ZO-SGD with `optim="sgd"`), `"frozen_client"`
+            (only the server trains) and `"client_only"` (the server never changes; only the client update acts). See
             `docs/benchmarks.md`.
 
     Parameters that control the split:
@@ -78,6 +79,24 @@ class HOSFLConfig(TrainingArguments):
             Peak learning rate of the client optimizer.
         client_weight_decay (`float`, *optional*, defaults to `0.0`):
             Weight decay of the client optimizer.
+
+    Precision and clipping (one rule for every method):
+
+        - The client computes in the run's mixed precision: with `bf16=True` (`fp16=True`) the anchor forward and
+          every perturbed forward of the client run under `torch.autocast` in bfloat16 (float16), with or without
+          peft; otherwise in the weights' dtype. Trainable client weights stay float32.
+        - `max_grad_norm` clips every gradient obtained by backpropagation: the server's (by the `Trainer`), the whole
+          model's without a split, and the SplitLoRA client's averaged gradient (by its own optimizer, on its own
+          norm). Zeroth-order estimates (the HO-SFL client update, ZO-SFL and MeZO) are never clipped: their norm is
+          about `sqrt(d)` times the projected derivative, so a norm clip would only rescale them by a factor that
+          depends on the number of parameters.
+        - With `fp16=True`, a round whose server step the loss scaler skips (overflow) applies no client update on any
+          holder: nothing is recorded in the trajectory, the client scheduler does not advance, and
+          `fed/skipped_rounds` counts it.
+
+    Not supported (rejected with an error): `fsdp`, `deepspeed`, `torch_compile`, LOMO optimizers,
+    `accelerator_config.dispatch_batches` / `split_batches`, and one process driving several GPUs (`nn.DataParallel`):
+    use `accelerate launch` (DDP, one process per device).
 
     Changed defaults: `learning_rate` defaults to `1e-5` (the paper) instead of `5e-5`; `logging_steps` to `10`
     instead of `500`.
@@ -161,7 +180,36 @@ class HOSFLConfig(TrainingArguments):
                 "larger client batches",
             )
         self.gradient_accumulation_steps = self.clients_per_round
+        self._reject_unsupported_backends()
         # Under DDP the client's parameters get no gradient from the server's backward.
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
         super().__post_init__()
+        accelerator_config = self.accelerator_config
+        for name in ("dispatch_batches", "split_batches"):
+            if getattr(accelerator_config, name, None):
+                fail(
+                    f"accelerator_config.{name}",
+                    True,
+                    "a client batch must reach one process whole (the sampler yields whole client batches and each "
+                    "process hosts its own clients); leave it off",
+                )
+
+    def _reject_unsupported_backends(self) -> None:
+        """Back-ends that shard or wrap the model, or scale the loss, where the split and the probes cannot follow."""
+        reasons = {
+            "fsdp": "the clients perturb and update unsharded client weights; use `accelerate launch` (DDP)",
+            "deepspeed": "DeepSpeed scales the loss inside its engine, so lambda would carry an unknown scale, and "
+            "ZeRO shards the client weights the probes perturb; use `accelerate launch` (DDP)",
+            "torch_compile": "the split patches block forwards and hooks at run time, which compiled graphs do not "
+            "follow; leave torch_compile off",
+        }
+        for name, reason in reasons.items():
+            if getattr(self, name, None):
+                raise ValueError(f"HOSFLConfig.{name}={getattr(self, name)!r} is not supported: {reason}.")
+        if "lomo" in str(self.optim).lower():
+            raise ValueError(
+                f"HOSFLConfig.optim={self.optim!r} is not supported: LOMO fuses the server's update into its "
+                "backward, so the server step could not be skipped together with the clients' update; use "
+                "adamw_torch or sgd."
+            )

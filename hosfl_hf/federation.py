@@ -14,16 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .zeroth_order import _splitmix64
+from .rng import cpu_generator, mix, numpy_generator
 
 __all__ = ["FederatedRoundSampler", "RoundTraffic", "partition_dataset", "sample_clients"]
-
-
-def _generator(*keys: int) -> torch.Generator:
-    state = 0
-    for key in keys:
-        state = _splitmix64(state ^ _splitmix64(key))
-    return torch.Generator("cpu").manual_seed(state)
 
 
 def partition_dataset(
@@ -56,15 +49,14 @@ def partition_dataset(
             f"{min_size} each: lower num_clients or per_device_train_batch_size."
         )
     if scheme == "iid":
-        order = torch.randperm(num_examples, generator=_generator(seed, 0)).tolist()
+        order = torch.randperm(num_examples, generator=cpu_generator(mix(seed, 0))).tolist()
         return [sorted(order[c::num_clients]) for c in range(num_clients)]
     if scheme != "dirichlet":
         raise ValueError(f"partition must be 'iid' or 'dirichlet', got {scheme!r}.")
     if labels is None:
         raise ValueError("A Dirichlet partition needs the per-example labels of partition_column.")
     labels_arr = np.asarray(labels)
-    # numpy's Dirichlet sampler, from an explicit seeded Generator (torch has no seeded Dirichlet/Gamma sampler).
-    rng = np.random.default_rng(seed)
+    rng = numpy_generator(seed)
     for _ in range(100):
         shards: list[list[int]] = [[] for _ in range(num_clients)]
         for cls in np.unique(labels_arr):
@@ -84,14 +76,15 @@ def partition_dataset(
 
 def sample_clients(seed: int, round_index: int, num_clients: int, clients_per_round: int) -> list[int]:
     """The `K` distinct clients the server samples in round `round_index`."""
-    return torch.randperm(num_clients, generator=_generator(seed, 1, round_index))[:clients_per_round].tolist()
+    return torch.randperm(num_clients, generator=cpu_generator(mix(seed, 1, round_index)))[:clients_per_round].tolist()
 
 
 class FederatedRoundSampler(Sampler[int]):
     """Yields, round after round, the indices of the sampled clients' batches (`batch_size` each, consecutive).
 
     With `DataLoader(batch_size=batch_size, sampler=this)` each batch is one client's batch and each run of
-    `clients_per_round` batches is one round. Round `r` of epoch `e` is global round `e * rounds_per_epoch + r`.
+    `clients_per_round` batches is one round. Round `r` of epoch `e` is global round
+    `start_round + e * rounds_per_epoch + r`.
 
     Args:
         shards: example indices of each client.
@@ -99,6 +92,7 @@ class FederatedRoundSampler(Sampler[int]):
         batch_size: examples per client batch.
         seed: seed of the client sampling and of the batches.
         rounds_per_epoch: rounds per pass; defaults to one pass over the data.
+        start_round: global id of the first round (a second `train()` continues after the rounds already run).
     """
 
     def __init__(
@@ -108,6 +102,7 @@ class FederatedRoundSampler(Sampler[int]):
         batch_size: int,
         seed: int,
         rounds_per_epoch: int | None = None,
+        start_round: int = 0,
     ):
         self.shards = shards
         self.clients_per_round = clients_per_round
@@ -115,6 +110,7 @@ class FederatedRoundSampler(Sampler[int]):
         self.seed = seed
         total = sum(len(s) for s in shards)
         self.rounds_per_epoch = rounds_per_epoch or max(1, total // (clients_per_round * batch_size))
+        self.start_round = start_round
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -128,11 +124,12 @@ class FederatedRoundSampler(Sampler[int]):
 
     def client_batch(self, round_index: int, client: int) -> list[int]:
         shard = self.shards[client]
-        pick = torch.randperm(len(shard), generator=_generator(self.seed, 2, round_index, client))[: self.batch_size]
+        generator = cpu_generator(mix(self.seed, 2, round_index, client))
+        pick = torch.randperm(len(shard), generator=generator)[: self.batch_size]
         return [shard[i] for i in pick.tolist()]
 
     def __iter__(self) -> Iterator[int]:
-        start = self.epoch * self.rounds_per_epoch
+        start = self.start_round + self.epoch * self.rounds_per_epoch
         for round_index in range(start, start + self.rounds_per_epoch):
             for client in self.clients(round_index):
                 yield from self.client_batch(round_index, client)

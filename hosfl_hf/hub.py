@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .zeroth_order import RNG_SPEC
+from .rng import RNG_SPEC
 
 __all__ = [
     "HOSFL_CONFIG_NAME",
@@ -83,6 +83,7 @@ class HOSFLSplitConfig:
         client_optimizer, client_learning_rate, client_weight_decay: the client update.
         server_learning_rate (`float`): peak learning rate of the server part (`learning_rate`).
         seed (`int`): seed of the perturbation seeds (`round_seeds(seed, round, P)`).
+        data_seed (`int`, *optional*): seed of the shards, client sampling and batches (`seed` when `None`).
         rng (`dict`): the RNG specification of the perturbation directions.
         hosfl_hf_version (`str`): version of `hosfl_hf` that wrote the file.
     """
@@ -106,6 +107,7 @@ class HOSFLSplitConfig:
     client_weight_decay: float = 0.0
     server_learning_rate: float = 1e-5
     seed: int = 42
+    data_seed: int | None = None
     rng: dict[str, Any] = field(default_factory=lambda: dict(RNG_SPEC))
     hosfl_hf_version: str = field(default_factory=_package_version)
 
@@ -123,6 +125,7 @@ class HOSFLSplitConfig:
         "client_learning_rate",
         "client_weight_decay",
         "seed",
+        "data_seed",
     )
 
     def to_dict(self) -> dict[str, Any]:

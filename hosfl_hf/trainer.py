@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,20 +18,22 @@ from transformers import (
     DataCollatorForSeq2Seq,
     PreTrainedModel,
     Trainer,
+    TrainerCallback,
     get_scheduler,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from .aggregation import average_scalars
 from .config import HOSFLConfig
 from .federation import FederatedRoundSampler, RoundTraffic, partition_dataset, sample_clients
+from .rng import environment, round_seeds
 from .split import CutActivations, split_model
-from .trajectory import Trajectory, TrajectoryRound
+from .trajectory import TRAJECTORY_NAME, Trajectory, TrajectoryRound
 from .zeroth_order import (
     ZerothOrderEstimator,
     apply_zo_update,
     build_client_optimizer,
     loss_differences,
-    round_seeds,
     zo_gradients,
 )
 
@@ -56,6 +60,45 @@ def _zo_sync_bytes(num_perturbations: int) -> int:
 # Inputs that stay on the client; everything else in a batch (besides labels) is forwarded to the server part.
 CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 CLIENT_STATE_NAME = "hosfl_client_state.pt"
+# Settings a resumed run must share with its checkpoint: any change would make the saved trajectory replay wrongly
+# or change the shards, the client sampling or the seeds of the remaining rounds.
+RESUME_FIELDS = (
+    "split_layer",
+    "num_layers",
+    "model_type",
+    "algorithm",
+    "num_clients",
+    "clients_per_round",
+    "partition",
+    "dirichlet_alpha",
+    "num_perturbations",
+    "zo_eps",
+    "zo_estimator",
+    "client_optimizer",
+    "client_learning_rate",
+    "client_weight_decay",
+    "seed",
+    "data_seed",
+)
+
+
+@dataclass
+class _ClientUpdate:
+    """The client update of a closed round, applied on every holder after the server's optimizer step."""
+
+    round: int
+    apply: Callable[[], None] | None = None  # None: nothing to apply (frozen client, no client optimizer)
+    skip_reason: str | None = None
+
+
+class _RoundCallback(TrainerCallback):
+    """Applies the round's client update right after the server's optimizer step, and only if that step was taken."""
+
+    def __init__(self, trainer: HOSFLTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._apply_client_update()
 
 
 class HOSFLTrainer(Trainer):
@@ -121,9 +164,23 @@ class HOSFLTrainer(Trainer):
             raise ValueError("HO-SFL needs a split point: pass split_layer=k (number of client decoder blocks).")
         from .lora import get_split_peft_model, upcast_trainable_adapters
 
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"HOSFLTrainer found {args.n_gpu} GPUs in one process, where the Trainer would use nn.DataParallel: "
+                "its replicas get slices of a batch while the cut activations stay whole. Run one process per GPU "
+                "with `accelerate launch --num_processes N your_script.py`, or expose one GPU "
+                "(CUDA_VISIBLE_DEVICES=0)."
+            )
         if peft_config is not None:
-            model = get_split_peft_model(model, peft_config, split_layer)
+            # peft draws the adapters' initial weights from torch's global RNG: seed them from args.seed, in a forked
+            # RNG so that the caller's global RNG state is left as it was.
+            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(args.seed)
+                model = get_split_peft_model(model, peft_config, split_layer)
         self.split = split_model(model, split_layer)
+        if args.gradient_checkpointing or any(getattr(b, "gradient_checkpointing", False) for b in self.split.layers):
+            _check_gradient_checkpointing(self.split)
         # Zeroth-order steps (~client_learning_rate) round away on half-precision weights: adapters go to float32.
         upcast_trainable_adapters(self.split)
         args.split_layer = split_layer
@@ -156,6 +213,7 @@ class HOSFLTrainer(Trainer):
         # Each client batch returns its own mean loss; the Trainer divides it by K (gradient_accumulation_steps).
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        self.add_callback(_RoundCallback(self))
 
         self.shards = self._partition(train_dataset) if train_dataset is not None else None
         self.client_parameters = self.split.client_parameters()
@@ -177,13 +235,21 @@ class HOSFLTrainer(Trainer):
             zo_eps=args.zo_eps,
             client_optimizer=args.client_optimizer,
             client_weight_decay=args.client_weight_decay,
+            environment=environment(p for _, p in self.client_parameters),
         )
         self.client_optimizer: torch.optim.Optimizer | None = None
         self.client_lr_scheduler: Any = None
+        # Totals over all processes (reduced at the end of every round): logs, checkpoints and the model card.
         self.comm = {"activation_bytes": 0, "sync_bytes": 0}
         self.zo_forward_passes = 0
+        self.skipped_rounds = 0
+        self._round_traffic = [0, 0, 0]  # this process's activation bytes, sync bytes, ZO forwards in the open round
         self._round_scalars: dict[int, list[float]] = {}
+        self._pending_update: _ClientUpdate | None = None
         self._micro_step = 0
+        # Round ids stay monotonic over several train() calls: round = _round_base + global_step.
+        self._round_base = 0
+        self._rounds_done = 0
         self._pending: tuple[dict[str, torch.Tensor], CutActivations | None, Any, torch.Tensor | None] | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
@@ -233,7 +299,11 @@ class HOSFLTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> FederatedRoundSampler:
         return FederatedRoundSampler(
-            self.shards, self._clients_per_round_total, self._train_batch_size, seed=self._federation_seed
+            self.shards,
+            self._clients_per_round_total,
+            self._train_batch_size,
+            seed=self._federation_seed,
+            start_round=self._round_base,
         )
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
@@ -268,13 +338,18 @@ class HOSFLTrainer(Trainer):
         """The server's scheduler, plus the client optimizer and its scheduler (same schedule shape, peak
         `client_learning_rate`)."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.args.algorithm in CLIENT_OPTIMIZER and self.client_parameters and self.client_optimizer is None:
-            self.client_optimizer = build_client_optimizer(
-                [p for _, p in self.client_parameters],
-                self.args.client_optimizer,
-                self.args.client_learning_rate,
-                self.args.client_weight_decay,
-            )
+        if self.args.algorithm in CLIENT_OPTIMIZER and self.client_parameters:
+            # Like the server's: the optimizer (and its state) is kept over several train() calls, the schedule is
+            # rebuilt for each call (the Trainer resets its scheduler between calls).
+            if self.client_optimizer is None:
+                self.client_optimizer = build_client_optimizer(
+                    [p for _, p in self.client_parameters],
+                    self.args.client_optimizer,
+                    self.args.client_learning_rate,
+                    self.args.client_weight_decay,
+                )
+            for group in self.client_optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = self.args.client_learning_rate
             self.client_lr_scheduler = get_scheduler(
                 self.args.lr_scheduler_type,
                 self.client_optimizer,
@@ -285,6 +360,36 @@ class HOSFLTrainer(Trainer):
         return scheduler
 
     # ----------------------------------------------------------------------------------------------- round
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
+        """As [`~transformers.Trainer.train`]. A resumed run must use the checkpoint's split, federation and
+        zeroth-order settings (checked before anything is loaded); a second call without a checkpoint continues the
+        round ids (and so the seeds and the client sampling) after the rounds already run, keeps the optimizers'
+        state and restarts both learning-rate schedules."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            self._check_resume_settings(checkpoint)
+            self._round_base = int(self._read_client_state(checkpoint).get("round_base", 0))
+        elif not checkpoint:
+            self._round_base = self._rounds_done
+        if any(getattr(block, "gradient_checkpointing", False) for block in self.split.layers):
+            _check_gradient_checkpointing(self.split)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    @contextlib.contextmanager
+    def _client_precision(self) -> Iterator[None]:
+        """The client's compute precision: the run's mixed precision (bf16/fp16 autocast) or the weights' dtype.
+
+        Explicit here because accelerate autocasts only the forward of the object it prepared: the client would
+        otherwise run in bf16 for a plain model and in fp32 under a `PeftModel`."""
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        if dtype is None:
+            yield
+        else:
+            with torch.autocast(device_type=self.args.device.type, dtype=dtype):
+                yield
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -303,7 +408,8 @@ class HOSFLTrainer(Trainer):
             outputs = model(**client_inputs, **inputs, labels=lm_labels, use_cache=False)
         else:
             first_order_client = training and self.args.algorithm == "splitlora"
-            cut = self.split.client(**client_inputs, grad=first_order_client)
+            with self._client_precision():
+                cut = self.split.client(**client_inputs, grad=first_order_client)
             client_graph = cut.hidden_states if first_order_client else None
             cut = replace(cut, hidden_states=cut.hidden_states.detach().requires_grad_(training))
             self._last_cut_bytes = cut.num_bytes()
@@ -311,22 +417,36 @@ class HOSFLTrainer(Trainer):
         loss = self._loss_func(outputs, labels) if self._loss_func is not None else outputs.loss
         if loss is None:
             raise ValueError("The server part returned no loss: the batch needs 'labels' (or pass compute_loss_func).")
-        if not torch.isfinite(loss.detach()).all():
-            raise ValueError(
-                f"The server loss is {loss.item()} in round {self.state.global_step}; training stopped before any "
-                "update of this round was applied. Lower learning_rate / client_learning_rate, check the labels, or "
-                "use bf16/fp32 instead of fp16."
-            )
+        self._check_finite_loss(loss)
         if training:
             self._pending = (client_inputs, cut, labels, client_graph)
         return (loss, outputs) if return_outputs else loss
 
+    def _check_finite_loss(self, loss: torch.Tensor) -> None:
+        """Raises on a non-finite loss, on every process at once (one process raising alone would leave the others
+        waiting in the next collective)."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        ranks = [self.accelerator.process_index] if bad else []
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(torch.tensor([float(bad)], device=self.args.device)).cpu().tolist()
+            ranks = [rank for rank, flag in enumerate(flags) if flag]
+        if ranks:
+            raise ValueError(
+                f"The server loss is not finite (process {ranks}) in round "
+                f"{self._round_base + self.state.global_step}; training stopped before any update of this round was "
+                "applied. Lower learning_rate / client_learning_rate, check the labels, or use bf16/fp32 instead of "
+                "fp16."
+            )
+
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        """One client batch of the round: the server's step (stock backprop), then the client's part of the method."""
+        """One client batch of the round: the server's step (stock backprop), then the client's part of the method.
+
+        The last client batch closes the round (aggregation); the client update itself is applied after the
+        server's optimizer step, by `_apply_client_update`."""
         algorithm = self.args.algorithm
-        round_index = self.state.global_step
+        round_index = self._round_base + self.state.global_step
         client = self._current_client(round_index)
         if algorithm in ZO_EVERYWHERE:
             loss = self._zeroth_order_step(model, inputs, client, round_index)
@@ -338,11 +458,11 @@ class HOSFLTrainer(Trainer):
             self._client_step(client, round_index, client_inputs, cut, labels, client_graph)
         self._micro_step += 1
         if self.accelerator.sync_gradients:
-            self._finish_round(round_index)
+            self._close_round(round_index)
         return loss
 
     def _grad_scale(self) -> float:
-        """The fp16 loss scale the Trainer's backward used (1 without a GradScaler)."""
+        """The fp16 loss scale the Trainer's backward used (1 without a GradScaler). Always a power of two."""
         return float(self.accelerator.scaler.get_scale()) if self.accelerator.scaler is not None else 1.0
 
     def _client_step(
@@ -361,7 +481,7 @@ class HOSFLTrainer(Trainer):
             sync = 2 * _num_bytes(*(p for _, p in self._server_trainable())) if algorithm == "fedavg_lora" else 0
             self._count_traffic(0, sync)
             return
-        self.zo_forward_passes += 1
+        self._round_traffic[2] += 1
         if algorithm == "frozen_client":  # no lambda is needed
             self._count_traffic(cut.num_bytes() + label_bytes, 0)
             return
@@ -375,9 +495,17 @@ class HOSFLTrainer(Trainer):
             # FedAvg of the client's trainable weights: download the global copy, upload the local one.
             self._count_traffic(activation_bytes, 2 * _num_bytes(*(p for _, p in self.client_parameters)))
             return
-        if self.client_parameters:  # hosfl / client_only
-            seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
-            with self.compute_loss_context_manager():
+        if not self.client_parameters:
+            self._count_traffic(activation_bytes, 0)
+            return
+        seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
+        self._check_new_reply(client, round_index)
+        if not torch.isfinite(cotangent).all():
+            # An fp16 loss-scale overflow (the scaler will skip the server step) or a divergence: no probe is worth
+            # running; the non-finite reply makes _close_round skip (fp16) or reject (otherwise) the round.
+            self._round_scalars[client] = [math.nan] * len(seeds)
+        else:
+            with self._client_precision():
                 scalars = self.estimator.projected_scalars(
                     lambda: self.split.client(**client_inputs).hidden_states,
                     cut.hidden_states.detach(),
@@ -385,10 +513,8 @@ class HOSFLTrainer(Trainer):
                     seeds,
                 )
             self._round_scalars[client] = scalars
-            self.zo_forward_passes += self.estimator.forwards_per_direction * len(seeds)
-            self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
-        else:
-            self._count_traffic(activation_bytes, 0)
+            self._round_traffic[2] += self.estimator.forwards_per_direction * len(seeds)
+        self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
 
     def _zeroth_order_step(
         self, model: nn.Module, inputs: dict[str, Any], client: int, round_index: int
@@ -403,17 +529,35 @@ class HOSFLTrainer(Trainer):
                 scalars, loss = loss_differences(self.all_estimator, lambda: self.compute_loss(model, inputs), seeds)
         finally:
             model.train(was_training)
+        self._check_new_reply(client, round_index)
         self._round_scalars[client] = scalars
-        self.zo_forward_passes += 2 * len(seeds)
+        self._round_traffic[2] += 2 * len(seeds)
         if self.args.algorithm == "zo_sfl":
             # Per direction two cuts go up (theta + mu u, theta - mu u); seeds and the loss difference are shared.
             activation_bytes = 2 * len(seeds) * (self._last_cut_bytes + _num_bytes(inputs.get("labels")))
             self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
         return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
 
+    def _check_new_reply(self, client: int, round_index: int) -> None:
+        if client in self._round_scalars:
+            raise RuntimeError(
+                f"Client {client} sent a second reply in round {round_index}: replies are keyed by client id."
+            )
+
     def _count_traffic(self, activation_bytes: int, sync_bytes: int) -> None:
-        self.comm["activation_bytes"] += activation_bytes
-        self.comm["sync_bytes"] += sync_bytes
+        self._round_traffic[0] += activation_bytes
+        self._round_traffic[1] += sync_bytes
+
+    def _flush_traffic(self) -> None:
+        """Adds the round's traffic of every process to the totals (the same totals on every process)."""
+        counts = self._round_traffic
+        if self.accelerator.num_processes > 1:
+            local = torch.tensor(counts, dtype=torch.float64, device=self.args.device)
+            counts = [int(v) for v in self.accelerator.reduce(local, reduction="sum").cpu().tolist()]
+        self.comm["activation_bytes"] += counts[0]
+        self.comm["sync_bytes"] += counts[1]
+        self.zo_forward_passes += counts[2]
+        self._round_traffic = [0, 0, 0]
 
     def _current_client(self, round_index: int) -> int:
         # With N processes each hosts K clients of the round; process r's i-th batch is the round's (i N + r)-th.
@@ -427,61 +571,124 @@ class HOSFLTrainer(Trainer):
     def _clients_per_round_total(self) -> int:
         return self.args.clients_per_round * self.args.world_size
 
-    def _gather_scalars(self, local: dict[int, list[float]]) -> dict[int, list[float]]:
+    def _gather_scalars(self, local: dict[int, list[float]], round_index: int) -> dict[int, list[float]]:
         """All processes' client scalars (so that every process applies the same client update)."""
         if self.accelerator.num_processes == 1:
             return local
         rows = torch.tensor([[c, *v] for c, v in local.items()], dtype=torch.float64, device=self.args.device)
         gathered = self.accelerator.gather(rows).cpu().tolist()
-        return {int(row[0]): row[1:] for row in gathered}
+        replies = {int(row[0]): row[1:] for row in gathered}
+        if len(replies) != len(gathered):
+            raise RuntimeError(
+                f"Round {round_index}: {len(gathered)} replies from {len(replies)} distinct clients; a client id was "
+                "reported by two processes, so their batches were not the sampler's (check dispatch_batches)."
+            )
+        return replies
 
-    def _finish_round(self, round_index: int) -> None:
-        """Averages the round's client messages and applies the client update (identical on every holder)."""
+    def _close_round(self, round_index: int) -> None:
+        """Aggregates the round's client messages (before the server's optimizer step) into the client update that
+        `_apply_client_update` applies after it. ZO-SFL / MeZO also get their server gradient here."""
         self._micro_step = 0
+        self._rounds_done = round_index + 1
+        self._flush_traffic()
         local, self._round_scalars = self._round_scalars, {}
         algorithm = self.args.algorithm
         if algorithm == "splitlora":
-            self._first_order_client_update()
+            self._pending_update = self._close_first_order_round(round_index)
             return
         if algorithm not in ZO_CLIENT or (algorithm not in ZO_EVERYWHERE and not self.client_parameters):
+            self._pending_update = None
             return
         seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
-        averaged = average_scalars(self._gather_scalars(local), len(seeds), round_index)
+        replies = self._gather_scalars(local, round_index)
+        if self.accelerator.scaler is not None and not all(math.isfinite(v) for r in replies.values() for v in r):
+            reason = "non-finite lambda (fp16 loss-scale overflow)"
+            self._pending_update = _ClientUpdate(round_index, skip_reason=reason)
+            return
+        averaged = average_scalars(replies, len(seeds), round_index)
         self._metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
         if algorithm in ZO_EVERYWHERE:
-            # The server part's ZO gradient goes to the Trainer's optimizer (stepped by the stock loop right after).
+            # The server part's ZO gradient goes to the Trainer's optimizer, stepped by the stock loop right after.
+            # It is multiplied by the loss scale (a power of two: exact) because the loss scaler unscales every
+            # gradient of that optimizer before the step.
             first_index = len(self.client_parameters) if algorithm == "zo_sfl" else 0
             targets = self.split.server_parameters() if algorithm == "zo_sfl" else self.all_estimator.parameters
+            scale = self._grad_scale()
             for param, grad in zo_gradients(targets, seeds, averaged, self.args.zo_eps, first_index):
-                param.grad = grad.to(param.dtype)
+                param.grad = (grad * scale if scale != 1.0 else grad).to(param.dtype)
             if algorithm == "mezo":
+                self._pending_update = None
                 return
-        lr = self.client_lr_scheduler.get_last_lr()[0]
-        apply_zo_update(self.client_parameters, self.client_optimizer, seeds, averaged, self.args.zo_eps, lr)
-        self.client_lr_scheduler.step()
-        self.trajectory.rounds.append(TrajectoryRound(round=round_index, seeds=seeds, scalars=averaged, lr=lr))
-        self._metrics["client_learning_rate"].append(lr)
 
-    def _first_order_client_update(self) -> None:
-        """SplitLoRA: one client-optimizer step on the averaged client gradient (FedAvg of one local step for SGD)."""
+        def apply() -> None:
+            lr = self.client_lr_scheduler.get_last_lr()[0]
+            apply_zo_update(self.client_parameters, self.client_optimizer, seeds, averaged, self.args.zo_eps, lr)
+            self.client_lr_scheduler.step()
+            self.trajectory.rounds.append(TrajectoryRound(round=round_index, seeds=seeds, scalars=averaged, lr=lr))
+            self._metrics["client_learning_rate"].append(lr)
+
+        self._pending_update = _ClientUpdate(round_index, apply=apply)
+
+    def _close_first_order_round(self, round_index: int) -> _ClientUpdate:
+        """SplitLoRA: average the client gradients over processes, check and clip them, and take them off the
+        parameters until the server step (so that the server's own clipping does not see them)."""
         params = [p for _, p in self.client_parameters]
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            raise RuntimeError("A client parameter received no gradient in this round.")
+        if any(p.grad is None for p in params):
+            raise RuntimeError(f"A client parameter received no gradient in round {round_index}.")
         if self.accelerator.num_processes > 1:
             for p in params:
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        if not all(torch.isfinite(p.grad).all() for p in params):
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if not all(torch.isfinite(g).all() for g in grads):
+            if self.accelerator.scaler is not None:
+                reason = "non-finite client gradients (fp16 loss-scale overflow)"
+                return _ClientUpdate(round_index, skip_reason=reason)
             raise ValueError(
-                "Non-finite client gradients in this round; no update was applied. Lower the learning rates."
+                f"Non-finite client gradients in round {round_index}; no update was applied. Lower the learning rates."
             )
-        lr = self.client_lr_scheduler.get_last_lr()[0]
-        for group in self.client_optimizer.param_groups:
-            group["lr"] = lr
-        self.client_optimizer.step()
-        self.client_optimizer.zero_grad(set_to_none=True)
-        self.client_lr_scheduler.step()
-        self._metrics["client_learning_rate"].append(lr)
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(grads, self.args.max_grad_norm, foreach=False)
+
+        def apply() -> None:
+            lr = self.client_lr_scheduler.get_last_lr()[0]
+            for group in self.client_optimizer.param_groups:
+                group["lr"] = lr
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.client_optimizer.step()
+            self.client_optimizer.zero_grad(set_to_none=True)
+            self.client_lr_scheduler.step()
+            self._metrics["client_learning_rate"].append(lr)
+
+        return _ClientUpdate(round_index, apply=apply)
+
+    def _apply_client_update(self) -> None:
+        """After the server's optimizer step: apply the round's client update on this holder, or skip it (on every
+        holder alike) when the loss scaler skipped the server step or the round overflowed."""
+        update, self._pending_update = self._pending_update, None
+        if update is None or (update.apply is None and update.skip_reason is None):
+            return
+        reason = update.skip_reason
+        if reason is None and self.accelerator.optimizer_step_was_skipped:
+            reason = "the loss scaler skipped the server step"
+        if reason is not None:
+            self.skipped_rounds += 1
+            from transformers.utils import logging
+
+            logging.get_logger(__name__).warning(
+                f"Round {update.round}: no client update ({reason}); nothing was recorded and the client schedule "
+                "did not advance."
+            )
+            return
+        update.apply()
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        # Zeroth-order estimates are not clipped (see HOSFLConfig, "Precision and clipping"): only the norm is read.
+        if self.args.algorithm in ZO_EVERYWHERE:
+            return self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+        return super()._clip_grad_norm(model)
 
     # -------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -493,6 +700,7 @@ class HOSFLTrainer(Trainer):
             logs["comm/activation_bytes"] = self.comm["activation_bytes"]
             logs["comm/sync_bytes"] = self.comm["sync_bytes"]
             logs["zo/forward_passes"] = self.zo_forward_passes
+            logs["fed/skipped_rounds"] = self.skipped_rounds
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------- save and resume
@@ -500,7 +708,7 @@ class HOSFLTrainer(Trainer):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            self.trajectory.save(os.path.join(output_dir, "hosfl_trajectory.json"))
+            self.trajectory.save(os.path.join(output_dir, TRAJECTORY_NAME))
             self.hosfl_split_config().save_pretrained(output_dir)
             self.create_model_card(output_dir=output_dir)
 
@@ -513,6 +721,8 @@ class HOSFLTrainer(Trainer):
                     "client_lr_scheduler": self.client_lr_scheduler.state_dict() if self.client_lr_scheduler else None,
                     "comm": dict(self.comm),
                     "zo_forward_passes": self.zo_forward_passes,
+                    "skipped_rounds": self.skipped_rounds,
+                    "round_base": self._round_base,
                 },
                 os.path.join(output_dir, CLIENT_STATE_NAME),
             )
@@ -521,16 +731,63 @@ class HOSFLTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, CLIENT_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{checkpoint} is not an HO-SFL checkpoint: {CLIENT_STATE_NAME} is missing.")
-        state = torch.load(path, weights_only=True)
+        state = self._read_client_state(checkpoint)
         if self.client_optimizer is not None:
             self.client_optimizer.load_state_dict(state["client_optimizer"])
             self.client_lr_scheduler.load_state_dict(state["client_lr_scheduler"])
         self.comm = dict(state["comm"])
         self.zo_forward_passes = state["zo_forward_passes"]
-        self.trajectory = Trajectory.load(os.path.join(checkpoint, "hosfl_trajectory.json"))
+        self.skipped_rounds = state.get("skipped_rounds", 0)
+        self._round_base = state.get("round_base", 0)
+        self.trajectory = Trajectory.load(os.path.join(checkpoint, TRAJECTORY_NAME))
+        self._rounds_done = self._round_base + self.state.global_step
+
+    @staticmethod
+    def _read_client_state(checkpoint: str) -> dict[str, Any]:
+        path = os.path.join(checkpoint, CLIENT_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"{checkpoint} is not an HO-SFL checkpoint: {CLIENT_STATE_NAME} is missing.")
+        return torch.load(path, weights_only=True)
+
+    def _check_resume_settings(self, checkpoint: str) -> None:
+        """Refuses a checkpoint whose split, federation or zeroth-order settings differ from this run's: the saved
+        trajectory would be continued (and replayed) with other values than the ones it was recorded with."""
+        from .hub import HOSFL_CONFIG_NAME, HOSFLSplitConfig
+
+        if not os.path.isfile(os.path.join(checkpoint, HOSFL_CONFIG_NAME)):
+            raise ValueError(f"{checkpoint} is not an HO-SFL checkpoint: {HOSFL_CONFIG_NAME} is missing.")
+        saved = HOSFLSplitConfig.from_pretrained(checkpoint).to_dict()
+        current = self.hosfl_split_config().to_dict()
+        changed = [
+            f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+            for name in RESUME_FIELDS
+            if saved.get(name) != current[name]
+        ]
+        if saved.get("rng", {}).get("version") != current["rng"]["version"]:
+            changed.append(f"rng version: checkpoint {saved.get('rng')}, now {current['rng']}")
+        trajectory = Trajectory.load(os.path.join(checkpoint, TRAJECTORY_NAME))
+        if trajectory.parameter_names != self.trajectory.parameter_names:
+            changed.append("the client's trainable parameters (adapters or frozen blocks differ)")
+        if changed:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: these settings differ from the checkpoint's: "
+                + "; ".join(changed)
+                + ". Resume with the checkpoint's settings (HOSFLSplitConfig.from_pretrained(checkpoint)"
+                ".training_kwargs()), or start a new run in another output_dir."
+            )
+
+    def _load_best_model(self) -> None:
+        # The weights go back to the best checkpoint: so do the trajectory and the client optimizer, so that the
+        # saved trajectory replays to the saved weights (and a later train() continues from a consistent state).
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if best is None or not os.path.isfile(os.path.join(best, TRAJECTORY_NAME)):
+            return
+        self.trajectory = Trajectory.load(os.path.join(best, TRAJECTORY_NAME))
+        state_path = os.path.join(best, CLIENT_STATE_NAME)
+        if self.client_optimizer is not None and os.path.isfile(state_path):
+            state = torch.load(state_path, weights_only=True)
+            self.client_optimizer.load_state_dict(state["client_optimizer"])
 
     # ------------------------------------------------------------------------------------------ hub artifacts
     def hosfl_split_config(self) -> Any:
@@ -621,3 +878,22 @@ class HOSFLTrainer(Trainer):
                 if os.path.isfile(source):
                     shutil.copy(source, os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
+
+
+def _check_gradient_checkpointing(split: Any) -> None:
+    """Gradient checkpointing recomputes a block in the backward pass. The cut is injected by a forward pre-hook of
+    the first server block, so the recompute sees it only where transformers checkpoints the block's `forward` and
+    leaves its hooks outside (`GradientCheckpointingLayer` in transformers 5); anywhere else the first server block
+    would be recomputed on the placeholder, giving wrong gradients with no error."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    block = split.layers[split.split_layer]
+    wraps_forward = "__call__" not in vars(GradientCheckpointingLayer) and hasattr(type(block).forward, "__wrapped__")
+    if not (isinstance(block, GradientCheckpointingLayer) and wraps_forward):
+        import transformers
+
+        raise ValueError(
+            f"Gradient checkpointing of {type(block).__name__} (transformers {transformers.__version__}) would "
+            "recompute the first server block without the injected cut activations. Upgrade transformers to a "
+            "release whose GradientCheckpointingLayer checkpoints `forward` (5.x), or turn gradient_checkpointing off."
+        )

@@ -13,8 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from .rng import RNG_SPEC, SUPPORTED_VERSIONS, check_environment
 from .split import split_model
-from .zeroth_order import RNG_SPEC, apply_zo_update, build_client_optimizer
+from .zeroth_order import apply_zo_update, build_client_optimizer
 
 __all__ = ["TRAJECTORY_NAME", "Trajectory", "TrajectoryRound", "replay_trajectory"]
 
@@ -41,7 +42,11 @@ class Trajectory:
         zo_eps: perturbation scale `mu`.
         client_optimizer: `"sgd"` or `"adamw"`.
         client_weight_decay: weight decay of the client optimizer.
-        rounds: the recorded rounds, in order.
+        rng: the RNG specification of the directions ([`hosfl_hf.rng.RNG_SPEC`]).
+        environment: what bit-identity depends on ([`hosfl_hf.rng.environment`]: torch release, device type and
+            dtypes of the client's trainable parameters); `None` in version-1 trajectories.
+        rounds: the recorded rounds, in order. Round ids increase strictly; a round whose server step was skipped
+            (fp16 overflow) is absent.
     """
 
     split_layer: int
@@ -50,6 +55,7 @@ class Trajectory:
     client_optimizer: str
     client_weight_decay: float = 0.0
     rng: dict[str, Any] = field(default_factory=lambda: dict(RNG_SPEC))
+    environment: dict[str, Any] | None = None
     rounds: list[TrajectoryRound] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,32 +83,43 @@ class Trajectory:
 
 
 def replay_trajectory(
-    model: nn.Module, trajectory: Trajectory | dict | str | os.PathLike, start_round: int = 0
+    model: nn.Module,
+    trajectory: Trajectory | dict | str | os.PathLike,
+    start_round: int = 0,
+    check_environment_match: bool = True,
 ) -> nn.Module:
     """Applies recorded client updates to the client part of `model`, round by round (straggler catch-up).
 
     `model` must hold the client weights the trajectory started from (the initial weights for `start_round=0`);
-    with them, the result is bit-identical to the trained client part, for SGD and AdamW. Only the client's
-    trainable parameters change; no forward pass is run.
+    with them, the result is bit-identical to the trained client part, for SGD and AdamW, in the environment the
+    trajectory records (same torch release, device type and dtypes; see [`hosfl_hf.rng`]). Trainable adapter weights
+    are cast to float32 first, as the trainer does. Only the client's trainable parameters change; no forward pass
+    is run.
 
     Args:
         model: the same architecture (plain or peft) as the trained model.
         trajectory: a [`Trajectory`], its dict, or a path to `hosfl_trajectory.json` (or its folder).
         start_round: first round to apply. An AdamW state cannot be rebuilt mid-way, so with AdamW replays must
             start at 0.
+        check_environment_match: refuse to replay in an environment other than the recorded one (default). Turn
+            off only where you have checked that your torch build draws the same directions.
 
     Returns:
         The same `model`, updated in place.
     """
     if not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.from_dict(trajectory) if isinstance(trajectory, dict) else Trajectory.load(trajectory)
-    if trajectory.rng.get("version") != RNG_SPEC["version"]:
+    if trajectory.rng.get("version") not in SUPPORTED_VERSIONS:
         raise ValueError(
-            f"Trajectory RNG spec {trajectory.rng} is not supported (expected version {RNG_SPEC['version']})."
+            f"Trajectory RNG spec {trajectory.rng} is not supported (this hosfl_hf reads versions "
+            f"{list(SUPPORTED_VERSIONS)}, current {RNG_SPEC['version']}): upgrade hosfl_hf."
         )
     if start_round and trajectory.client_optimizer != "sgd":
         raise ValueError("Only SGD trajectories can be replayed from a mid-run round; replay AdamW from round 0.")
+    from .lora import upcast_trainable_adapters
+
     parts = split_model(model, trajectory.split_layer)
+    upcast_trainable_adapters(parts)  # the trainer applied every update to float32 adapters
     params = dict(parts.client_parameters())
     missing = [n for n in trajectory.parameter_names if n not in params]
     if missing or len(params) != len(trajectory.parameter_names):
@@ -112,6 +129,8 @@ def replay_trajectory(
             "adapters and split layer as the trained model."
         )
     named = [(n, params[n]) for n in trajectory.parameter_names]
+    if check_environment_match:
+        check_environment(trajectory.environment, [p for _, p in named], "replay this trajectory")
     optimizer = build_client_optimizer(
         [p for _, p in named], trajectory.client_optimizer, lr=0.0, weight_decay=trajectory.client_weight_decay
     )

@@ -1,15 +1,8 @@
 """Zeroth-order estimation for the client part: seeded perturbations, projected scalars and the shared update.
 
-RNG specification (version 1), identical on every holder of the client part:
-
-* the direction for parameter number `j` (in the pinned `named_parameters` order of the client's trainable
-  parameters) and perturbation seed `s` is `torch.randn(shape, generator=g, dtype=torch.float32)` drawn on the CPU
-  with `g = torch.Generator("cpu").manual_seed(direction_seed(s, j))`, then cast to the parameter's dtype and moved
-  to its device;
-* `direction_seed` mixes `(s, j)` with SplitMix64, so directions of different parameters are independent streams
-  and do not depend on the order in which parameters are visited.
-
-Every draw uses its own explicit `torch.Generator`; the global RNG is never touched.
+Directions follow [`hosfl_hf.rng`] (the versioned RNG specification): the direction of parameter number `j` (in the
+pinned `named_parameters` order of the client's trainable parameters) under perturbation seed `s` is an explicit,
+seeded CPU draw, so every holder of the client part rebuilds the same update from seeds and scalars.
 """
 
 from __future__ import annotations
@@ -20,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from .rng import RNG_SPEC, direction, direction_seed, round_seeds
 
 __all__ = [
     "RNG_SPEC",
@@ -32,41 +27,6 @@ __all__ = [
     "loss_differences",
     "round_seeds",
 ]
-
-RNG_SPEC = {
-    "version": 1,
-    "generator": "torch.Generator('cpu')",
-    "distribution": "standard normal, float32, cast to parameter dtype",
-    "seed_mixing": "splitmix64(seed ^ splitmix64(parameter_index))",
-}
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def direction_seed(seed: int, index: int) -> int:
-    """Seed of the generator for parameter `index` under perturbation seed `seed` (SplitMix64 mixing)."""
-    return _splitmix64((seed & _MASK64) ^ _splitmix64(index))
-
-
-def direction(param: torch.Tensor, seed: int, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The Gaussian direction `u` for one parameter tensor: an fp32 draw on the CPU, cast to `dtype` (default: the
-    parameter's dtype) and moved to the parameter's device."""
-    generator = torch.Generator("cpu").manual_seed(direction_seed(seed, index))
-    u = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-    return u.to(device=param.device, dtype=dtype or param.dtype)
-
-
-def round_seeds(base_seed: int, round_index: int, num_perturbations: int) -> list[int]:
-    """The `num_perturbations` perturbation seeds the server broadcasts in round `round_index`."""
-    generator = torch.Generator("cpu").manual_seed(_splitmix64((base_seed & _MASK64) ^ _splitmix64(round_index)))
-    return torch.randint(0, 2**62, (num_perturbations,), generator=generator).tolist()
 
 
 class ZerothOrderEstimator:

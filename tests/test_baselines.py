@@ -116,11 +116,11 @@ def test_splitlora_client_gradient_equals_full_backprop(tmp_path, monkeypatch):
     )
     captured = {}
 
-    def capture():
+    def capture(round_index):
         captured.update({n: p.grad.clone() for n, p in trainer.client_parameters})
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "_first_order_client_update", capture)
+    monkeypatch.setattr(trainer, "_close_first_order_round", capture)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
 
