@@ -2,8 +2,11 @@
 
     python benchmarks/report.py --out docs/results
 
-Writes `benchmark.json` (machine-readable summary), `benchmark.md` (tables, paired tests, targets) and
-`accuracy_vs_samples.png`, `bytes_per_client.png`, `client_memory.png`. Missing cells are reported as missing.
+Writes `benchmark.json` (machine-readable summary), `benchmark.md` (tables, paired tests, missing cells) and
+`accuracy_vs_samples.png`, `paired_vs_frozen_client.png`, `bytes_per_client.png`, `client_memory.png`. Every method
+has one colour and marker (`STYLE`) in every figure; a method without cells in a panel is named in a note there,
+never drawn. Paired training-loss differences get standard errors over seeds and from a moving-block bootstrap over
+rounds, never ones that treat rounds as independent.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def block_bootstrap_se(series: list[np.ndarray], block: int = BLOCK_ROUNDS) -> f
     from its T - b + 1 overlapping blocks (seeds independently), so correlation within b rounds is kept. The value is
     the exact bootstrap SE, i.e. the limit of infinitely many resamples: a resampled seed's mean is the mean of k
     independent draws of a block mean, so its variance is the population variance of the T - b + 1 block means over
-    k, and the mean over S seeds has variance sum_s var_s / S^2. None when no seed has two rounds.
+    k, and the mean over S seeds has variance sum_s var_s / S^2. None when a seed has fewer than two rounds.
     """
     variances = []
     for d in series:
