@@ -5,12 +5,20 @@ about to be called, and the server runs the unmodified model again with the clie
 hidden states injected in front of its first block. Embeddings, masks (causal, sliding-window, padding), rotary or
 learned positions are therefore produced by the model's own code on both sides. A new architecture only needs an
 entry in [`SPLIT_REGISTRY`] naming its list of decoder blocks (and most are found without one).
+
+This is exact only for models whose blocks form a chain: each block runs once per forward, in list order, and
+passes nothing to the next one but the hidden states. [`split_model`] checks this on a tiny probe batch when it
+splits (call counts and order, the inputs every server block receives, the outputs and losses) and refuses with a
+`ValueError` naming the model type and the reason otherwise; `verify=True` adds a comparison of split and unsplit
+logits on a padded batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -51,6 +59,14 @@ SPLIT_REGISTRY: dict[str, str] = {
     "gpt_neox": "gpt_neox.layers",
 }
 
+# Model types whose forward builds its masks from the token ids only (padding = token 0) and ignores
+# `inputs_embeds`: the server calls them with placeholder ids that keep the padding pattern (1 = token, 0 = pad),
+# which the client sends as the attention mask.
+_TOKEN_PATTERN_INPUTS = {"cpmant"}
+
+# Paths of block lists that belong to another modality's tower when a model has several lists of blocks.
+_OTHER_TOWERS = ("vision", "visual", "image", "audio", "speech", "encoder", "vqmodel", "vq_model")
+
 
 @dataclass
 class CutActivations:
@@ -79,8 +95,10 @@ class CutActivations:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-class _CutReached(Exception):
-    """Raised by the hook on the first server block to stop the client forward there."""
+class _CutReached(BaseException):
+    """Raised by the hook on the first server block to stop the client forward there.
+
+    A `BaseException`, so that model code catching `Exception` cannot swallow it."""
 
     def __init__(self, hidden_states: torch.Tensor):
         self.hidden_states = hidden_states
@@ -97,9 +115,19 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
             return model
 
 
+def _layer_counts(config: Any) -> set[int]:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    counts = set()
+    for cfg in (text_config, config):
+        for name in ("num_hidden_layers", "decoder_layers", "n_layer", "num_layers"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                counts.add(value)
+    return counts
+
+
 def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
@@ -119,12 +147,11 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"*ForCausalLM models. Supported model types: {sorted(SPLIT_REGISTRY)} (others are detected when they "
             "are causal LMs with one list of decoder blocks)."
         )
-    num_layers = getattr(text_config, "num_hidden_layers", None)
-    candidates = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and num_layers is not None and len(m) == num_layers
-    ]
+    counts = _layer_counts(config)
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) in counts]
+    if len(candidates) > 1:  # a vision or audio tower next to the language model: keep the language model's blocks
+        text = [(n, m) for n, m in candidates if not any(t in n.lower() for t in _OTHER_TOWERS)]
+        candidates = text or candidates
     if len(candidates) == 1 and hasattr(model, "get_input_embeddings"):
         warnings.warn(
             f"model_type '{model_type}' is not in hosfl_hf.SPLIT_REGISTRY; using the decoder blocks found at "
@@ -132,22 +159,21 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             stacklevel=3,
         )
         return candidates[0]
+    found = f" (found {len(candidates)}: {', '.join(n for n, _ in candidates)})" if candidates else ""
     raise ValueError(
-        f"Unsupported architecture '{model_type}' ({type(model).__name__}): no list of decoder blocks was found. "
-        f"Supported model types: {sorted(SPLIT_REGISTRY)}. For another decoder-only model, register the path of "
-        f"its block list, e.g. hosfl_hf.SPLIT_REGISTRY['{model_type}'] = 'model.layers'."
+        f"Unsupported architecture '{model_type}' ({type(model).__name__}): no single list of decoder blocks was "
+        f"found{found}. Supported model types: {sorted(SPLIT_REGISTRY)}. For another decoder-only model, register "
+        f"the path of its block list, e.g. hosfl_hf.SPLIT_REGISTRY['{model_type}'] = 'model.layers'."
     )
 
 
 def skeleton_layers(config, split_layer: int) -> tuple[nn.Module, str, nn.ModuleList]:
     """A weightless (meta-device) copy of the architecture, its block-list path and blocks, with `split_layer`
     checked: exact module names without memory or a download."""
-    import warnings as _warnings
-
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"), _warnings.catch_warnings():
-        _warnings.simplefilter("ignore")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         skeleton = AutoModelForCausalLM.from_config(config)
     path, layers = _find_layers(skeleton)
     if not 1 <= split_layer <= len(layers) - 1:
@@ -155,13 +181,37 @@ def skeleton_layers(config, split_layer: int) -> tuple[nn.Module, str, nn.Module
     return skeleton, path, layers
 
 
+def _hidden_key(args: tuple, kwargs: dict) -> int | str:
+    """Where a block receives its hidden states: first positional argument, `hidden_states=`, or the first tensor
+    keyword argument."""
+    if args:
+        return 0
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return name
+    raise ValueError("a decoder block was called without hidden states")
+
+
 def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
+    key = _hidden_key(args, kwargs)
+    return args[key] if isinstance(key, int) else kwargs[key]
 
 
-def _skip_block(*args: Any, **kwargs: Any) -> torch.Tensor:
+def _skip_block(*args: Any, _num_outputs: int = 0, **kwargs: Any) -> Any:
     # Client blocks are not run on the server; what they pass on is replaced at the first server block anyway.
-    return _hidden_states_arg(args, kwargs)
+    # A block that returns a tuple `(hidden_states, ...)` gets the same tuple length, with None after the hidden
+    # states (split_model has checked that no later block needs those).
+    hidden = _hidden_states_arg(args, kwargs)
+    return (hidden,) + (None,) * (_num_outputs - 1) if _num_outputs else hidden
+
+
+def _skip_forward(num_outputs: int) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return _skip_block(*args, _num_outputs=num_outputs, **kwargs)
+
+    return forward
 
 
 @dataclass
@@ -186,6 +236,11 @@ class SplitModel:
     client_parameter_names: list[str] = field(default_factory=list)
     server_parameter_names: list[str] = field(default_factory=list)
     _client_modules: list[nn.Module] = field(default_factory=list, repr=False)
+    # Tuple length of each block's output (0: a tensor), for the stand-in forward of skipped client blocks.
+    _block_outputs: dict[int, int] = field(default_factory=dict, repr=False)
+    # Dimensions of (batch, sequence) in the hidden states at the cut, and how the server gets its inputs.
+    _batch_seq_dims: tuple[int, int] = (0, 1)
+    _token_pattern: bool = False
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -227,12 +282,15 @@ class SplitModel:
         Returns:
             [`CutActivations`]: the hidden states entering block `split_layer` and the masks/positions to send.
         """
-        first_server_block = self.layers[self.split_layer]
+        if self._token_pattern and input_ids is not None:
+            # The model pads with token 0 and ignores `attention_mask`: send where the tokens are.
+            attention_mask = (input_ids != 0).long()
 
         def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
             raise _CutReached(_hidden_states_arg(args, kwargs))
 
-        handle = first_server_block.register_forward_pre_hook(stop, with_kwargs=True)
+        # The first server block that runs stops the forward (a model may skip blocks it does not need).
+        handles = [self.layers[i].register_forward_pre_hook(stop, with_kwargs=True) for i in self._server_indices()]
         try:
             with torch.set_grad_enabled(grad), self._client_eval_mode():
                 self.model(
@@ -245,10 +303,11 @@ class SplitModel:
                 )
         except _CutReached as cut:
             hidden_states = cut.hidden_states
-        else:  # pragma: no cover - only reachable if a model never calls its blocks
-            raise RuntimeError(f"The model never called decoder block {self.split_layer}; cannot split it.")
+        else:
+            raise RuntimeError(f"The model never called decoder blocks {self.split_layer}..; cannot split it.")
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return CutActivations(hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids)
 
     def server(
@@ -273,15 +332,21 @@ class SplitModel:
         if not isinstance(cut, CutActivations):
             raise TypeError(f"server() expects the CutActivations returned by client(), got {type(cut).__name__}.")
         hidden = cut.hidden_states
-        embed_dim = self.model.get_input_embeddings().embedding_dim
-        # The model is called with placeholder embeddings of the right shape and dtype: masks and positions are
-        # built from them and from the attention mask exactly as in a full forward, and the placeholder is
-        # replaced by the received hidden states in front of the first server block.
-        placeholder = hidden.new_zeros(hidden.shape[:-1] + (embed_dim,)).detach()
         call = model if model is not None else self.model
+        if self._token_pattern and cut.attention_mask is not None:
+            # Placeholder ids with the client's padding pattern: the model builds the same masks from them.
+            inputs = {"input_ids": cut.attention_mask.long()}
+        else:
+            # The model is called with placeholder embeddings of the right shape and dtype: masks and positions are
+            # built from them and from the attention mask exactly as in a full forward, and the placeholder is
+            # replaced by the received hidden states in front of the first server block.
+            embed_dim = self.model.get_input_embeddings().embedding_dim
+            batch_dim, seq_dim = self._batch_seq_dims
+            shape = (hidden.shape[batch_dim], hidden.shape[seq_dim], embed_dim)
+            inputs = {"inputs_embeds": hidden.new_zeros(shape).detach()}
         with self._inject(hidden):
             return call(
-                inputs_embeds=placeholder,
+                **inputs,
                 attention_mask=cut.attention_mask,
                 position_ids=cut.position_ids,
                 labels=labels,
@@ -289,23 +354,32 @@ class SplitModel:
                 **kwargs,
             )
 
+    def _server_indices(self) -> range:
+        return range(self.split_layer, self.num_layers)
+
     @contextlib.contextmanager
     def _inject(self, hidden_states: torch.Tensor) -> Iterator[None]:
         layers = self.layers
         saved = [layers[i].__dict__.get("forward") for i in range(self.split_layer)]
+        injected = []
 
-        def inject(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
+        def inject(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if injected:  # only in front of the first server block that runs
+                return None
+            injected.append(module)
+            key = _hidden_key(args, kwargs)
+            if isinstance(key, int):
                 return (hidden_states,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden_states}
+            return args, {**kwargs, key: hidden_states}
 
-        handle = layers[self.split_layer].register_forward_pre_hook(inject, with_kwargs=True)
+        handles = [layers[i].register_forward_pre_hook(inject, with_kwargs=True) for i in self._server_indices()]
         for i in range(self.split_layer):
-            layers[i].forward = _skip_block
+            layers[i].forward = _skip_forward(self._block_outputs.get(i, 0))
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             for i, forward in enumerate(saved):
                 if forward is None:
                     del layers[i].forward
@@ -325,26 +399,293 @@ class SplitModel:
                 m.training = mode
 
 
-def _trace_client_modules(split: SplitModel) -> list[nn.Module]:
-    """Modules that execute during a client forward, found by running it once on a two-token input."""
-    executed: list[nn.Module] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: executed.append(mod)) for m in split.model.modules()]
-    split._client_modules = []
+# ------------------------------------------------------------------------------------------------- split checks
+def _flatten(value: Any, name: str, out: dict[str, Any]) -> None:
+    """Tensors, None and plain values inside nested tuples, lists and dicts, by path (other objects are skipped)."""
+    if isinstance(value, torch.Tensor):
+        out[name] = value.detach().clone()
+    elif value is None or isinstance(value, bool | int | float | str):
+        out[name] = value
+    elif isinstance(value, tuple | list):
+        for i, item in enumerate(value):
+            _flatten(item, f"{name}[{i}]", out)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(item, f"{name}[{key!r}]" if name else str(key), out)
+
+
+def _call_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(args):
+        _flatten(arg, f"positional argument {i}", out)
+    for key, value in kwargs.items():
+        _flatten(value, key, out)
+    return out
+
+
+def _tolerance(reference: torch.Tensor) -> float:
+    finite = reference[torch.isfinite(reference)]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    low_precision = reference.dtype in (torch.float16, torch.bfloat16) or reference.element_size() < 2
+    return (1e-2 if low_precision else 1e-5) * scale
+
+
+def _difference(reference: Any, value: Any) -> float | None:
+    """0 when equal (floating tensors within tolerance), the largest difference or inf when not, None when only
+    one of them is None (an input the server does not receive)."""
+    if reference is None or value is None:
+        return 0.0 if reference is value else None
+    if isinstance(reference, torch.Tensor) != isinstance(value, torch.Tensor):
+        return math.inf
+    if not isinstance(reference, torch.Tensor):
+        return 0.0 if reference == value else math.inf
+    if reference.shape != value.shape:
+        return math.inf
+    if not reference.is_floating_point():
+        return 0.0 if torch.equal(reference, value.to(reference.device)) else math.inf
+    ref, val = reference.double(), value.to(reference.device).double()
+    both_nan = torch.isnan(ref) & torch.isnan(val)
+    diff = (ref - val).abs().masked_fill(both_nan, 0.0).nan_to_num(nan=math.inf)
+    worst = diff.max().item() if diff.numel() else 0.0
+    return 0.0 if worst <= _tolerance(reference) else worst
+
+
+def _probe_batch(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of three tokens (deterministic ids, no padding), on the device of the input embeddings."""
+    embeddings = lm.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(lm.config.get_text_config(), "vocab_size", 8)
+    ids = (torch.arange(6).view(2, 3) * 7) % max(vocab - 3, 1) + min(3, vocab - 1)
+    ids = ids.to(weight.device if weight is not None else None)
+    return ids, torch.ones_like(ids)
+
+
+def _verify_batch(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three random rows of 7 tokens from a seeded generator: unpadded, left-padded by 2, right-padded by 2."""
+    ids, _ = _probe_batch(lm)
+    vocab = getattr(lm.get_input_embeddings(), "num_embeddings", None) or int(ids.max()) + 1
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(min(3, vocab - 1), vocab, (3, 7), generator=generator).to(ids.device)
+    mask = torch.ones_like(input_ids)
+    mask[1, :2] = 0
+    mask[2, 5:] = 0
+    pad = getattr(lm.config.get_text_config(), "pad_token_id", None)
+    pad = pad if isinstance(pad, int) and 0 <= pad < vocab else 0
+    return input_ids.masked_fill(mask == 0, pad), mask
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        embeddings = split.model.get_input_embeddings()
-        device = embeddings.weight.device if hasattr(embeddings, "weight") else None
-        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-        split.client(input_ids=ids, attention_mask=torch.ones_like(ids))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        for h in hooks:
-            h.remove()
-    # The first server block is entered (its pre-hook stops the forward) but does not run on the client.
-    first_server_block = split.layers[split.split_layer]
-    unique: dict[int, nn.Module] = {}
-    for m in executed:
-        if m is not first_server_block:
-            unique[id(m)] = m
-    return list(unique.values())
+        for m, mode in modes:
+            m.training = mode
+
+
+def _brief(error: BaseException) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _run(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, reset: Any) -> tuple[Any, bool]:
+    """The model's output on a batch, with its loss when the model takes these ids as labels (`reset()` clears
+    what the hooks recorded before a retry without labels)."""
+    try:
+        return lm(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False), True
+    except Exception:  # noqa: BLE001 - retried without labels, and a second failure is reported
+        reset()
+        return lm(input_ids=ids, attention_mask=mask, use_cache=False), False
+
+
+def _outputs(output: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("loss", "logits", "aux_loss"):
+        value = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            out[key] = value.detach().clone()
+    return out
+
+
+def _check_split(split: SplitModel, verify: bool) -> None:
+    """Traces a full forward and a split forward on a probe batch and raises `ValueError` with the reason if the
+    split cannot be exact; sets what the split needs to know about the model's blocks."""
+    lm, k = split.model, split.split_layer
+    layers = split.layers
+    model_type = getattr(lm.config, "model_type", type(lm).__name__)
+    prefix = f"Cannot split '{model_type}' ({type(lm).__name__}) at split_layer={k}:"
+    split._token_pattern = model_type in _TOKEN_PATTERN_INPUTS
+    ids, mask = _probe_batch(lm)
+
+    # 1. A traced full forward: which blocks run, in which order, on what; which modules run before the cut.
+    calls: list[int] = []
+    inputs: dict[int, dict[str, Any]] = {}
+    hidden_keys: dict[int, int | str] = {}
+    outputs: dict[int, int] = {}
+    executed: list[nn.Module] = []
+    first_call: dict[int, int] = {}
+
+    def before(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append(index)
+            if index not in inputs:
+                first_call[index] = len(executed)
+                hidden_keys[index] = _hidden_key(args, kwargs)
+                inputs[index] = _call_inputs(args, kwargs)
+
+        return hook
+
+    def after(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            outputs.setdefault(index, len(output) if isinstance(output, tuple | list) else 0)
+
+        return hook
+
+    def reset() -> None:
+        for record in (calls, inputs, hidden_keys, outputs, executed, first_call):
+            record.clear()
+
+    handles = [layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(after(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [m.register_forward_pre_hook(lambda m, args: executed.append(m)) for m in lm.modules()]
+    with _eval_mode(lm):
+        try:
+            try:
+                full, with_labels = _run(lm, ids, mask, reset)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(
+                f"{prefix} the model does not run on a batch of token ids and an attention mask ({_brief(error)})."
+            ) from error
+        full = _outputs(full)
+
+        repeated = sorted(i for i, n in Counter(calls).items() if n > 1)
+        if repeated:
+            raise ValueError(
+                f"{prefix} decoder block {repeated[0]} runs {Counter(calls)[repeated[0]]} times in one forward (the "
+                "model loops over its blocks or reuses them), so the forward cannot be cut in front of one block."
+            )
+        if calls != sorted(calls):
+            raise ValueError(
+                f"{prefix} the model calls its decoder blocks out of list order ({calls}), so the blocks before the "
+                "cut are not the client's blocks."
+            )
+        server_calls = [i for i in calls if i >= k]
+        if not server_calls:
+            raise ValueError(f"{prefix} none of the server's decoder blocks ({k}..{len(layers) - 1}) runs.")
+        first = server_calls[0]
+        split._block_outputs = dict(outputs)
+        split._client_modules = list(
+            {id(m): m for m in executed[: first_call[first]] if m is not layers[first]}.values()
+        )
+        key = hidden_keys[first]
+        hidden_name = f"positional argument {key}" if isinstance(key, int) else key
+        hidden = inputs[first][hidden_name]
+        if hidden.dim() >= 2 and ids.shape[0] != ids.shape[1]:
+            dims = [d for d in range(hidden.dim() - 1) if hidden.shape[d] in ids.shape]
+            batch_dims = [d for d in dims if hidden.shape[d] == ids.shape[0]]
+            seq_dims = [d for d in dims if hidden.shape[d] == ids.shape[1]]
+            if batch_dims and seq_dims:
+                split._batch_seq_dims = (batch_dims[0], seq_dims[0])
+
+        # 2. The split forward on the same batch: every server block must receive what it received in (1).
+        received: dict[int, dict[str, Any]] = {}
+
+        def record(index: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                received.setdefault(index, _call_inputs(args, kwargs))
+
+            return hook
+
+        try:
+            cut = split.client(input_ids=ids, attention_mask=mask)
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(f"{prefix} the client part fails ({_brief(error)}).") from error
+        handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in server_calls]
+        # Registered after the server's injection hook would be: record what the block really gets.
+        try:
+            server = split.server(cut, labels=ids if with_labels else None)
+        except Exception as error:  # noqa: BLE001
+            lacking = [
+                (i, name)
+                for i in server_calls
+                for name, value in inputs[i].items()
+                if i in received and _difference(value, received[i].get(name)) is None
+            ]
+            if lacking:
+                raise ValueError(f"{_missing_reason(prefix, *lacking[0])} ({_brief(error)})") from error
+            raise ValueError(
+                f"{prefix} the server part cannot run from the cut activations alone ({_brief(error)}): the model's "
+                "forward needs more than the hidden states at the cut, the attention mask and the positions."
+            ) from error
+        finally:
+            for handle in handles:
+                handle.remove()
+        server = _outputs(server)
+
+    missing = []
+    for index in server_calls:
+        got = received.get(index, {})
+        for name, reference in inputs[index].items():
+            diff = _difference(reference, got.get(name))
+            if diff is None:
+                missing.append((index, name))
+            elif diff and not (index == first and (name == hidden_name or name.startswith(hidden_name + "["))):
+                if missing:  # an input the server lacks changed what this block receives
+                    raise ValueError(_missing_reason(prefix, *missing[0]))
+                raise ValueError(
+                    f"{prefix} decoder block {index} receives `{name}`, which differs when the client's blocks are "
+                    f"skipped (max |diff| {diff:.3g}): the model passes state from block to block outside the hidden "
+                    "states, or feeds its input embeddings to later blocks, and only the hidden states cross the cut."
+                )
+    diffs = {key: _difference(full[key], server.get(key)) for key in full}
+    diffs = {key: math.inf if diff is None else diff for key, diff in diffs.items()}
+    if diffs.get("logits"):
+        if missing:
+            raise ValueError(_missing_reason(prefix, *missing[0]))
+        raise ValueError(
+            f"{prefix} the split logits differ from the model's (max |diff| {diffs['logits']:.3g}) although every "
+            "server block receives the same inputs: the model's output depends on more than its last blocks (for "
+            "example on the input embeddings or on the client blocks' outputs)."
+        )
+    if any(diffs.values()):
+        raise ValueError(
+            f"{prefix} the split logits are exact but the loss is not ({', '.join(k for k, v in diffs.items() if v)} "
+            "differ): the model adds an auxiliary loss over all blocks, such as the router load-balancing loss of a "
+            "mixture of experts, and the server sees only its own blocks. Set `config.output_router_logits=False` "
+            "(or the auxiliary loss coefficient to 0) to split it."
+        )
+    if verify:
+        _verify(split, prefix)
+
+
+def _missing_reason(prefix: str, index: int, name: str) -> str:
+    return (
+        f"{prefix} decoder block {index} needs `{name}`, which the server does not get: the model computes it from "
+        "the input ids or passes it from block to block, and only the hidden states cross the cut."
+    )
+
+
+def _verify(split: SplitModel, prefix: str) -> None:
+    """Split and unsplit logits on a padded random batch, compared on the real tokens."""
+    lm = split.model
+    ids, mask = _verify_batch(lm)
+    with _eval_mode(lm):
+        reference = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = split.server(split.client(input_ids=ids, attention_mask=mask)).logits
+    real = mask.bool()
+    diff = (logits.double() - reference.double())[real].abs().max().item()
+    if not diff <= _tolerance(reference[real]):
+        raise ValueError(
+            f"{prefix} verify=True: the split logits differ from the model's on a padded batch (max |diff| "
+            f"{diff:.3g} on real tokens)."
+        )
 
 
 def _partition(split: SplitModel) -> tuple[list[str], list[str]]:
@@ -374,23 +715,33 @@ def _untie(lm: nn.Module, names: list[str]) -> None:
             config.tie_word_embeddings = False
 
 
-def split_model(model: nn.Module, split_layer: int) -> SplitModel:
+def split_model(model: nn.Module, split_layer: int, verify: bool = False) -> SplitModel:
     """Splits a causal LM after decoder block `split_layer`.
 
     Tied input/output embeddings belong to the server. If they are trainable they are untied: the server trains
     the output embedding and the client keeps a frozen copy of the input embedding.
+
+    The split is checked on a tiny probe batch (two rows of three tokens) before it is returned: every decoder
+    block must run once per forward and in list order (skipped blocks are fine), every server block must receive
+    the same inputs as in the unsplit forward, and the split logits and loss must be the model's. Models that loop
+    over their blocks, carry state between blocks outside the hidden states, need the input ids on the server, or
+    add an auxiliary loss over all blocks are refused with the reason.
 
     Args:
         model (`nn.Module`):
             A `transformers` `*ForCausalLM` model, or a peft `PeftModel` wrapping one.
         split_layer (`int`):
             Number of decoder blocks the client holds, in `1..num_layers-1`.
+        verify (`bool`, *optional*, defaults to `False`):
+            Also compare split and unsplit logits on a padded random batch (3 rows of 7 tokens, left and right
+            padding; the tokens come from a seeded generator) and raise if they differ. Costs two more forwards.
 
     Returns:
         [`SplitModel`]: `client` and `server` callables that share the model's modules.
 
     Raises:
-        `ValueError`: if `split_layer` is out of range or the architecture has no detectable block list.
+        `ValueError`: if `split_layer` is out of range, the architecture has no detectable block list, or the split
+            cannot be exact for this model (the message names the model type and the reason).
 
     Example:
 
@@ -401,8 +752,8 @@ def split_model(model: nn.Module, split_layer: int) -> SplitModel:
     >>> config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
     ...                      num_attention_heads=2, num_key_value_heads=1)
     >>> model = LlamaForCausalLM(config).eval()
-    >>> parts = split_model(model, split_layer=2)
-    >>> ids = torch.randint(0, 64, (2, 5))
+    >>> parts = split_model(model, split_layer=2, verify=True)
+    >>> ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     >>> cut = parts.client(input_ids=ids)
     >>> cut.hidden_states.shape
     torch.Size([2, 5, 16])
@@ -422,13 +773,12 @@ def split_model(model: nn.Module, split_layer: int) -> SplitModel:
             f"1..{num_layers - 1} (the number of decoder blocks the client holds)."
         )
     split = SplitModel(model=lm, split_layer=split_layer, layers_path=layers_path)
-    split._client_modules = _trace_client_modules(split)
+    _check_split(split, verify)
     client, shared = _partition(split)
     params = dict(lm.named_parameters(remove_duplicate=False))
     trainable_shared = [n for n in shared if params[n].requires_grad]
     if trainable_shared:
         _untie(lm, trainable_shared)
-        split._client_modules = _trace_client_modules(split)
         client, shared = _partition(split)
     split.client_parameter_names = [n for n in client if n not in set(shared)]
     client_set = set(client)
