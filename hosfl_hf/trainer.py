@@ -246,6 +246,7 @@ class HOSFLTrainer(Trainer):
         self._round_traffic = [0, 0, 0]  # this process's activation bytes, sync bytes, ZO forwards in the open round
         self._round_scalars: dict[int, list[float]] = {}
         self._pending_update: _ClientUpdate | None = None
+        self._scale_before_step = 1.0
         self._micro_step = 0
         # Round ids stay monotonic over several train() calls: round = _round_base + global_step.
         self._round_base = 0
@@ -522,6 +523,10 @@ class HOSFLTrainer(Trainer):
         """ZO-SFL / MeZO: two-point loss differences with both parts perturbed by the same seeds; no backprop."""
         inputs = self._prepare_inputs(inputs)
         seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
+        if self.accelerator.scaler is not None:
+            # No loss is backpropagated here, but the loss scaler's step needs the state that scaling a loss sets
+            # up; the ZO gradients are written pre-multiplied by the scale (see _close_round).
+            self.accelerator.scaler.scale(torch.ones((), device=self.args.device))
         was_training = model.training
         model.eval()  # the two losses of a pair must see the same network (no dropout)
         try:
@@ -590,6 +595,7 @@ class HOSFLTrainer(Trainer):
         `_apply_client_update` applies after it. ZO-SFL / MeZO also get their server gradient here."""
         self._micro_step = 0
         self._rounds_done = round_index + 1
+        self._scale_before_step = self._grad_scale()
         self._flush_traffic()
         local, self._round_scalars = self._round_scalars, {}
         algorithm = self.args.algorithm
@@ -638,18 +644,19 @@ class HOSFLTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             for p in params:
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        finite = all(torch.isfinite(p.grad).all() for p in params)
+        if finite and self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm, foreach=False)
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None
-        if not all(torch.isfinite(g).all() for g in grads):
+        if not finite:
             if self.accelerator.scaler is not None:
                 reason = "non-finite client gradients (fp16 loss-scale overflow)"
                 return _ClientUpdate(round_index, skip_reason=reason)
             raise ValueError(
                 f"Non-finite client gradients in round {round_index}; no update was applied. Lower the learning rates."
             )
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(grads, self.args.max_grad_norm, foreach=False)
 
         def apply() -> None:
             lr = self.client_lr_scheduler.get_last_lr()[0]
@@ -671,7 +678,7 @@ class HOSFLTrainer(Trainer):
         if update is None or (update.apply is None and update.skip_reason is None):
             return
         reason = update.skip_reason
-        if reason is None and self.accelerator.optimizer_step_was_skipped:
+        if reason is None and self._server_step_skipped():
             reason = "the loss scaler skipped the server step"
         if reason is not None:
             self.skipped_rounds += 1
@@ -683,6 +690,12 @@ class HOSFLTrainer(Trainer):
             )
             return
         update.apply()
+
+    def _server_step_skipped(self) -> bool:
+        # A fused optimizer (adamw_torch_fused, the default where available) skips an overflowing step inside its
+        # kernel, which accelerate's `optimizer_step_was_skipped` does not see; the scaler backs its scale off exactly
+        # when it found an overflow, so a smaller scale after the step says the step was skipped.
+        return self.accelerator.optimizer_step_was_skipped or self._grad_scale() < self._scale_before_step
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         # Zeroth-order estimates are not clipped (see HOSFLConfig, "Precision and clipping"): only the norm is read.
