@@ -555,3 +555,113 @@ def test_tied_frozen_embeddings_stay_tied():
     assert "transformer.wte.weight" in parts.server_parameter_names
     assert "transformer.wte.weight" not in parts.client_parameter_names
     assert "transformer.wpe.weight" in parts.client_parameter_names
+
+
+# ------------------------------------------------------------------------------------- what split_model refuses
+def _tiny(model_type: str, **overrides):
+    """A tiny random model of any causal-LM type, from the coverage sweep's shrinker (see docs/split_coverage.md)."""
+    from hosfl_hf.coverage import padded_batch, tiny_causal_lm
+
+    model = tiny_causal_lm(model_type)
+    for name, value in overrides.items():
+        setattr(model.config, name, value)
+    return model, *padded_batch()
+
+
+def test_stop_exception_cannot_be_swallowed_by_model_code():
+    from hosfl_hf.split import _CutReached
+
+    assert issubclass(_CutReached, BaseException) and not issubclass(_CutReached, Exception)
+
+
+@pytest.mark.parametrize(
+    "model_type, reason",
+    [
+        ("dory", r"decoder block 0 runs 2 times in one forward"),  # loops over a range of its blocks
+        ("inkling2_text", r"receives `positional argument 1`, which differs"),  # block states carried along
+        ("zaya", r"needs `positional argument 1`, which the server does not get"),  # previous router states
+        ("gemma4_text", r"cannot run from the cut activations alone"),  # per-layer inputs from the token ids
+    ],
+)
+def test_models_that_break_the_cut_are_refused_with_the_reason(model_type, reason):
+    model, input_ids, mask = _tiny(model_type)
+    for k in (1, 2):
+        with pytest.raises(ValueError, match=reason) as info:
+            split_model(model, split_layer=k)
+        assert f"'{model_type}'" in str(info.value) and f"split_layer={k}" in str(info.value)
+    # Refusing leaves the model as it was: no hooks, no replaced forwards.
+    assert not any(m._forward_pre_hooks or m._forward_hooks or "forward" in vars(m) for m in model.modules())
+
+
+def test_skipped_blocks_move_the_cut_to_the_next_block_that_runs():
+    # Mllama's text decoder skips its cross-attention block (2 here) without images.
+    model, input_ids, mask = _tiny("mllama")
+    assert model.config.get_text_config().cross_attention_layers == [2]
+    with torch.no_grad():
+        reference = model(input_ids, attention_mask=mask).logits
+        for k in (1, 2, 3):
+            parts = split_model(model, split_layer=k)
+            cut = parts.client(input_ids=input_ids, attention_mask=mask)
+            diff = (parts.server(cut).logits - reference)[mask.bool()].abs().max()
+            assert diff <= 1e-5, (k, diff)
+            if k == 2:  # the client ran blocks 0-1; block 2 is skipped, so the cut is the input of block 3
+                assert parts.client_parameter_names and all(
+                    _layer_index(n, parts.layers_path) in (0, 1)
+                    for n in parts.client_parameter_names
+                    if _layer_index(n, parts.layers_path) is not None
+                )
+
+
+def test_mla_attention_and_token_pattern_models_split_exactly():
+    for model_type in ("deepseek_v3", "cpmant"):  # latent attention; masks built from the token ids
+        model, input_ids, mask = _tiny(model_type)
+        with torch.no_grad():
+            reference = model(input_ids, attention_mask=mask).logits
+            for k in (1, 3):
+                parts = split_model(model, split_layer=k, verify=True)
+                logits = parts.server(parts.client(input_ids=input_ids, attention_mask=mask)).logits
+                assert (logits - reference)[mask.bool()].abs().max() <= 1e-5, (model_type, k)
+
+
+def test_router_aux_loss_over_all_blocks_is_refused():
+    model = build_model("mixtral")
+    input_ids, mask = make_batch("right")
+    parts = split_model(model, split_layer=2)  # without router logits, logits and loss are exact
+    labels = input_ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=mask, labels=labels)
+        split = parts.server(parts.client(input_ids=input_ids, attention_mask=mask), labels=labels)
+    assert (split.loss - full.loss).abs() <= 1e-5
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = 0.5
+    with pytest.raises(ValueError, match=r"'mixtral'.*auxiliary loss.*output_router_logits=False"):
+        split_model(model, split_layer=2)
+
+
+def test_verify_compares_logits_on_a_padded_batch():
+    model = build_model("llama")
+    split_model(model, split_layer=2, verify=True)
+
+    # A model whose forward from embeddings goes wrong only with padding: the probe batch (no padding) cannot see
+    # it, verify=True (left and right padding) does.
+    def shift_positions(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("inputs_embeds") is not None and mask is not None and not bool(mask.all()):
+            batch, seq = mask.shape
+            kwargs["position_ids"] = torch.arange(0, 2 * seq, 2).expand(batch, seq)  # twice the distances
+        return args, kwargs
+
+    model.model.register_forward_pre_hook(shift_positions, with_kwargs=True)
+    split_model(model, split_layer=2)
+    with pytest.raises(ValueError, match=r"'llama'.*verify=True.*padded batch"):
+        split_model(model, split_layer=2, verify=True)
+
+
+def test_split_check_keeps_modes_and_global_rng():
+    model = build_model("gpt2").train()
+    model.transformer.h[1].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    state = torch.get_rng_state()
+    split_model(model, split_layer=2, verify=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert {name: m.training for name, m in model.named_modules()} == modes
