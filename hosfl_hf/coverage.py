@@ -98,6 +98,8 @@ GENERIC: dict[str, Any] = {
     "decoder_attention_heads": HEADS,
     "encoder_ffn_dim": 2 * HIDDEN,
     "decoder_ffn_dim": 2 * HIDDEN,
+    "hidden_size_global": HIDDEN,
+    "encoder_hash_byte_group_vocab": 64,
     "sliding_window": 8,
     "attention_dropout": 0.0,
 }
@@ -130,6 +132,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any] | Callable[[Any], None]] = {
     ],
     "reformer": {"is_decoder": True, "axial_pos_shape": [4, 8], "axial_pos_embds_dim": [32, 32]},
     "xmod": {"default_language": "en_XX"},
+    "longcat_flash": {"num_layers": LAYERS},  # its block count (num_hidden_layers counts the sub-layers)
 }
 
 
