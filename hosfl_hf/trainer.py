@@ -383,13 +383,20 @@ class HOSFLTrainer(Trainer):
         """The client's compute precision: the run's mixed precision (bf16/fp16 autocast) or the weights' dtype.
 
         Explicit here because accelerate autocasts only the forward of the object it prepared: the client would
-        otherwise run in bf16 for a plain model and in fp32 under a `PeftModel`."""
+        otherwise run in bf16 for a plain model and in fp32 under a `PeftModel`. Autocast's weight cache is off:
+        it is keyed by the parameter, so a second perturbed forward in the same context would reuse the casts of the
+        first perturbation."""
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         if dtype is None:
             yield
         else:
-            with torch.autocast(device_type=self.args.device.type, dtype=dtype):
+            with torch.autocast(device_type=self.args.device.type, dtype=dtype, cache_enabled=False):
                 yield
+
+    def _client_forward(self, client_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One probe: the client's output at its current (perturbed) weights, in the client's precision."""
+        with self._client_precision():
+            return self.split.client(**client_inputs).hidden_states
 
     def compute_loss(
         self,
@@ -506,13 +513,9 @@ class HOSFLTrainer(Trainer):
             # running; the non-finite reply makes _close_round skip (fp16) or reject (otherwise) the round.
             self._round_scalars[client] = [math.nan] * len(seeds)
         else:
-            with self._client_precision():
-                scalars = self.estimator.projected_scalars(
-                    lambda: self.split.client(**client_inputs).hidden_states,
-                    cut.hidden_states.detach(),
-                    cotangent,
-                    seeds,
-                )
+            scalars = self.estimator.projected_scalars(
+                lambda: self._client_forward(client_inputs), cut.hidden_states.detach(), cotangent, seeds
+            )
             self._round_scalars[client] = scalars
             self._round_traffic[2] += self.estimator.forwards_per_direction * len(seeds)
         self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))

@@ -10,7 +10,7 @@ from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
-from hosfl_hf import HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
+from hosfl_hf import CutActivations, HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
 from hosfl_hf.rng import round_seeds
 from hosfl_hf.zeroth_order import ZerothOrderEstimator
 
@@ -312,26 +312,34 @@ def test_replay_refuses_another_environment(tmp_path):
     replay_trajectory(tiny_llama(), moved, check_environment_match=False)  # the caller's explicit choice
 
 
-def test_lambda_is_the_per_client_loss_gradient(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_lambda_is_the_per_client_loss_gradient(tmp_path, bf16):
     """Round 0's averaged scalars equal (1/K) sum_i <dL_i/dz_i, z_i(theta + mu u_p) - z_i(theta)> computed with
-    explicit per-client autograd on the initial model (pins the x K factor of lambda)."""
-    trainer = make_trainer(tmp_path, max_steps=1)
+    explicit per-client autograd on the initial model (pins the x K factor of lambda). Under bf16 every forward
+    runs in its own autocast region, so each probe sees its own perturbation (no stale cast weights)."""
+    trainer = make_trainer(tmp_path, max_steps=1, bf16=bf16, num_perturbations=3)
     trainer.train()
     args, dataset = trainer.args, counting_dataset()
     parts = split_model(tiny_llama(), 2)
     estimator = ZerothOrderEstimator(parts.client_parameters(), args.zo_eps, args.zo_estimator)
     seeds = round_seeds(args.seed, 0, args.num_perturbations)
     sampler = trainer._get_train_sampler()
+
+    def precision():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def client(ids):
+        with precision():
+            return parts.client(input_ids=ids).hidden_states
+
     total = [0.0] * len(seeds)
-    for client in sampler.clients(0):
-        batch = stack_collator([dataset[i] for i in sampler.client_batch(0, client)])
-        cut = parts.client(input_ids=batch["input_ids"])
-        z = cut.hidden_states.detach().requires_grad_(True)
-        loss = parts.server(dataclasses.replace(cut, hidden_states=z), labels=batch["labels"]).loss
+    for c in sampler.clients(0):
+        batch = stack_collator([dataset[i] for i in sampler.client_batch(0, c)])
+        z = client(batch["input_ids"]).detach().requires_grad_(True)
+        with precision():
+            loss = parts.server(CutActivations(hidden_states=z), labels=batch["labels"]).loss.float()
         (lam,) = torch.autograd.grad(loss, z)
-        scalars = estimator.projected_scalars(
-            lambda b=batch: parts.client(input_ids=b["input_ids"]).hidden_states, z.detach(), lam, seeds
-        )
+        scalars = estimator.projected_scalars(lambda b=batch: client(b["input_ids"]), z.detach(), lam, seeds)
         total = [t + s for t, s in zip(total, scalars)]
     expected = [t / args.clients_per_round for t in total]
     assert trainer.trajectory.rounds[0].scalars == pytest.approx(expected, rel=1e-6, abs=0)
