@@ -10,6 +10,7 @@ Nothing is downloaded: every model is built from its config with random weights 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import warnings
 from collections import Counter
@@ -22,6 +23,7 @@ from torch import nn
 
 __all__ = [
     "TINY_OVERRIDES",
+    "UNBUILDABLE_NOTES",
     "CoverageResult",
     "causal_lm_model_types",
     "check_model_type",
@@ -107,11 +109,18 @@ GENERIC: dict[str, Any] = {
 # Per-type overrides applied after the generic shrinking: a dict of attributes, or a callable editing the config.
 # A dict goes to the config's constructor with the generic values and is set on the result as well.
 _ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+_QSA_INDEXER = {
+    "indexer_n_heads": 2,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 16,
+    "indexer_budget": 8,
+    "indexer_compress_ratio": 4,
+}
 TINY_OVERRIDES: dict[str, dict[str, Any] | Callable[[Any], None]] = {
     # state-space and hybrid mixers: heads x head size = expand x hidden
     "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
     "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128},
-    "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "zamba": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention", "hybrid"]},
     "zamba2": {
         "mamba_headdim": 16,
         "n_mamba_heads": 8,
@@ -122,15 +131,20 @@ TINY_OVERRIDES: dict[str, dict[str, Any] | Callable[[Any], None]] = {
     # a cross-attention block in the middle: skipped without images, so the cut moves to the next block that runs
     "mllama": lambda config: setattr(config.get_text_config(), "cross_attention_layers", [2]),
     # blocks that reuse the key/value states of earlier blocks
-    "gemma3n_text": {"layer_types": _ALTERNATING, "num_kv_shared_layers": 2},
+    "gemma3n_text": {
+        "layer_types": _ALTERNATING,
+        "num_kv_shared_layers": 2,
+        "intermediate_size": [2 * HIDDEN] * LAYERS,
+    },
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
-    "cohere_compass_text": {"layer_types": _ALTERNATING},
-    "qwen4_exp_text": {"indexer_budget": 8, "indexer_compress_ratio": 4},
-    "qwen4_exp": lambda config: [
-        setattr(config.get_text_config(), name, value)
-        for name, value in {"indexer_budget": 8, "indexer_compress_ratio": 4}.items()
-    ],
-    "reformer": {"is_decoder": True, "axial_pos_shape": [4, 8], "axial_pos_embds_dim": [32, 32]},
+    "qwen4_exp_text": _QSA_INDEXER,
+    "qwen4_exp": lambda config: [setattr(config.get_text_config(), k, v) for k, v in _QSA_INDEXER.items()],
+    "reformer": {"is_decoder": True, "axial_pos_shape": (4, 8), "axial_pos_embds_dim": (32, 32)},
+    "dbrx": lambda config: [setattr(config.attn_config, k, v) for k, v in (("rope_theta", 1e4), ("clip_qkv", 8.0))],
+    "cohere_compass_text": {
+        "layer_types": _ALTERNATING,
+        "rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0} for t in set(_ALTERNATING)},
+    },
     "xmod": {"default_language": "en_XX"},
     "longcat_flash": {"num_layers": LAYERS},  # its block count (num_hidden_layers counts the sub-layers)
 }
@@ -141,6 +155,17 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
+
+
+# Why a type stays unbuildable, where the error alone does not say it.
+UNBUILDABLE_NOTES: dict[str, str] = {
+    "gemma3n": "its vision tower needs the `timm` library, which hosfl_hf does not depend on",
+    "gemma4_assistant": "a speculative-decoding drafter: it runs on the key/value states of a Gemma 4 target model",
+    "gemma4_unified_assistant": "a speculative-decoding drafter: it runs on the key/value states of its target model",
+    "musicgen": "a decoder over audio codebooks (input ids of shape batch x codebooks), not a text causal LM",
+    "musicgen_melody": "a decoder over audio codebooks (input ids of shape batch x codebooks), not a text causal LM",
+    "blt": "byte-level patches with separate encoder, global and decoder sizes, which the generic shrinker breaks",
+}
 
 
 def causal_lm_model_types() -> list[str]:
@@ -264,7 +289,9 @@ class CoverageResult:
     tiny model cannot be built or does not run unsplit on a padded batch), `inexact` (a split returns other logits
     than the model: a bug) or `error` (the split fails with another exception: a bug). `reason` explains a refusal,
     why the model could not be built or run, or what went wrong; `cuts` maps each checked cut to `exact`, `refused`,
-    `inexact` or `error`; `max_diff` is the largest logit difference (real tokens) over the exact cuts.
+    `inexact` or `error`; `max_diff` is the largest logit difference (real tokens) over the exact cuts, and
+    `sensitivity` how much the logits move when `N(0, 0.1^2)` noise is added to the cut at the first cut checked (the
+    comparison is only meaningful if the server really uses what it receives).
     """
 
     model_type: str
@@ -275,6 +302,7 @@ class CoverageResult:
     num_layers: int | None = None
     cuts: dict[int, str] = field(default_factory=dict)
     max_diff: float | None = None
+    sensitivity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -336,8 +364,14 @@ def check_model_type(model_type: str, cuts: Iterable[int] | None = None, seed: i
         result.layers_path = parts.layers_path
         try:
             with torch.no_grad(), _quiet():
-                logits = parts.server(parts.client(input_ids=input_ids, attention_mask=mask)).logits
-            diff = (logits - reference)[real].abs().max().item()
+                cut = parts.client(input_ids=input_ids, attention_mask=mask)
+                logits = parts.server(cut).logits
+                diff = (logits - reference)[real].abs().max().item()
+                if result.sensitivity is None:
+                    # The server must really use the cut: a small change of it must show in the logits.
+                    noise = torch.randn(cut.hidden_states.shape, generator=torch.Generator().manual_seed(seed))
+                    moved = dataclasses.replace(cut, hidden_states=cut.hidden_states + 0.1 * noise.to(logits.dtype))
+                    result.sensitivity = (parts.server(moved).logits - logits)[real].abs().max().item()
         except Exception as error:  # noqa: BLE001
             result.cuts[k] = "error"
             reasons.setdefault("error", f"split at {k}: {_short(error)}")
@@ -408,9 +442,20 @@ def render_markdown(results: list[CoverageResult], versions: dict[str, str]) -> 
     }
     for status in STATUS_ORDER:
         lines.append(f"| {status} | {counts.get(status, 0)} | {meaning[status]} |")
-    lines += ["", "## Exact", "", "| model type | class | block list | max \\|diff\\| |", "| --- | --- | --- | ---: |"]
+    lines += [
+        "",
+        "## Exact",
+        "",
+        "`max |diff|`: largest split-unsplit logit difference over all cuts; `noise effect`: how much the logits move "
+        "when noise of standard deviation 0.1 is added to the cut (the check is only meaningful if this is large).",
+        "",
+        "| model type | class | block list | max \\|diff\\| | noise effect |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
     for r in by_status["exact"]:
-        lines.append(f"| `{r.model_type}` | `{r.model_class}` | `{r.layers_path}` | {r.max_diff:.1e} |")
+        lines.append(
+            f"| `{r.model_type}` | `{r.model_class}` | `{r.layers_path}` | {r.max_diff:.1e} | {r.sensitivity:.2g} |"
+        )
     lines += [
         "",
         "## Partially supported",
@@ -424,7 +469,9 @@ def render_markdown(results: list[CoverageResult], versions: dict[str, str]) -> 
         lines.append(f"| `{r.model_type}` | {exact} | {refused} | {_cell(r.reason.partition(': ')[2])} |")
     for status, title in (("refused", "Refused"), ("unbuildable", "Not buildable"), ("inexact", "Inexact (bugs)")):
         lines += ["", f"## {title}", "", "| model type | reason |", "| --- | --- |"]
-        lines += [f"| `{r.model_type}` | {_cell(r.reason)} |" for r in by_status[status]]
+        for r in by_status[status]:
+            note = UNBUILDABLE_NOTES.get(r.model_type) if status == "unbuildable" else None
+            lines.append(f"| `{r.model_type}` | {_cell(r.reason)}{f' ({note})' if note else ''} |")
     if by_status["error"]:
         lines += ["", "## Errors (bugs)", "", "| model type | reason |", "| --- | --- |"]
         lines += [f"| `{r.model_type}` | {_cell(r.reason)} |" for r in by_status["error"]]

@@ -64,8 +64,9 @@ SPLIT_REGISTRY: dict[str, str] = {
 # which the client sends as the attention mask.
 _TOKEN_PATTERN_INPUTS = {"cpmant"}
 
-# Paths of block lists that belong to another modality's tower when a model has several lists of blocks.
-_OTHER_TOWERS = ("vision", "visual", "image", "audio", "speech", "encoder", "vqmodel", "vq_model")
+# Paths of block lists that belong to another modality's tower (then to an encoder) when a model has several lists
+# of blocks: left aside, in this order, while more than one list remains.
+_OTHER_TOWERS = (("vision", "visual", "image", "audio", "speech", "vqmodel", "vq_model"), ("encoder",))
 
 
 @dataclass
@@ -119,7 +120,7 @@ def _layer_counts(config: Any) -> set[int]:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     counts = set()
     for cfg in (text_config, config):
-        for name in ("num_hidden_layers", "decoder_layers", "n_layer", "num_layers"):
+        for name in ("num_hidden_layers", "decoder_layers", "num_decoder_layers", "n_layer", "num_layers"):
             value = getattr(cfg, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 counts.add(value)
@@ -149,9 +150,9 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         )
     counts = _layer_counts(config)
     candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) in counts]
-    if len(candidates) > 1:  # a vision or audio tower next to the language model: keep the language model's blocks
-        text = [(n, m) for n, m in candidates if not any(t in n.lower() for t in _OTHER_TOWERS)]
-        candidates = text or candidates
+    for towers in _OTHER_TOWERS:  # a vision or audio tower next to the language model: keep the language model's
+        if len(candidates) > 1:
+            candidates = [(n, m) for n, m in candidates if not any(t in n.lower() for t in towers)] or candidates
     if len(candidates) == 1 and hasattr(model, "get_input_embeddings"):
         warnings.warn(
             f"model_type '{model_type}' is not in hosfl_hf.SPLIT_REGISTRY; using the decoder blocks found at "
@@ -344,8 +345,8 @@ class SplitModel:
             batch_dim, seq_dim = self._batch_seq_dims
             shape = (hidden.shape[batch_dim], hidden.shape[seq_dim], embed_dim)
             inputs = {"inputs_embeds": hidden.new_zeros(shape).detach()}
-        with self._inject(hidden):
-            return call(
+        with self._inject(hidden) as injected:
+            output = call(
                 **inputs,
                 attention_mask=cut.attention_mask,
                 position_ids=cut.position_ids,
@@ -353,12 +354,18 @@ class SplitModel:
                 use_cache=False,
                 **kwargs,
             )
+        if not injected:
+            raise RuntimeError(
+                f"None of the server's decoder blocks ({self.split_layer}..{self.num_layers - 1}) ran: the received "
+                "hidden states were not used."
+            )
+        return output
 
     def _server_indices(self) -> range:
         return range(self.split_layer, self.num_layers)
 
     @contextlib.contextmanager
-    def _inject(self, hidden_states: torch.Tensor) -> Iterator[None]:
+    def _inject(self, hidden_states: torch.Tensor) -> Iterator[list[nn.Module]]:
         layers = self.layers
         saved = [layers[i].__dict__.get("forward") for i in range(self.split_layer)]
         injected = []
@@ -376,7 +383,7 @@ class SplitModel:
         for i in range(self.split_layer):
             layers[i].forward = _skip_forward(self._block_outputs.get(i, 0))
         try:
-            yield
+            yield injected
         finally:
             for handle in handles:
                 handle.remove()

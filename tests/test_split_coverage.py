@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parent.parent
 DOC_JSON = ROOT / "docs" / "split_coverage.json"
 # The issue this sweep answers found 64 of 196 types unbuildable by generic shrinking alone.
-MAX_UNBUILDABLE = 20
+MAX_UNBUILDABLE = 8
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,8 @@ def test_every_buildable_type_is_exact_or_refused(results):
         if r.status in ("exact", "partial"):
             exact = [k for k, v in r.cuts.items() if v == "exact"]
             assert exact and r.max_diff is not None and r.max_diff <= 1e-5, model_type
+            # The comparison means something only if the server uses the cut: noise on it must move the logits.
+            assert r.sensitivity is not None and r.sensitivity > 1e-4, (model_type, r.sensitivity)
         if r.status in ("refused", "partial"):
             # A refusal says which model and why (not a bare shape or attribute error from inside the model).
             clear = ("ValueError: Cannot split '", "ValueError: Unsupported architecture '")
@@ -80,7 +82,9 @@ def test_few_types_are_left_unbuilt(results):
         ("falcon_h1", "exact"),
         ("granitemoehybrid", "exact"),
         ("kimi_linear", "exact"),
+        ("zamba", "refused"),
         ("zamba2", "refused"),
+        ("dbrx", "exact"),
         ("mixtral", "exact"),
         ("qwen3_moe", "exact"),
     ],
