@@ -223,10 +223,12 @@ class HOSFLTrainer(Trainer):
                 "client). Add client LoRA adapters or unfreeze client blocks for HO-SFL.",
                 stacklevel=2,
             )
-        self.estimator = ZerothOrderEstimator(self.client_parameters, args.zo_eps, args.zo_estimator)
+        self.estimator = ZerothOrderEstimator(
+            self.client_parameters, args.zo_eps, args.zo_estimator, module=self.split.model
+        )
         # ZO-SFL / MeZO perturb every trainable parameter (client first, then server: the pinned RNG order).
         self.all_estimator = ZerothOrderEstimator(
-            self.client_parameters + self.split.server_parameters(), args.zo_eps, "two_sided"
+            self.client_parameters + self.split.server_parameters(), args.zo_eps, "two_sided", module=self.split.model
         )
         self._last_cut_bytes = 0
         self.trajectory = Trajectory(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,26 +42,62 @@ class ZerothOrderEstimator:
         estimator (`str`):
             `"one_sided"` (`z(theta + mu u) - z(theta)`, one extra forward per direction) or `"two_sided"`
             (`(z(theta + mu u) - z(theta - mu u)) / 2`, two extra forwards, lower bias).
+        module (`nn.Module`, *optional*):
+            The model that holds `parameters`. With it, a perturbed forward needs one extra tensor of memory, not a
+            copy of every trainable tensor (see [`perturbed`]).
     """
 
-    def __init__(self, parameters: Sequence[tuple[str, nn.Parameter]], eps: float, estimator: str = "one_sided"):
+    def __init__(
+        self,
+        parameters: Sequence[tuple[str, nn.Parameter]],
+        eps: float,
+        estimator: str = "one_sided",
+        module: nn.Module | None = None,
+    ):
         if estimator not in ("one_sided", "two_sided"):
             raise ValueError(f"estimator must be 'one_sided' or 'two_sided', got {estimator!r}.")
         self.parameters = list(parameters)
         self.eps = eps
         self.estimator = estimator
+        self._owners = _owning_modules(module, self.parameters) if module is not None else None
+        self._checked = False
 
     @property
     def forwards_per_direction(self) -> int:
         return 1 if self.estimator == "one_sided" else 2
 
+    @property
+    def swaps(self) -> bool:
+        """Whether perturbed forwards swap each tensor in only while the module that owns it runs (one extra tensor
+        of memory) rather than perturbing every tensor in place from saved copies (one copy of each)."""
+        return self._owners is not None
+
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float) -> Iterator[None]:
-        """Adds `scale * u(seed)` to the parameters in place, one tensor at a time, and restores them exactly.
+        """Within the context, forwards see the parameters at `theta + scale * u(seed)`; after it, exactly `theta`.
 
-        Restoring copies back a saved tensor rather than subtracting `scale * u`: floating-point `(x + a) - a` is not
-        always `x`, and a drift would make the holders that probed differ from those that did not.
+        Exact restore matters: floating-point `(x + a) - a` is not always `x`, and a drift would make the holders
+        that probed differ from those that did not. Two ways, the same bits:
+
+        * swap (when built with `module`): the stored tensors are never modified; while a module that owns
+          trainable tensors runs (forward pre-hook to forward hook), each of its tensors is swapped for
+          `theta + scale * u`, built then and freed after. Extra memory: the tensors of one module.
+        * copy: each tensor is perturbed in place and copied back from a saved clone. Extra memory: a copy of every
+          trainable tensor (small for adapters, the size of the weights for a full-parameter client).
         """
+        if self._owners is None:
+            with self._copy_perturbed(seed, scale):
+                yield
+            return
+
+        def inside(index: int, real: torch.Tensor) -> torch.Tensor:
+            return torch.add(real, direction(real, seed, index), alpha=scale)
+
+        with self._swapped(inside, outside=None):
+            yield
+
+    @contextlib.contextmanager
+    def _copy_perturbed(self, seed: int, scale: float) -> Iterator[None]:
         saved: list[tuple[nn.Parameter, torch.Tensor]] = []
         try:
             with torch.no_grad():
@@ -71,6 +109,62 @@ class ZerothOrderEstimator:
             with torch.no_grad():
                 for param, original in saved:
                     param.copy_(original)
+
+    @contextlib.contextmanager
+    def _swapped(
+        self,
+        inside: Callable[[int, torch.Tensor], torch.Tensor],
+        outside: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> Iterator[None]:
+        """Parameter `j` holds `inside(j, theta_j)` while an owning module runs and `outside(theta_j)` (default:
+        `theta_j` itself) otherwise; every parameter holds `theta_j` again on exit, whatever happened."""
+        real = {id(p): p.data for _, p in self.parameters}
+        handles = []
+
+        def enter(module: nn.Module, args: Any) -> None:
+            for index, param in self._owners[module]:
+                param.data = inside(index, real[id(param)])
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            for _, param in self._owners[module]:
+                param.data = real[id(param)] if outside is None else outside(real[id(param)])
+
+        try:
+            with torch.no_grad():
+                if outside is not None:
+                    for _, param in self.parameters:
+                        param.data = outside(param.data)
+                for module in self._owners:
+                    handles.append(module.register_forward_pre_hook(enter))
+                    handles.append(module.register_forward_hook(leave))
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for _, param in self.parameters:
+                param.data = real[id(param)]
+
+    def check_forward(self, forward: Callable[[], torch.Tensor]) -> None:
+        """Before the first swapped forward: checks that `forward` reads every trainable tensor only inside the
+        forward of a module that owns it (e.g. DoRA reads `lora_A.weight` from another module). Outside the owners
+        the tensors are NaN (a zero-stride view: no memory) for one forward; a non-finite output means some read
+        happened elsewhere, and this estimator falls back to copies, with a warning."""
+        if self._owners is None or self._checked:
+            return
+        self._checked = True
+
+        def poison(real: torch.Tensor) -> torch.Tensor:
+            return torch.full((), float("nan"), dtype=real.dtype, device=real.device).expand(real.shape)
+
+        with self._swapped(lambda index, real: real, outside=poison):
+            output = forward()
+        if not bool(torch.isfinite(torch.as_tensor(output).float()).all()):
+            self._owners = None
+            warnings.warn(
+                "The model reads some trainable client tensors outside the modules that own them; zeroth-order "
+                "perturbations use saved copies of the trainable tensors (extra memory: one copy).",
+                stacklevel=3,
+            )
 
     def projected_scalars(
         self,
@@ -87,6 +181,7 @@ class ZerothOrderEstimator:
             cotangent: `lambda = dloss/dz` returned by the server.
             seeds: the round's perturbation seeds.
         """
+        self.check_forward(forward)
         cotangent = cotangent.float()
         scalars = []
         for seed in seeds:
@@ -107,6 +202,7 @@ def loss_differences(
 ) -> tuple[list[float], float]:
     """Two-point loss differences `(L(theta + mu u_p) - L(theta - mu u_p)) / 2` over all of `estimator`'s parameters
     (ZO-SFL and MeZO, where no backpropagation happens anywhere), and the mean of the evaluated losses."""
+    estimator.check_forward(loss)
     values, total = [], 0.0
     for seed in seeds:
         with estimator.perturbed(seed, estimator.eps):
@@ -191,3 +287,18 @@ def apply_zo_update(
             param.grad = grad.to(param.dtype)
             optimizer.step()
             param.grad = None
+
+
+def _owning_modules(
+    module: nn.Module, parameters: Sequence[tuple[str, nn.Parameter]]
+) -> dict[nn.Module, list[tuple[int, nn.Parameter]]] | None:
+    """Module -> `(index, parameter)` of the trainable tensors it registers itself (a tied tensor has two owners);
+    `None` if some tensor has no owner in `module`."""
+    index = {id(p): i for i, (_, p) in enumerate(parameters)}
+    owners: dict[nn.Module, list[tuple[int, nn.Parameter]]] = {}
+    for child in module.modules():
+        for param in child._parameters.values():
+            if param is not None and id(param) in index:
+                owners.setdefault(child, []).append((index[id(param)], param))
+    owned = {i for entries in owners.values() for i, _ in entries}
+    return owners if len(owned) == len(index) else None

@@ -319,6 +319,7 @@ def test_lambda_is_the_per_client_loss_gradient(tmp_path, bf16):
     runs in its own autocast region, so each probe sees its own perturbation (no stale cast weights)."""
     trainer = make_trainer(tmp_path, max_steps=1, bf16=bf16, num_perturbations=3)
     trainer.train()
+    assert trainer.estimator.swaps  # the probes ran with one extra tensor, not a copy of the client's weights
     args, dataset = trainer.args, counting_dataset()
     parts = split_model(tiny_llama(), 2)
     estimator = ZerothOrderEstimator(parts.client_parameters(), args.zo_eps, args.zo_estimator)

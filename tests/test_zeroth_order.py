@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import transformers
+from conftest import tiny_llama
 from torch import nn
 
 from hosfl_hf.split import split_model
@@ -365,3 +366,67 @@ def test_build_client_optimizer():
         build_client_optimizer(params, "adam", 0.1, 0.0)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_client_optimizer([], "sgd", 0.1, 0.0)
+
+
+# ----------------------------------------------------------------------------------- swapped perturbations
+def _probe_scalars(model, module):
+    parts = split_model(model, 2)
+    estimator = ZerothOrderEstimator(parts.client_parameters(), 1e-3, "two_sided", module=module)
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+    reference = parts.client(input_ids=ids).hidden_states
+    cotangent = torch.randn(reference.shape, generator=torch.Generator().manual_seed(2))
+    before = {n: p.detach().clone() for n, p in parts.client_parameters()}
+    scalars = estimator.projected_scalars(
+        lambda: parts.client(input_ids=ids).hidden_states, reference, cotangent, [3, 4, 5]
+    )
+    assert all(torch.equal(p, before[n]) for n, p in parts.client_parameters())  # restored exactly
+    return estimator, scalars
+
+
+@pytest.mark.parametrize("adapter", [None, "lora", "dora"])
+def test_swapped_perturbation_equals_in_place_copies(adapter):
+    """Swapping each tensor in only while its module runs gives the same bits as perturbing every tensor in place."""
+    from peft import LoraConfig, get_peft_model
+
+    def build():
+        model = tiny_llama()
+        if adapter is not None:
+            config = LoraConfig(
+                r=2, target_modules=["q_proj", "v_proj"], use_dora=adapter == "dora", init_lora_weights="gaussian"
+            )
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = get_peft_model(model, config)
+        return model
+
+    copy_model, swap_model = build(), build()
+    _, expected = _probe_scalars(copy_model, module=None)
+    estimator, got = _probe_scalars(swap_model, module=swap_model)
+    assert estimator.swaps and got == expected
+
+
+def test_a_tensor_read_outside_its_module_falls_back_to_copies():
+    """A model that reads a trainable tensor outside the module that registers it would see it unperturbed in swap
+    mode: the first forward detects it (NaN outside the owners) and the estimator uses copies, with the same bits."""
+
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x @ self.inner.weight.T  # never calls self.inner
+
+    torch.manual_seed(0)
+    model = Reader()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    cotangent = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    params = [("inner.weight", model.inner.weight)]
+    with torch.no_grad():
+        reference = model(x)
+        expected = ZerothOrderEstimator(params, 1e-3).projected_scalars(lambda: model(x), reference, cotangent, [7, 8])
+        estimator = ZerothOrderEstimator(params, 1e-3, module=model)
+        with pytest.warns(UserWarning, match="outside the modules that own them"):
+            got = estimator.projected_scalars(lambda: model(x), reference, cotangent, [7, 8])
+    assert not estimator.swaps and got == expected
+    assert torch.equal(model(x), reference)
