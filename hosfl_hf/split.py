@@ -16,6 +16,7 @@ logits on a padded batch.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections import Counter
@@ -421,10 +422,21 @@ def _flatten(value: Any, name: str, out: dict[str, Any]) -> None:
             _flatten(item, f"{name}[{key!r}]" if name else str(key), out)
 
 
-def _call_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
+def _positional_name(module: nn.Module, index: int) -> str:
+    """The parameter name of a positional argument of `module.forward` (or `positional argument <index>`)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in parameters if p.kind in kinds]
+    return names[index] if index < len(names) else f"positional argument {index}"
+
+
+def _call_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for i, arg in enumerate(args):
-        _flatten(arg, f"positional argument {i}", out)
+        _flatten(arg, _positional_name(module, i), out)
     for key, value in kwargs.items():
         _flatten(value, key, out)
     return out
@@ -542,7 +554,7 @@ def _check_split(split: SplitModel, verify: bool) -> None:
             if index not in inputs:
                 first_call[index] = len(executed)
                 hidden_keys[index] = _hidden_key(args, kwargs)
-                inputs[index] = _call_inputs(args, kwargs)
+                inputs[index] = _call_inputs(module, args, kwargs)
 
         return hook
 
@@ -592,7 +604,7 @@ def _check_split(split: SplitModel, verify: bool) -> None:
             {id(m): m for m in executed[: first_call[first]] if m is not layers[first]}.values()
         )
         key = hidden_keys[first]
-        hidden_name = f"positional argument {key}" if isinstance(key, int) else key
+        hidden_name = _positional_name(layers[first], key) if isinstance(key, int) else key
         hidden = inputs[first][hidden_name]
         if hidden.dim() >= 2 and ids.shape[0] != ids.shape[1]:
             dims = [d for d in range(hidden.dim() - 1) if hidden.shape[d] in ids.shape]
@@ -606,7 +618,7 @@ def _check_split(split: SplitModel, verify: bool) -> None:
 
         def record(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                received.setdefault(index, _call_inputs(args, kwargs))
+                received.setdefault(index, _call_inputs(module, args, kwargs))
 
             return hook
 

@@ -578,8 +578,8 @@ def test_stop_exception_cannot_be_swallowed_by_model_code():
     "model_type, reason",
     [
         ("dory", r"decoder block 0 runs 2 times in one forward"),  # loops over a range of its blocks
-        ("inkling2_text", r"receives `positional argument 1`, which differs"),  # block states carried along
-        ("zaya", r"needs `positional argument 1`, which the server does not get"),  # previous router states
+        ("inkling2_text", r"receives `block_states`, which differs"),  # block states carried along
+        ("zaya", r"needs `prev_router_hidden_states`, which the server does not get"),
         ("gemma4_text", r"cannot run from the cut activations alone"),  # per-layer inputs from the token ids
     ],
 )
