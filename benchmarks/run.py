@@ -5,7 +5,8 @@
     python benchmarks/run.py --grid --rounds 8889 --batch 32   # extra flags go to benchmarks/grid.py
 
 Stages: `grid.py` (accuracy cells, one JSON each, skipped when present), `memory.py` (client peak memory per step
-in fresh subprocesses, round time interleaved), `cosine.py` (ZO estimate vs true client gradient), `report.py`
+in fresh subprocesses, round time interleaved), `perturbation_memory.py` (probe memory of a full-parameter
+client, swapped vs copied perturbations), `cosine.py` (ZO estimate vs true client gradient), `report.py`
 (benchmark.json, benchmark.md, plots). Stages whose output exists are skipped unless `--force`.
 """
 
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cosine  # noqa: E402
 import grid  # noqa: E402
 import memory  # noqa: E402
+import perturbation_memory  # noqa: E402
 import report  # noqa: E402
 
 
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.force or not os.path.isfile(os.path.join(args.out, "memory.json")):
         extra = ["--splits", "20", "--shapes", "train", "--skip_timing"] if args.smoke else []
         memory.main(["--out", args.out, *extra])
+    if args.force or not os.path.isfile(os.path.join(args.out, "perturbation_memory.json")):
+        extra = ["--split", "2", "--batch", "2", "--length", "8"] if args.smoke else []
+        perturbation_memory.main(["--out", args.out, *extra])
     if args.force or not os.path.isfile(os.path.join(args.out, "cosine.json")):
         cosine.main(["--out", args.out, *(["--directions", "2"] if args.smoke else [])])
     report.main(["--out", args.out, "--command", command])

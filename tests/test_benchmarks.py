@@ -25,9 +25,15 @@ def test_benchmark_smoke_run_writes_all_outputs(tmp_path):
         "bytes_per_client.png",
         "client_memory.png",
         "memory.json",
+        "perturbation_memory.json",
         "cosine.json",
     ):
         assert (out / name).is_file(), name
+    probes = {r["mode"]: r for r in json.loads((out / "perturbation_memory.json").read_text())["rows"]}
+    # Copied perturbations hold a copy of every trainable tensor at once; swapped ones, one module's tensors.
+    assert probes["probe_copy"]["increase_bytes"] - probes["probe_swap"]["increase_bytes"] > (
+        probes["probe_copy"]["trainable_bytes"] / 2
+    )
     summary = json.loads((out / "benchmark.json").read_text())
     assert {"model", "command", "versions", "inference_peak_memory_bytes", "methods"} <= set(summary)
     hosfl = summary["methods"]["hosfl"]["sst2"]
