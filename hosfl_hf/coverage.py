@@ -291,7 +291,10 @@ class CoverageResult:
     why the model could not be built or run, or what went wrong; `cuts` maps each checked cut to `exact`, `refused`,
     `inexact` or `error`; `max_diff` is the largest logit difference (real tokens) over the exact cuts, and
     `sensitivity` how much the logits move when `N(0, 0.1^2)` noise is added to the cut at the first cut checked (the
-    comparison is only meaningful if the server really uses what it receives).
+    comparison is only meaningful if the server really uses what it receives). For a mixture of experts,
+    `router_loss` tells what happens with `output_router_logits=True` and labels at the first exact cut: `refused`
+    (the router loss covers the client's blocks too, and `split_model` says so), `exact` (the split loss equals the
+    model's), or `inexact`/`error` (a bug).
     """
 
     model_type: str
@@ -303,6 +306,7 @@ class CoverageResult:
     cuts: dict[int, str] = field(default_factory=dict)
     max_diff: float | None = None
     sensitivity: float | None = None
+    router_loss: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -384,6 +388,12 @@ def check_model_type(model_type: str, cuts: Iterable[int] | None = None, seed: i
             reasons.setdefault("inexact", f"split at {k}: max |diff| {diff:.3g} on real tokens")
     outcomes = set(result.cuts.values())
     result.max_diff = max(diffs) if diffs else None
+    exact_cuts = [k for k, v in result.cuts.items() if v == "exact"]
+    if exact_cuts and hasattr(model.config.get_text_config(), "output_router_logits"):
+        result.router_loss = _check_router_loss(model, exact_cuts[0], input_ids, mask)
+        if result.router_loss in ("inexact", "error"):
+            result.status, result.reason = result.router_loss, f"with output_router_logits=True: {result.router_loss}"
+            return result
     for status in ("error", "inexact"):
         if status in outcomes:
             result.status, result.reason = status, reasons[status]
@@ -397,6 +407,31 @@ def check_model_type(model_type: str, cuts: Iterable[int] | None = None, seed: i
         result.status = "partial"
         result.reason = f"refused at split_layer={','.join(map(str, refused))}: {reasons['refused']}"
     return result
+
+
+def _check_router_loss(model: nn.Module, k: int, input_ids: torch.Tensor, mask: torch.Tensor) -> str:
+    """`refused`, `exact`, `inexact` or `error`: the split of a mixture of experts that adds its router loss."""
+    from .split import split_model
+
+    configs = list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
+    saved = [c.output_router_logits for c in configs]
+    labels = input_ids.masked_fill(mask == 0, -100)
+    try:
+        for c in configs:
+            c.output_router_logits = True
+        with torch.no_grad(), _quiet():
+            full = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            try:
+                parts = split_model(model, split_layer=k)
+            except ValueError as error:
+                return "refused" if "auxiliary loss" in str(error) else "error"
+            loss = parts.server(parts.client(input_ids=input_ids, attention_mask=mask), labels=labels).loss
+        return "exact" if (loss - full).abs().item() <= TOLERANCE else "inexact"
+    except Exception:  # noqa: BLE001
+        return "error"
+    finally:
+        for c, value in zip(configs, saved):
+            c.output_router_logits = value
 
 
 def sweep(model_types: Iterable[str] | None = None, cuts: Iterable[int] | None = None) -> list[CoverageResult]:
@@ -472,6 +507,22 @@ def render_markdown(results: list[CoverageResult], versions: dict[str, str]) -> 
         for r in by_status[status]:
             note = UNBUILDABLE_NOTES.get(r.model_type) if status == "unbuildable" else None
             lines.append(f"| `{r.model_type}` | {_cell(r.reason)}{f' ({note})' if note else ''} |")
+    moe = [r for r in results if r.router_loss]
+    lines += [
+        "",
+        "## Mixture of experts with the router loss",
+        "",
+        "With `output_router_logits=True` and labels, a mixture of experts adds a load-balancing loss over the "
+        "routers of all blocks. The server sees only its own blocks, so `split_model` refuses such a model with the "
+        "reason (the logits are still exact; set `output_router_logits=False` to split it) unless the loss is the "
+        "same anyway. Checked at the first exact cut of each type whose config has `output_router_logits`:",
+        "",
+        "| with `output_router_logits=True` | model types |",
+        "| --- | --- |",
+    ]
+    for outcome in ("refused", "exact", "inexact", "error"):
+        names = ", ".join(f"`{r.model_type}`" for r in moe if r.router_loss == outcome)
+        lines.append(f"| {outcome} | {names or '-'} |")
     if by_status["error"]:
         lines += ["", "## Errors (bugs)", "", "| model type | reason |", "| --- | --- |"]
         lines += [f"| `{r.model_type}` | {_cell(r.reason)} |" for r in by_status["error"]]

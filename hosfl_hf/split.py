@@ -686,8 +686,9 @@ def _check_split(split: SplitModel, verify: bool) -> None:
 
 def _missing_reason(prefix: str, index: int, name: str) -> str:
     return (
-        f"{prefix} decoder block {index} needs `{name}`, which the server does not get: the model computes it from "
-        "the input ids or passes it from block to block, and only the hidden states cross the cut."
+        f"{prefix} decoder block {index} needs `{name}`, which the server does not get: the model hands it to its "
+        "blocks besides the hidden states, and only the hidden states, the attention mask and the positions cross "
+        "the cut."
     )
 
 

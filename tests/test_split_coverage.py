@@ -52,6 +52,12 @@ def test_every_buildable_type_is_exact_or_refused(results):
             assert set(r.cuts) == set(range(1, r.num_layers)), model_type
 
 
+def test_router_losses_are_exact_or_refused(results):
+    moe = {t: r.router_loss for t, r in results.items() if r.router_loss}
+    assert set(moe.values()) <= {"refused", "exact"}, moe
+    assert moe.get("mixtral") == "refused" and moe.get("qwen3_moe") == "refused"
+
+
 def test_few_types_are_left_unbuilt(results):
     unbuilt = {t: r.reason for t, r in results.items() if r.status == "unbuildable"}
     assert len(unbuilt) <= MAX_UNBUILDABLE, unbuilt
