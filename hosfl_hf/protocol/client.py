@@ -1,0 +1,190 @@
+"""`SplitClient`: one federated client. It holds the client part of the model (embeddings and blocks
+`0..split_layer-1`; the server's blocks are dropped) and its own shard of the data, and answers the protocol's
+messages. It never backpropagates and never sends weights."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..federation import FederatedRoundSampler, partition_dataset
+from ..lora import upcast_trainable_adapters
+from ..rng import check_environment, environment
+from ..split import split_model
+from ..zeroth_order import ZerothOrderEstimator, apply_zo_update, build_client_optimizer
+from .messages import CatchUp, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
+from .settings import RoundSettings
+
+__all__ = ["SplitClient"]
+
+CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class SplitClient:
+    """A client of the federation: its part of the model, its data shard, and the client optimizer's state.
+
+    Args:
+        model (`nn.Module`): the full `*ForCausalLM` (plain or peft) at the run's initial weights; its server blocks
+            are dropped (the list of decoder blocks is cut after block `split_layer`, which only marks the cut).
+        client_id (`int`): this client's id (its shard index, Flower's `partition-id`).
+        settings ([`RoundSettings`]): the run's split, federation and zeroth-order settings.
+        dataset: the training set every client shards the same way (a `datasets.Dataset` or a list of rows with
+            `input_ids`, `labels`); only this client's shard is ever read.
+        collator (`Callable`): turns a list of rows into a batch of tensors.
+    """
+
+    def __init__(self, model: nn.Module, client_id: int, settings: RoundSettings, dataset: Any, collator: Callable):
+        self.settings = settings
+        self.client_id = client_id
+        split = split_model(model, settings.split_layer)
+        upcast_trainable_adapters(split)
+        del split.layers[settings.split_layer + 1 :]  # the server's blocks; block split_layer stops the forward
+        self.split = split
+        self.parameters = split.client_parameters()
+        self.estimator = ZerothOrderEstimator(self.parameters, settings.zo_eps, settings.zo_estimator, module=model)
+        self.optimizer = build_client_optimizer(
+            [p for _, p in self.parameters], settings.client_optimizer, 0.0, settings.client_weight_decay
+        )
+        self.environment = environment(p for _, p in self.parameters)
+        self.last_round = -1
+        labels = dataset[settings.partition_column] if settings.partition == "dirichlet" else None
+        shards = partition_dataset(
+            labels,
+            len(dataset),
+            settings.num_clients,
+            settings.partition,
+            settings.dirichlet_alpha,
+            seed=settings.federation_seed,
+            min_size=settings.batch_size,
+        )
+        self.sampler = FederatedRoundSampler(
+            shards, settings.clients_per_round, settings.batch_size, seed=settings.federation_seed
+        )
+        self.dataset, self.collator = dataset, collator
+        self._reference: tuple[int, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------------------------- round
+    def batch(self, round_index: int) -> dict[str, torch.Tensor]:
+        """This client's batch of round `round_index` (the trainer's sampler draws the same one)."""
+        rows = [self.dataset[i] for i in self.sampler.client_batch(round_index, self.client_id)]
+        return self.collator(rows)
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        dtype = self.settings.autocast_dtype
+        if dtype is None:
+            yield
+        else:
+            device = next(iter(p for _, p in self.parameters)).device.type if self.parameters else "cpu"
+            with torch.autocast(device_type=device, dtype=dtype, cache_enabled=False):
+                yield
+
+    def _client_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._precision():
+            return self.split.client(**inputs).hidden_states
+
+    def forward(self, plan: RoundPlan) -> ClientForward:
+        """Runs the client part on this round's batch, without autograd: the cut activations and the labels."""
+        if self.client_id not in plan.clients:
+            raise ValueError(f"Client {self.client_id} is not sampled in round {plan.round} ({plan.clients}).")
+        if plan.round <= self.last_round:
+            raise ValueError(f"Round {plan.round} was already applied here (last round {self.last_round}).")
+        batch = self.batch(plan.round)
+        inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
+        hidden = self._client_forward(inputs)
+        self._reference = (plan.round, hidden)
+        return ClientForward(
+            round=plan.round,
+            client=self.client_id,
+            hidden_states=hidden,
+            labels=batch.get("labels"),
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+        )
+
+    def probe(self, plan: RoundPlan, cotangent: Cotangent) -> ProbeReply:
+        """The `P` scalars `<lambda, z(theta + mu u_p) - z(theta)>` for the round's seeds. The reference `z` is the
+        one of `forward` when this object ran it, or recomputed (a process per message keeps no tensors)."""
+        if cotangent.round != plan.round or cotangent.client != self.client_id:
+            raise ValueError(
+                f"Cotangent for client {cotangent.client}, round {cotangent.round}; this is client {self.client_id}, "
+                f"round {plan.round}."
+            )
+        batch = self.batch(plan.round)
+        inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
+        if self._reference is not None and self._reference[0] == plan.round:
+            reference = self._reference[1]
+        else:
+            reference = self._client_forward(inputs)
+        self._reference = None
+        scalars = self.estimator.projected_scalars(
+            lambda: self._client_forward(inputs), reference, cotangent.cotangent, plan.seeds
+        )
+        return ProbeReply(round=plan.round, client=self.client_id, scalars=scalars)
+
+    def apply(self, update: ClientUpdate) -> None:
+        """Applies one round's update (from seeds and averaged scalars), exactly as every other holder does.
+
+        Raises:
+            `ValueError`: if the round is not after the last applied one (a duplicate or out-of-order update).
+        """
+        if update.round <= self.last_round:
+            raise ValueError(
+                f"Update of round {update.round} is not after the last applied round {self.last_round}: a duplicate "
+                "or out-of-order update is never applied."
+            )
+        apply_zo_update(self.parameters, self.optimizer, update.seeds, update.scalars, self.settings.zo_eps, update.lr)
+        self.last_round = update.round
+
+    def catch_up(self, history: CatchUp) -> int:
+        """Applies the rounds of `history` this client has not applied yet (a straggler's replay); returns how many."""
+        applied = 0
+        for update in history.rounds:
+            if update.round > self.last_round:
+                self.apply(update)
+                applied += 1
+        return applied
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The client's state: trainable weights, optimizer state, last applied round, environment."""
+        return {
+            "parameters": {n: p.detach().clone() for n, p in self.parameters},
+            "optimizer": self.optimizer.state_dict(),
+            "last_round": self.last_round,
+            "environment": dict(self.environment),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_environment(state.get("environment"), [p for _, p in self.parameters], "load this client state")
+        names = [n for n, _ in self.parameters]
+        if sorted(state["parameters"]) != sorted(names):
+            raise ValueError("The saved client state holds other trainable parameters than this client part.")
+        with torch.no_grad():
+            for name, param in self.parameters:
+                param.copy_(state["parameters"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.last_round = int(state["last_round"])
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Writes the state to `folder` (safetensors for the weights; the optimizer state with `torch.save`)."""
+        os.makedirs(folder, exist_ok=True)
+        state = self.state_dict()
+        save_file(state.pop("parameters"), os.path.join(folder, "client_parameters.safetensors"))
+        torch.save(state, os.path.join(folder, "client_state.pt"))
+
+    def load(self, folder: str | os.PathLike) -> bool:
+        """Loads a state written by `save`; returns False (and changes nothing) if `folder` holds none."""
+        path = os.path.join(folder, "client_state.pt")
+        if not os.path.isfile(path):
+            return False
+        state = torch.load(path, weights_only=True)
+        state["parameters"] = load_file(os.path.join(folder, "client_parameters.safetensors"))
+        self.load_state_dict(state)
+        return True
