@@ -469,19 +469,18 @@ def _difference(reference: Any, value: Any) -> float | None:
     return 0.0 if worst <= _tolerance(reference) else worst
 
 
-def _probe_batch(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _probe_ids(lm: nn.Module) -> torch.Tensor:
     """Two rows of three tokens (deterministic ids, no padding), on the device of the input embeddings."""
     embeddings = lm.get_input_embeddings()
     weight = getattr(embeddings, "weight", None)
     vocab = getattr(embeddings, "num_embeddings", None) or getattr(lm.config.get_text_config(), "vocab_size", 8)
     ids = (torch.arange(6).view(2, 3) * 7) % max(vocab - 3, 1) + min(3, vocab - 1)
-    ids = ids.to(weight.device if weight is not None else None)
-    return ids, torch.ones_like(ids)
+    return ids.to(weight.device if weight is not None else None)
 
 
 def _verify_batch(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Three random rows of 7 tokens from a seeded generator: unpadded, left-padded by 2, right-padded by 2."""
-    ids, _ = _probe_batch(lm)
+    ids = _probe_ids(lm)
     vocab = getattr(lm.get_input_embeddings(), "num_embeddings", None) or int(ids.max()) + 1
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(min(3, vocab - 1), vocab, (3, 7), generator=generator).to(ids.device)
@@ -511,16 +510,6 @@ def _brief(error: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
-def _run(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, reset: Any) -> tuple[Any, bool]:
-    """The model's output on a batch, with its loss when the model takes these ids as labels (`reset()` clears
-    what the hooks recorded before a retry without labels)."""
-    try:
-        return lm(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False), True
-    except Exception:  # noqa: BLE001 - retried without labels, and a second failure is reported
-        reset()
-        return lm(input_ids=ids, attention_mask=mask, use_cache=False), False
-
-
 def _outputs(output: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("loss", "logits", "aux_loss"):
@@ -530,132 +519,162 @@ def _outputs(output: Any) -> dict[str, Any]:
     return out
 
 
-def _check_split(split: SplitModel, verify: bool) -> None:
-    """Traces a full forward and a split forward on a probe batch and raises `ValueError` with the reason if the
-    split cannot be exact; sets what the split needs to know about the model's blocks."""
-    lm, k = split.model, split.split_layer
-    layers = split.layers
-    model_type = getattr(lm.config, "model_type", type(lm).__name__)
-    prefix = f"Cannot split '{model_type}' ({type(lm).__name__}) at split_layer={k}:"
-    split._token_pattern = model_type in _TOKEN_PATTERN_INPUTS
-    ids, mask = _probe_batch(lm)
+class _Trace:
+    """Hooks recording a forward: the order of block calls, the inputs and output arity of each block's first call,
+    and every module entered before it."""
 
-    # 1. A traced full forward: which blocks run, in which order, on what; which modules run before the cut.
-    calls: list[int] = []
-    inputs: dict[int, dict[str, Any]] = {}
-    hidden_keys: dict[int, int | str] = {}
-    outputs: dict[int, int] = {}
-    executed: list[nn.Module] = []
-    first_call: dict[int, int] = {}
+    def __init__(self, model: nn.Module, layers: nn.ModuleList):
+        self.model, self.layers = model, layers
+        self.reset()
 
-    def before(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls.append(index)
-            if index not in inputs:
-                first_call[index] = len(executed)
-                hidden_keys[index] = _hidden_key(args, kwargs)
-                inputs[index] = _call_inputs(module, args, kwargs)
+    def reset(self) -> None:
+        self.calls: list[int] = []
+        self.inputs: dict[int, dict[str, Any]] = {}
+        self.hidden_keys: dict[int, int | str] = {}
+        self.outputs: dict[int, int] = {}
+        self.executed: list[nn.Module] = []
+        self.first_call: dict[int, int] = {}
 
-        return hook
+    def hidden_name(self, index: int) -> str:
+        key = self.hidden_keys[index]
+        return _positional_name(self.layers[index], key) if isinstance(key, int) else key
 
-    def after(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            outputs.setdefault(index, len(output) if isinstance(output, tuple | list) else 0)
-
-        return hook
-
-    def reset() -> None:
-        for record in (calls, inputs, hidden_keys, outputs, executed, first_call):
-            record.clear()
-
-    handles = [layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles += [layer.register_forward_hook(after(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles += [m.register_forward_pre_hook(lambda m, args: executed.append(m)) for m in lm.modules()]
-    with _eval_mode(lm):
-        try:
-            try:
-                full, with_labels = _run(lm, ids, mask, reset)
-            finally:
-                for handle in handles:
-                    handle.remove()
-        except Exception as error:  # noqa: BLE001
-            raise ValueError(
-                f"{prefix} the model does not run on a batch of token ids and an attention mask ({_brief(error)})."
-            ) from error
-        full = _outputs(full)
-
-        repeated = sorted(i for i, n in Counter(calls).items() if n > 1)
-        if repeated:
-            raise ValueError(
-                f"{prefix} decoder block {repeated[0]} runs {Counter(calls)[repeated[0]]} times in one forward (the "
-                "model loops over its blocks or reuses them), so the forward cannot be cut in front of one block."
-            )
-        if calls != sorted(calls):
-            raise ValueError(
-                f"{prefix} the model calls its decoder blocks out of list order ({calls}), so the blocks before the "
-                "cut are not the client's blocks."
-            )
-        server_calls = [i for i in calls if i >= k]
-        if not server_calls:
-            raise ValueError(f"{prefix} none of the server's decoder blocks ({k}..{len(layers) - 1}) runs.")
-        first = server_calls[0]
-        split._block_outputs = dict(outputs)
-        split._client_modules = list(
-            {id(m): m for m in executed[: first_call[first]] if m is not layers[first]}.values()
-        )
-        key = hidden_keys[first]
-        hidden_name = _positional_name(layers[first], key) if isinstance(key, int) else key
-        hidden = inputs[first][hidden_name]
-        if hidden.dim() >= 2 and ids.shape[0] != ids.shape[1]:
-            dims = [d for d in range(hidden.dim() - 1) if hidden.shape[d] in ids.shape]
-            batch_dims = [d for d in dims if hidden.shape[d] == ids.shape[0]]
-            seq_dims = [d for d in dims if hidden.shape[d] == ids.shape[1]]
-            if batch_dims and seq_dims:
-                split._batch_seq_dims = (batch_dims[0], seq_dims[0])
-
-        # 2. The split forward on the same batch: every server block must receive what it received in (1).
-        received: dict[int, dict[str, Any]] = {}
-
-        def record(index: int):
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[_Trace]:
+        def before(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                received.setdefault(index, _call_inputs(module, args, kwargs))
+                self.calls.append(index)
+                if index not in self.inputs:
+                    self.first_call[index] = len(self.executed)
+                    self.hidden_keys[index] = _hidden_key(args, kwargs)
+                    self.inputs[index] = _call_inputs(module, args, kwargs)
 
             return hook
 
+        def after(index: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                self.outputs.setdefault(index, len(output) if isinstance(output, tuple | list) else 0)
+
+            return hook
+
+        layers = self.layers
+        handles = [layer.register_forward_pre_hook(before(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles += [layer.register_forward_hook(after(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles += [m.register_forward_pre_hook(lambda m, args: self.executed.append(m)) for m in self.model.modules()]
         try:
-            cut = split.client(input_ids=ids, attention_mask=mask)
-        except Exception as error:  # noqa: BLE001
-            raise ValueError(f"{prefix} the client part fails ({_brief(error)}).") from error
-        handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in server_calls]
-        # Registered after the server's injection hook would be: record what the block really gets.
-        try:
-            server = split.server(cut, labels=ids if with_labels else None)
-        except Exception as error:  # noqa: BLE001
-            lacking = [
-                (i, name)
-                for i in server_calls
-                for name, value in inputs[i].items()
-                if i in received and _difference(value, received[i].get(name)) is None
-            ]
-            if lacking:
-                raise ValueError(f"{_missing_reason(prefix, *lacking[0])} ({_brief(error)})") from error
-            raise ValueError(
-                f"{prefix} the server part cannot run from the cut activations alone ({_brief(error)}): the model's "
-                "forward needs more than the hidden states at the cut, the attention mask and the positions."
-            ) from error
+            yield self
         finally:
             for handle in handles:
                 handle.remove()
-        server = _outputs(server)
 
+
+def _trace_full_forward(lm: nn.Module, trace: _Trace, ids: torch.Tensor, prefix: str) -> tuple[dict, bool]:
+    """Runs the unsplit model on the probe batch with `trace` recording; its outputs (with the loss when the model
+    takes the ids as labels) and whether labels were used."""
+    mask = torch.ones_like(ids)
+    try:
+        with trace.recording():
+            try:
+                return _outputs(lm(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)), True
+            except Exception:  # noqa: BLE001 - retried without labels; a second failure is reported
+                trace.reset()
+                return _outputs(lm(input_ids=ids, attention_mask=mask, use_cache=False)), False
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(
+            f"{prefix} the model does not run on a batch of token ids and an attention mask ({_brief(error)})."
+        ) from error
+
+
+def _server_blocks(calls: list[int], k: int, num_layers: int, prefix: str) -> list[int]:
+    """The server blocks that run, in order, after checking that every block runs at most once and in list order."""
+    counts = Counter(calls)
+    repeated = sorted(i for i, n in counts.items() if n > 1)
+    if repeated:
+        raise ValueError(
+            f"{prefix} decoder block {repeated[0]} runs {counts[repeated[0]]} times in one forward (the model loops "
+            "over its blocks or reuses them), so the forward cannot be cut in front of one block."
+        )
+    if calls != sorted(calls):
+        raise ValueError(
+            f"{prefix} the model calls its decoder blocks out of list order ({calls}), so the blocks before the cut "
+            "are not the client's blocks."
+        )
+    server_calls = [i for i in calls if i >= k]
+    if not server_calls:
+        raise ValueError(f"{prefix} none of the server's decoder blocks ({k}..{num_layers - 1}) runs.")
+    return server_calls
+
+
+def _learn_blocks(split: SplitModel, trace: _Trace, first: int, ids: torch.Tensor) -> None:
+    """What the split needs to know from the traced forward: the client's modules (those entered before the first
+    server block), each block's output arity, and where batch and sequence sit in the hidden states."""
+    layers = split.layers
+    before_cut = trace.executed[: trace.first_call[first]]
+    split._client_modules = list({id(m): m for m in before_cut if m is not layers[first]}.values())
+    split._block_outputs = dict(trace.outputs)
+    hidden = trace.inputs[first][trace.hidden_name(first)]
+    if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2:
+        batch_dims = [d for d in range(hidden.dim() - 1) if hidden.shape[d] == ids.shape[0]]
+        seq_dims = [d for d in range(hidden.dim() - 1) if hidden.shape[d] == ids.shape[1]]
+        if batch_dims and seq_dims:
+            split._batch_seq_dims = (batch_dims[0], seq_dims[0])
+
+
+def _trace_split_forward(
+    split: SplitModel, trace: _Trace, server_calls: list[int], ids: torch.Tensor, with_labels: bool, prefix: str
+) -> tuple[dict[int, dict[str, Any]], dict]:
+    """Runs client and server on the probe batch; what each server block received (before the injection) and the
+    server's outputs."""
+    received: dict[int, dict[str, Any]] = {}
+
+    def record(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            received.setdefault(index, _call_inputs(module, args, kwargs))
+
+        return hook
+
+    try:
+        cut = split.client(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"{prefix} the client part fails ({_brief(error)}).") from error
+    # Registered before the server's injection hook: the first server block is recorded with the placeholder.
+    handles = [split.layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in server_calls]
+    try:
+        return received, _outputs(split.server(cut, labels=ids if with_labels else None))
+    except Exception as error:  # noqa: BLE001
+        lacking = [
+            (i, name)
+            for i in server_calls
+            if i in received
+            for name, value in trace.inputs[i].items()
+            if _difference(value, received[i].get(name)) is None
+        ]
+        if lacking:
+            raise ValueError(f"{_missing_reason(prefix, *lacking[0])} ({_brief(error)})") from error
+        raise ValueError(
+            f"{prefix} the server part cannot run from the cut activations alone ({_brief(error)}): the model's "
+            "forward needs more than the hidden states at the cut, the attention mask and the positions."
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _compare(
+    trace: _Trace, received: dict[int, dict[str, Any]], full: dict, server: dict, server_calls: list[int], prefix: str
+) -> None:
+    """Every input of every server block, then the logits and losses, against the unsplit forward."""
+    first, hidden_name = server_calls[0], trace.hidden_name(server_calls[0])
     missing = []
     for index in server_calls:
         got = received.get(index, {})
-        for name, reference in inputs[index].items():
+        for name, reference in trace.inputs[index].items():
+            if index == first and (name == hidden_name or name.startswith(hidden_name + "[")):
+                continue  # replaced by the cut
             diff = _difference(reference, got.get(name))
             if diff is None:
                 missing.append((index, name))
-            elif diff and not (index == first and (name == hidden_name or name.startswith(hidden_name + "["))):
+            elif diff:
                 if missing:  # an input the server lacks changed what this block receives
                     raise ValueError(_missing_reason(prefix, *missing[0]))
                 raise ValueError(
@@ -663,7 +682,7 @@ def _check_split(split: SplitModel, verify: bool) -> None:
                     f"skipped (max |diff| {diff:.3g}): the model passes state from block to block outside the hidden "
                     "states, or feeds its input embeddings to later blocks, and only the hidden states cross the cut."
                 )
-    diffs = {key: _difference(full[key], server.get(key)) for key in full}
+    diffs = {key: _difference(value, server.get(key)) for key, value in full.items()}
     diffs = {key: math.inf if diff is None else diff for key, diff in diffs.items()}
     if diffs.get("logits"):
         if missing:
@@ -680,6 +699,23 @@ def _check_split(split: SplitModel, verify: bool) -> None:
             "mixture of experts, and the server sees only its own blocks. Set `config.output_router_logits=False` "
             "(or the auxiliary loss coefficient to 0) to split it."
         )
+
+
+def _check_split(split: SplitModel, verify: bool) -> None:
+    """Traces a full forward and a split forward of a probe batch, raises `ValueError` with the reason if the split
+    cannot be exact, and sets what the split needs to know about the model's blocks."""
+    lm, k, layers = split.model, split.split_layer, split.layers
+    model_type = getattr(lm.config, "model_type", type(lm).__name__)
+    prefix = f"Cannot split '{model_type}' ({type(lm).__name__}) at split_layer={k}:"
+    split._token_pattern = model_type in _TOKEN_PATTERN_INPUTS
+    ids = _probe_ids(lm)
+    trace = _Trace(lm, layers)
+    with _eval_mode(lm):
+        full, with_labels = _trace_full_forward(lm, trace, ids, prefix)
+        server_calls = _server_blocks(trace.calls, k, len(layers), prefix)
+        _learn_blocks(split, trace, server_calls[0], ids)
+        received, server = _trace_split_forward(split, trace, server_calls, ids, with_labels, prefix)
+    _compare(trace, received, full, server, server_calls, prefix)
     if verify:
         _verify(split, prefix)
 
