@@ -1,0 +1,1 @@
+"""Drivers of the round protocol on other runtimes (Flower)."""

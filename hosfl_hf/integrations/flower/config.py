@@ -1,0 +1,122 @@
+"""The run configuration of the Flower app (`[tool.flwr.app.config]`): defaults, and what both apps build from it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ...config import HOSFLConfig
+from ...protocol import RoundSettings
+
+__all__ = ["DEFAULT_RUN_CONFIG", "build_args", "load_dataset", "load_model", "make_collator", "state_folder"]
+
+# Every key must also be declared in the app's pyproject.toml (`flwr run` refuses undeclared keys).
+DEFAULT_RUN_CONFIG: dict[str, Any] = {
+    "model": "",  # a local folder with a *ForCausalLM (save_pretrained), or a Hub id where the Hub is reachable
+    "dataset": "",  # a JSON-lines file of tokenized rows: input_ids, labels (optional: attention_mask)
+    "split-layer": 2,
+    "num-rounds": 3,
+    "num-clients": 3,
+    "clients-per-round": 2,
+    "batch-size": 4,
+    "num-perturbations": 2,
+    "zo-eps": 1e-3,
+    "learning-rate": 3e-3,
+    "client-learning-rate": 1e-3,
+    "client-optimizer": "adamw",
+    "lr-scheduler-type": "linear",
+    "max-grad-norm": 1.0,
+    "lora-r": 0,  # > 0: LoRA adapters of this rank on every linear layer of both parts (seeded by `seed`)
+    "seed": 7,
+    "output-dir": "hosfl-flower-output",
+    "state-dir": "",  # where each client keeps its state between messages (default: the temp folder)
+    "reply-timeout": 600.0,
+}
+
+
+def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config over the defaults; unknown keys are refused (they would be silently ignored)."""
+    unknown = set(run_config) - set(DEFAULT_RUN_CONFIG)
+    if unknown:
+        raise ValueError(f"Unknown hosfl_hf run-config keys {sorted(unknown)}; known: {sorted(DEFAULT_RUN_CONFIG)}.")
+    config = {**DEFAULT_RUN_CONFIG, **run_config}
+    for key in ("model", "dataset"):
+        if not config[key]:
+            raise ValueError(f"Set run-config '{key}' (e.g. flwr run . --run-config '{key}=\"/path\"').")
+    return config
+
+
+def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
+    """The [`HOSFLConfig`] of the run (server optimizer, schedule, clipping) and the shared [`RoundSettings`]."""
+    args = HOSFLConfig(
+        output_dir=str(config["output-dir"]),
+        split_layer=int(config["split-layer"]),
+        num_clients=int(config["num-clients"]),
+        clients_per_round=int(config["clients-per-round"]),
+        per_device_train_batch_size=int(config["batch-size"]),
+        num_perturbations=int(config["num-perturbations"]),
+        zo_eps=float(config["zo-eps"]),
+        learning_rate=float(config["learning-rate"]),
+        client_learning_rate=float(config["client-learning-rate"]),
+        client_optimizer=str(config["client-optimizer"]),
+        lr_scheduler_type=str(config["lr-scheduler-type"]),
+        max_grad_norm=float(config["max-grad-norm"]),
+        max_steps=int(config["num-rounds"]),
+        seed=int(config["seed"]),
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return RoundSettings.from_args(args), args
+
+
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def load_model(config: Mapping[str, Any]) -> torch.nn.Module:
+    """A fresh copy of the run's initial model (plus its seeded LoRA adapters): identical on every node."""
+    key = (config["model"], int(config["lora-r"]), int(config["seed"]))
+    if key not in _MODELS:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
+        if int(config["lora-r"]) > 0:
+            from peft import LoraConfig, get_peft_model
+
+            with torch.random.fork_rng():
+                torch.manual_seed(int(config["seed"]))
+                model = get_peft_model(model, LoraConfig(r=int(config["lora-r"]), target_modules="all-linear"))
+        _MODELS[key] = model.eval()
+    return copy.deepcopy(_MODELS[key])
+
+
+def load_dataset(config: Mapping[str, Any]) -> Any:
+    import datasets
+
+    return datasets.load_dataset("json", data_files=config["dataset"], split="train")
+
+
+def make_collator(config: Mapping[str, Any]):
+    """Pads with the model folder's tokenizer (`DataCollatorForSeq2Seq`); stacks rows of equal length
+    (`default_data_collator`) where the folder holds no tokenizer."""
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config["model"])
+    except (OSError, ValueError, TypeError):
+        return default_data_collator
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+
+def state_folder(config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int, client_id: int) -> str:
+    """Where a client keeps its state between messages (a SuperNode may start a new process per message)."""
+    base = node_config.get("state-dir") or config["state-dir"] or os.path.join(tempfile.gettempdir(), "hosfl-flower")
+    return os.path.join(str(base), f"run-{run_id}", f"client-{client_id}")
