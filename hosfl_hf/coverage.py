@@ -246,26 +246,23 @@ def tiny_config(model_type: str) -> Any:
 def tiny_causal_lm(model_type: str, seed: int = 0, std: float = 0.15) -> nn.Module:
     """A tiny random `*ForCausalLM` of `model_type` in eval mode.
 
-    The weights of linear, embedding and expert matrices are redrawn from `N(0, std)` with a seeded generator (the
-    default initializations are so small that a wrong split could stay under the tolerance). The model's own
-    initialization runs under `torch.random.fork_rng`, so the global RNG is left as it was.
+    The weights of linear and embedding layers and every 3-d weight (fused experts, convolutions) are redrawn from
+    `N(0, std)` with a seeded generator: the default initializations are so small that a wrong split could stay under
+    the tolerance. The model's own initialization runs under `torch.random.fork_rng`, so the global RNG is left as
+    it was.
     """
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             for name, param in module.named_parameters(recurse=False):
-                if not param.is_floating_point():
-                    continue
-                if isinstance(module, nn.Linear | nn.Embedding) and name == "weight":
-                    param.copy_(torch.randn(param.shape, generator=generator) * std)
-                elif param.dim() == 3 and ("proj" in name or "expert" in name or "w" == name[:1]):
+                matrix = isinstance(module, nn.Linear | nn.Embedding) and name == "weight"
+                if param.is_floating_point() and (matrix or param.dim() == 3):
                     param.copy_(torch.randn(param.shape, generator=generator) * std)
     return model.eval()
 
