@@ -665,3 +665,16 @@ def test_split_check_keeps_modes_and_global_rng():
     split_model(model, split_layer=2, verify=True)
     assert torch.equal(torch.get_rng_state(), state)
     assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_bfloat16_model_is_checked_and_split_exactly(name):
+    model = build_model(name).to(torch.bfloat16)
+    input_ids, mask = make_batch("left")
+    with torch.no_grad():
+        reference = model(input_ids, attention_mask=mask).logits
+    parts = split_model(model, split_layer=2, verify=True)
+    cut = parts.client(input_ids=input_ids, attention_mask=mask)
+    assert cut.hidden_states.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(parts.server(cut).logits[mask.bool()], reference[mask.bool()])
