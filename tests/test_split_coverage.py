@@ -2,8 +2,8 @@
 
 Each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built as a tiny random model by `hosfl_hf.coverage`
 (generic shrinker plus per-type overrides), run unsplit on a padded batch, and split at every cut. The sweep runs
-once per session (about two minutes on one core); `docs/split_coverage.md` is generated from the same code by
-`python benchmarks/split_coverage.py`.
+once for this module, in about a minute on one core (`python -m pytest tests/test_split_coverage.py`).
+`docs/split_coverage.md` is generated from the same code by `python benchmarks/split_coverage.py`.
 """
 
 from __future__ import annotations
