@@ -131,10 +131,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any] | Callable[[Any], None]] = {
     # a cross-attention block in the middle: skipped without images, so the cut moves to the next block that runs
     "mllama": lambda config: setattr(config.get_text_config(), "cross_attention_layers", [2]),
     # blocks that reuse the key/value states of earlier blocks
+    # the last 2 of 6 blocks reuse the key/value states of blocks 2 and 3 (a valid sharing pattern needs 6 blocks)
     "gemma3n_text": {
-        "layer_types": _ALTERNATING,
+        "num_hidden_layers": 6,
+        "layer_types": _ALTERNATING + _ALTERNATING[:2],
         "num_kv_shared_layers": 2,
-        "intermediate_size": [2 * HIDDEN] * LAYERS,
+        "intermediate_size": [2 * HIDDEN] * 6,
     },
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "qwen4_exp_text": _QSA_INDEXER,
@@ -193,15 +195,15 @@ def _sub_configs(config: Any) -> Iterable[Any]:
                 stack.append(value)
 
 
-def _shrink(config: Any) -> None:
+def _shrink(config: Any, layers: int = LAYERS) -> None:
     old_layers = getattr(config, "num_hidden_layers", None) if _has(config, "num_hidden_layers") else None
-    for name, value in GENERIC.items():
+    for name, value in {**GENERIC, "num_hidden_layers": layers}.items():
         if _has(config, name):
             with contextlib.suppress(AttributeError, TypeError, ValueError):
                 setattr(config, name, value)
     for name in ("encoder_layers", "decoder_layers", "num_decoder_layers"):
         if _has(config, name) and isinstance(getattr(config, name, None), int):
-            setattr(config, name, LAYERS)
+            setattr(config, name, layers)
     if _has(config, "rotary_dim") and isinstance(getattr(config, "rotary_dim", None), int):
         config.rotary_dim = HIDDEN // HEADS // 2
     if _has(config, "qk_rope_head_dim") and _has(config, "head_dim"):
@@ -210,11 +212,11 @@ def _shrink(config: Any) -> None:
         if _has(config, "num_key_value_heads"):
             config.num_key_value_heads = HEADS
     # Per-layer lists (layer types, MoE layer flags): keep their first LAYERS entries.
-    if isinstance(old_layers, int) and old_layers > LAYERS:
+    if isinstance(old_layers, int) and old_layers > layers:
         for name, value in list(vars(config).items()):
             if isinstance(value, list | tuple) and len(value) == old_layers:
                 with contextlib.suppress(AttributeError, TypeError, ValueError):
-                    setattr(config, name, type(value)(value[:LAYERS]))
+                    setattr(config, name, type(value)(value[:layers]))
 
 
 def tiny_config(model_type: str) -> Any:
@@ -230,8 +232,9 @@ def tiny_config(model_type: str) -> Any:
         kwargs.update(override)
     with contextlib.suppress(Exception), _quiet():
         config = AutoConfig.for_model(model_type, **kwargs)
+    layers = override.get("num_hidden_layers", LAYERS) if isinstance(override, dict) else LAYERS
     for cfg in _sub_configs(config):
-        _shrink(cfg)
+        _shrink(cfg, layers)
     if callable(override):
         override(config)
     elif override:
