@@ -49,7 +49,7 @@ def stop(process):
             continue
 
 
-def write_inputs(folder: Path) -> dict:
+def write_inputs(folder: Path, rounds: int) -> dict:
     tiny_llama().save_pretrained(folder / "model")
     rows = counting_dataset()
     with open(folder / "train.jsonl", "w") as f:
@@ -58,7 +58,7 @@ def write_inputs(folder: Path) -> dict:
     return {
         "model": str(folder / "model"),
         "dataset": str(folder / "train.jsonl"),
-        "num-rounds": ROUNDS,
+        "num-rounds": rounds,
         "num-clients": CLIENTS,
         "clients-per-round": 2,
         "output-dir": str(folder / "out"),
@@ -66,8 +66,8 @@ def write_inputs(folder: Path) -> dict:
     }
 
 
-def trainer_reference(tmp_path):
-    args = tiny_args(tmp_path, num_clients=CLIENTS, clients_per_round=2, max_steps=ROUNDS)
+def trainer_reference(tmp_path, rounds):
+    args = tiny_args(tmp_path, num_clients=CLIENTS, clients_per_round=2, max_steps=rounds)
     trainer = HOSFLTrainer(
         tiny_llama(), args, split_layer=2, train_dataset=counting_dataset(), data_collator=stack_collator
     )
@@ -77,7 +77,7 @@ def trainer_reference(tmp_path):
 
 def check_against_trainer(out: Path, state: Path, trainer):
     summary = json.loads((out / "flower_summary.json").read_text())
-    assert summary["clients_identical"] and summary["rounds"] == ROUNDS
+    assert summary["clients_identical"] and summary["rounds"] == trainer.args.max_steps
     assert Trajectory.load(out).rounds == trainer.trajectory.rounds
     saved = load_file(out / "model.safetensors")
     client = dict(trainer.split.client_parameters())
@@ -95,7 +95,7 @@ def check_against_trainer(out: Path, state: Path, trainer):
 
 
 def test_simulation_equals_the_trainer(tmp_path):
-    config = write_inputs(tmp_path)
+    config = write_inputs(tmp_path, ROUNDS)
     (tmp_path / "config.json").write_text(json.dumps(config))
     env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
     code, output = run(
@@ -105,9 +105,116 @@ def test_simulation_equals_the_trainer(tmp_path):
         cwd=tmp_path,
     )
     assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
-    trainer = trainer_reference(tmp_path / "trainer")
+    trainer = trainer_reference(tmp_path / "trainer", ROUNDS)
     # A client that was not sampled in the last round caught up only at the end, yet ends identical.
     assert set(range(CLIENTS)) - set(sample_clients(7, ROUNDS - 1, CLIENTS, 2))
     summary = check_against_trainer(tmp_path / "out", tmp_path / "state", trainer)
     # Sync traffic is seeds and scalars (plus message headers), tiny next to the cuts and lambdas.
     assert summary["comm"]["sync_bytes"] < summary["comm"]["activation_bytes"] / 5
+
+
+def test_app_config_declares_every_run_config_key():
+    import tomllib
+
+    from hosfl_hf.integrations.flower import DEFAULT_RUN_CONFIG
+
+    app = tomllib.loads((HERE.parent / "examples" / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["config"] == DEFAULT_RUN_CONFIG
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"Nothing listens on 127.0.0.1:{port} after {timeout} s.")
+
+
+def test_loopback_deployment_writes_the_trainers_artifacts(tmp_path):
+    """flower-superlink + 3 flower-supernodes on 127.0.0.1 (a new ClientApp process per message), 2 rounds: the
+    written artifacts load, and the client part equals the in-process trainer's bit for bit."""
+    from conftest import free_port
+    from transformers import AutoModelForCausalLM
+
+    from hosfl_hf import HOSFLSplitConfig
+
+    config = write_inputs(tmp_path, 2)
+    link = free_port()
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = dict(subprocess_env(), FLWR_HOME=str(home))
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    started = []
+
+    def start(*command: str) -> None:
+        started.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                cwd=tmp_path,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    try:
+        start(
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link),
+        )
+        wait_for_port(link, 60)
+        for partition in range(CLIENTS):
+            node_config = f'partition-id={partition} num-partitions={CLIENTS} state-dir="{tmp_path / "state"}"'
+            start(
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link}",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+                "--max-retries",
+                "20",
+                "--max-wait-time",
+                "60",
+            )
+        run_config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
+        code, output = run(
+            [
+                "flwr",
+                "run",
+                str(HERE.parent / "examples" / "flower"),
+                "loopback",
+                "--stream",
+                "--run-config",
+                run_config,
+            ],
+            timeout=480,
+            env=env,
+            cwd=tmp_path,
+        )
+    finally:
+        for process in started:
+            stop(process)
+    # `flwr run` exits 0 even when the ServerApp failed: judge the run by what it wrote.
+    assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
+    trainer = trainer_reference(tmp_path / "trainer", 2)
+    check_against_trainer(tmp_path / "out", tmp_path / "state", trainer)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert HOSFLSplitConfig.from_pretrained(tmp_path / "out").split_layer == 2
+    assert (tmp_path / "out" / "README.md").is_file()
