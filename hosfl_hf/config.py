@@ -7,18 +7,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .algorithms import ALGORITHMS as _REGISTRY
+
 __all__ = ["ALGORITHMS", "HOSFLConfig"]
 
-ALGORITHMS = (
-    "hosfl",
-    "splitlora",
-    "zo_sfl",
-    "fedavg_lora",
-    "centralized",
-    "mezo",
-    "frozen_client",
-    "client_only",
-)
+ALGORITHMS = tuple(_REGISTRY)  # the method names, from the registry of rules (hosfl_hf.algorithms)
 
 
 @dataclass
@@ -139,8 +132,8 @@ class HOSFLConfig(TrainingArguments):
         def fail(name: str, value: object, expected: str) -> None:
             raise ValueError(f"HOSFLConfig.{name}={value!r} is invalid: {expected}.")
 
-        if self.algorithm not in ALGORITHMS:
-            fail("algorithm", self.algorithm, f"use one of {list(ALGORITHMS)}")
+        if self.algorithm not in _REGISTRY:
+            fail("algorithm", self.algorithm, f"use one of {list(_REGISTRY)}")
         if self.split_layer is not None and (not isinstance(self.split_layer, int) or self.split_layer < 1):
             fail("split_layer", self.split_layer, "use a positive number of client blocks, or None")
         if not isinstance(self.num_clients, int) or self.num_clients < 1:

@@ -24,8 +24,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from .aggregation import average_scalars
+from .algorithms import ALGORITHMS, _zo_sync_bytes, get_algorithm
 from .config import HOSFLConfig
-from .federation import FederatedRoundSampler, RoundTraffic, partition_dataset, sample_clients
+from .federation import FederatedRoundSampler, partition_dataset, sample_clients
 from .rng import environment, round_seeds
 from .split import CutActivations, split_model
 from .trajectory import TRAJECTORY_NAME, Trajectory, TrajectoryRound
@@ -34,27 +35,18 @@ from .zeroth_order import (
     apply_zo_update,
     build_client_optimizer,
     loss_differences,
-    zo_gradients,
 )
 
 __all__ = ["HOSFLTrainer"]
 
-# Algorithms without a split (the whole model is trained by the Trainer's optimizer).
-NO_SPLIT = frozenset({"fedavg_lora", "centralized", "mezo"})
-# Algorithms where every trainable parameter is updated from two-point loss differences (no backprop anywhere).
-ZO_EVERYWHERE = frozenset({"zo_sfl", "mezo"})
-# Algorithms whose client part is updated from seeds + averaged scalars.
-ZO_CLIENT = frozenset({"hosfl", "client_only", "zo_sfl", "mezo"})
-# Algorithms with a client optimizer.
-CLIENT_OPTIMIZER = frozenset({"hosfl", "client_only", "zo_sfl", "splitlora"})
+# Read-only views of the registry (hosfl_hf.algorithms), for the benchmarks: methods without a split, and methods
+# where no part is trained by backprop.
+NO_SPLIT = frozenset(name for name, a in ALGORITHMS.items() if not a.split)
+ZO_EVERYWHERE = frozenset(name for name, a in ALGORITHMS.items() if not a.server.backprop)
 
 
 def _num_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _zo_sync_bytes(num_perturbations: int) -> int:
-    return RoundTraffic.hybrid_order(0, 0, 0, num_perturbations).sync_bytes
 
 
 # Inputs that stay on the client; everything else in a batch (besides labels) is forwarded to the server part.
@@ -199,6 +191,7 @@ class HOSFLTrainer(Trainer):
             data_collator = self._default_collator(train_dataset, processing_class)
 
         self._loss_func = compute_loss_func
+        self.algorithm = get_algorithm(args.algorithm)
         super().__init__(
             model=model,
             args=args,
@@ -316,13 +309,13 @@ class HOSFLTrainer(Trainer):
     # ------------------------------------------------------------------------------------------- optimizers
     def _server_trainable(self) -> list[tuple[str, nn.Parameter]]:
         """Parameters the Trainer's optimizer updates: the server part's, or the whole model's without a split."""
-        if self.args.algorithm in NO_SPLIT:
+        if not self.algorithm.split:
             return [(n, p) for n, p in self.split.model.named_parameters() if p.requires_grad]
         return self.split.server_parameters()
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, over the server's trainable parameters only (all of them without a split)."""
-        frozen = [] if self.args.algorithm in NO_SPLIT else [p for _, p in self.split.client_parameters()]
+        frozen = [] if not self.algorithm.split else [p for _, p in self.split.client_parameters()]
         for p in frozen:
             p.requires_grad_(False)
         try:
@@ -330,7 +323,7 @@ class HOSFLTrainer(Trainer):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        if self.args.algorithm == "client_only":  # control: the server part never changes
+        if not self.algorithm.server.trains:  # control (client_only): the server part never changes
             for group in optimizer.param_groups:
                 group["lr"] = 0.0
         return optimizer
@@ -341,7 +334,7 @@ class HOSFLTrainer(Trainer):
         """The server's scheduler, plus the client optimizer and its scheduler (same schedule shape, peak
         `client_learning_rate`)."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.args.algorithm in CLIENT_OPTIMIZER and self.client_parameters:
+        if self.algorithm.client.optimizer and self.client_parameters:
             # Like the server's: the optimizer (and its state) is kept over several train() calls, the schedule is
             # rebuilt for each call (the Trainer resets its scheduler between calls).
             if self.client_optimizer is None:
@@ -413,11 +406,11 @@ class HOSFLTrainer(Trainer):
         client_inputs = {k: inputs.pop(k) for k in CLIENT_INPUTS if k in inputs}
         training = model.training and torch.is_grad_enabled()
         lm_labels = None if self._loss_func is not None else labels
-        if self.args.algorithm in NO_SPLIT:
+        if not self.algorithm.split:
             cut = client_graph = None
             outputs = model(**client_inputs, **inputs, labels=lm_labels, use_cache=False)
         else:
-            first_order_client = training and self.args.algorithm == "splitlora"
+            first_order_client = training and self.algorithm.client.graph
             with self._client_precision():
                 cut = self.split.client(**client_inputs, grad=first_order_client)
             client_graph = cut.hidden_states if first_order_client else None
@@ -455,10 +448,9 @@ class HOSFLTrainer(Trainer):
 
         The last client batch closes the round (aggregation); the client update itself is applied after the
         server's optimizer step, by `_apply_client_update`."""
-        algorithm = self.args.algorithm
         round_index = self._round_base + self.state.global_step
         client = self._current_client(round_index)
-        if algorithm in ZO_EVERYWHERE:
+        if not self.algorithm.server.backprop:
             loss = self._zeroth_order_step(model, inputs, client, round_index)
         else:
             self._pending = None
@@ -484,43 +476,34 @@ class HOSFLTrainer(Trainer):
         labels: torch.Tensor | None,
         client_graph: torch.Tensor | None,
     ) -> None:
-        """What the client does with lambda (HO-SFL: projected scalars; SplitLoRA: backprop) and its traffic."""
-        algorithm = self.args.algorithm
-        label_bytes = _num_bytes(labels)
-        if cut is None:  # fedavg_lora / centralized: no split, the whole model was backpropagated
-            sync = 2 * _num_bytes(*(p for _, p in self._server_trainable())) if algorithm == "fedavg_lora" else 0
-            self._count_traffic(0, sync)
-            return
-        self._round_traffic[2] += 1
-        if algorithm == "frozen_client":  # no lambda is needed
-            self._count_traffic(cut.num_bytes() + label_bytes, 0)
-            return
-        # The Trainer backpropagated loss_i / K (times the fp16 loss scale): lambda_i = dloss_i/dz = grad * K / scale.
-        scaled_grad = cut.hidden_states.grad / self._grad_scale()
-        cotangent = scaled_grad * self.current_gradient_accumulation_steps
-        activation_bytes = cut.num_bytes() + label_bytes + _num_bytes(cotangent)
-        if algorithm == "splitlora":
-            # The client backpropagates lambda_i / K through its own part: the K gradients sum to the average.
-            client_graph.backward(scaled_grad)
-            # FedAvg of the client's trainable weights: download the global copy, upload the local one.
-            self._count_traffic(activation_bytes, 2 * _num_bytes(*(p for _, p in self.client_parameters)))
-            return
-        if not self.client_parameters:
-            self._count_traffic(activation_bytes, 0)
-            return
+        """The client's reply to one batch (`algorithm.client.reply`: HO-SFL probes, SplitLoRA backpropagates)."""
+        step = {"client": client, "round": round_index, "inputs": client_inputs, "cut": cut, "labels": labels}
+        if cut is not None:
+            self._round_traffic[2] += 1  # the client's forward
+            if self.algorithm.client.cotangent:
+                # The Trainer backpropagated loss_i / K (times the fp16 loss scale): lambda_i = dloss_i/dz
+                # = grad * K / scale; SplitLoRA's client backpropagates the scaled-down grad / scale = lambda_i / K.
+                step["scaled_grad"] = cut.hidden_states.grad / self._grad_scale()
+                step["cotangent"] = step["scaled_grad"] * self.current_gradient_accumulation_steps
+                step["graph"] = client_graph
+        self.algorithm.client.reply(self, step)
+
+    def _probe(self, step: dict[str, Any]) -> list[int]:
+        """HO-SFL's probes of one client batch: its `P` scalars go into the round's replies. Returns the seeds."""
+        client, round_index, cotangent = step["client"], step["round"], step["cotangent"]
         seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
         self._check_new_reply(client, round_index)
         if not torch.isfinite(cotangent).all():
             # An fp16 loss-scale overflow (the scaler will skip the server step) or a divergence: no probe is worth
             # running; the non-finite reply makes _close_round skip (fp16) or reject (otherwise) the round.
             self._round_scalars[client] = [math.nan] * len(seeds)
-        else:
-            scalars = self.estimator.projected_scalars(
-                lambda: self._client_forward(client_inputs), cut.hidden_states.detach(), cotangent, seeds
-            )
-            self._round_scalars[client] = scalars
-            self._round_traffic[2] += self.estimator.forwards_per_direction * len(seeds)
-        self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
+            return seeds
+        inputs = step["inputs"]
+        self._round_scalars[client] = self.estimator.projected_scalars(
+            lambda: self._client_forward(inputs), step["cut"].hidden_states.detach(), cotangent, seeds
+        )
+        self._round_traffic[2] += self.estimator.forwards_per_direction * len(seeds)
+        return seeds
 
     def _zeroth_order_step(
         self, model: nn.Module, inputs: dict[str, Any], client: int, round_index: int
@@ -542,7 +525,7 @@ class HOSFLTrainer(Trainer):
         self._check_new_reply(client, round_index)
         self._round_scalars[client] = scalars
         self._round_traffic[2] += 2 * len(seeds)
-        if self.args.algorithm == "zo_sfl":
+        if self.algorithm.split:  # ZO-SFL
             # Per direction two cuts go up (theta + mu u, theta - mu u); seeds and the loss difference are shared.
             activation_bytes = 2 * len(seeds) * (self._last_cut_bytes + _num_bytes(inputs.get("labels")))
             self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
@@ -603,33 +586,22 @@ class HOSFLTrainer(Trainer):
         self._scale_before_step = self._grad_scale()
         self._flush_traffic()
         local, self._round_scalars = self._round_scalars, {}
-        algorithm = self.args.algorithm
-        if algorithm == "splitlora":
-            self._pending_update = self._close_first_order_round(round_index)
-            return
-        if algorithm not in ZO_CLIENT or (algorithm not in ZO_EVERYWHERE and not self.client_parameters):
-            self._pending_update = None
-            return
+        rule = self.algorithm
         seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
-        replies = self._gather_scalars(local, round_index)
-        if self.accelerator.scaler is not None and not all(math.isfinite(v) for r in replies.values() for v in r):
-            reason = "non-finite lambda (fp16 loss-scale overflow)"
-            self._pending_update = _ClientUpdate(round_index, skip_reason=reason)
-            return
-        averaged = average_scalars(replies, len(seeds), round_index)
-        self._metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
-        if algorithm in ZO_EVERYWHERE:
-            # The server part's ZO gradient goes to the Trainer's optimizer, stepped by the stock loop right after.
-            # It is multiplied by the loss scale (a power of two: exact) because the loss scaler unscales every
-            # gradient of that optimizer before the step.
-            first_index = len(self.client_parameters) if algorithm == "zo_sfl" else 0
-            targets = self.split.server_parameters() if algorithm == "zo_sfl" else self.all_estimator.parameters
-            scale = self._grad_scale()
-            for param, grad in zo_gradients(targets, seeds, averaged, self.args.zo_eps, first_index):
-                param.grad = (grad * scale if scale != 1.0 else grad).to(param.dtype)
-            if algorithm == "mezo":
-                self._pending_update = None
+        averaged = None
+        if rule.zeroth_order_round and (not rule.server.backprop or self.client_parameters):
+            replies = self._gather_scalars(local, round_index)
+            if self.accelerator.scaler is not None and not all(math.isfinite(v) for r in replies.values() for v in r):
+                reason = "non-finite lambda (fp16 loss-scale overflow)"
+                self._pending_update = _ClientUpdate(round_index, skip_reason=reason)
                 return
+            averaged = average_scalars(replies, len(seeds), round_index)
+            self._metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
+            rule.server.before_step(self, seeds, averaged)
+        self._pending_update = rule.client.close(self, round_index, seeds, averaged)
+
+    def _zo_client_update(self, round_index: int, seeds: list[int], averaged: list[float]) -> _ClientUpdate:
+        """The zeroth-order client update of a round, rebuilt from seeds and averaged scalars (and recorded)."""
 
         def apply() -> None:
             lr = self.client_lr_scheduler.get_last_lr()[0]
@@ -638,7 +610,7 @@ class HOSFLTrainer(Trainer):
             self.trajectory.rounds.append(TrajectoryRound(round=round_index, seeds=seeds, scalars=averaged, lr=lr))
             self._metrics["client_learning_rate"].append(lr)
 
-        self._pending_update = _ClientUpdate(round_index, apply=apply)
+        return _ClientUpdate(round_index, apply=apply)
 
     def _close_first_order_round(self, round_index: int) -> _ClientUpdate:
         """SplitLoRA: average the client gradients over processes, check and clip them, and take them off the
@@ -704,7 +676,7 @@ class HOSFLTrainer(Trainer):
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         # Zeroth-order estimates are not clipped (see HOSFLConfig, "Precision and clipping"): only the norm is read.
-        if self.args.algorithm in ZO_EVERYWHERE:
+        if not self.algorithm.server.backprop:
             return self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
         return super()._clip_grad_norm(model)
 

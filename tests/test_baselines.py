@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SEQ, counting_dataset, stack_collator, tiny_llama
+from conftest import SEQ, counting_dataset, stack_collator, tiny_args, tiny_llama
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer
 
@@ -135,3 +135,25 @@ def test_splitlora_client_gradient_equals_full_backprop(tmp_path, monkeypatch):
     assert captured
     for name, grad in captured.items():
         torch.testing.assert_close(grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_new_algorithm_is_one_registry_entry(tmp_path, monkeypatch):
+    """A method is a server rule and a client rule: registering one entry is enough for HOSFLConfig and the trainer
+    (here: split learning where neither part trains)."""
+    from hosfl_hf.algorithms import ALGORITHMS, Algorithm, ClientRule, ServerRule
+
+    monkeypatch.setitem(
+        ALGORITHMS, "nothing_trains", Algorithm("nothing_trains", True, ServerRule(False), ClientRule())
+    )
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = HOSFLTrainer(
+        model,
+        tiny_args(tmp_path, algorithm="nothing_trains", max_steps=2),
+        split_layer=2,
+        train_dataset=counting_dataset(),
+        data_collator=stack_collator,
+    )
+    trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert trainer.comm["activation_bytes"] > 0 and trainer.comm["sync_bytes"] == 0
