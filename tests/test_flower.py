@@ -3,8 +3,6 @@ bit-identical, server weights within float tolerance), and every client, includi
 ends with the same client part after catch-up. Processes are started in their own group and stopped by pid."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ pytest.importorskip("flwr")
 
 from hosfl_hf import HOSFLTrainer, Trajectory  # noqa: E402
 from hosfl_hf.federation import sample_clients  # noqa: E402
+from hosfl_hf.integrations.flower.local import stop_process  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 HERE = Path(__file__).parent
@@ -32,21 +31,8 @@ def run(command, timeout, **kwargs):
     try:
         output, _ = process.communicate(timeout=timeout)
     finally:
-        stop(process)
+        stop_process(process)
     return process.returncode, output
-
-
-def stop(process):
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def write_inputs(folder: Path, rounds: int) -> dict:
@@ -113,104 +99,30 @@ def test_simulation_equals_the_trainer(tmp_path):
     assert summary["comm"]["sync_bytes"] < summary["comm"]["activation_bytes"] / 5
 
 
-def test_app_config_declares_every_run_config_key():
+def test_app_folder_declares_every_run_config_key(tmp_path):
     import tomllib
 
     from hosfl_hf.integrations.flower import DEFAULT_RUN_CONFIG
+    from hosfl_hf.integrations.flower.config import write_app
 
-    app = tomllib.loads((HERE.parent / "examples" / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    example = (HERE.parent / "examples" / "flower" / "pyproject.toml").read_text()
+    assert example == (Path(write_app(tmp_path)) / "pyproject.toml").read_text()  # examples/flower is generated
+    app = tomllib.loads(example)["tool"]["flwr"]["app"]
     assert app["config"] == DEFAULT_RUN_CONFIG
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"Nothing listens on 127.0.0.1:{port} after {timeout} s.")
+    assert app["components"]["clientapp"] == "hosfl_hf.integrations.flower.client_app:app"
 
 
 def test_loopback_deployment_writes_the_trainers_artifacts(tmp_path):
     """flower-superlink + 3 flower-supernodes on 127.0.0.1 (a new ClientApp process per message), 2 rounds: the
     written artifacts load, and the client part equals the in-process trainer's bit for bit."""
-    from conftest import free_port
     from transformers import AutoModelForCausalLM
 
     from hosfl_hf import HOSFLSplitConfig
+    from hosfl_hf.integrations.flower.local import LocalDeployment
 
     config = write_inputs(tmp_path, 2)
-    link = free_port()
-    home = tmp_path / "flwr"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = dict(subprocess_env(), FLWR_HOME=str(home))
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    started = []
-
-    def start(*command: str) -> None:
-        started.append(
-            subprocess.Popen(
-                command,
-                env=env,
-                cwd=tmp_path,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-
-    try:
-        start(
-            "flower-superlink",
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(link),
-        )
-        wait_for_port(link, 60)
-        for partition in range(CLIENTS):
-            node_config = f'partition-id={partition} num-partitions={CLIENTS} state-dir="{tmp_path / "state"}"'
-            start(
-                "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link}",
-                "--port",
-                str(free_port()),
-                "--node-config",
-                node_config,
-                "--max-retries",
-                "20",
-                "--max-wait-time",
-                "60",
-            )
-        run_config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
-        code, output = run(
-            [
-                "flwr",
-                "run",
-                str(HERE.parent / "examples" / "flower"),
-                "loopback",
-                "--stream",
-                "--run-config",
-                run_config,
-            ],
-            timeout=480,
-            env=env,
-            cwd=tmp_path,
-        )
-    finally:
-        for process in started:
-            stop(process)
+    with LocalDeployment(num_nodes=CLIENTS, state_dir=tmp_path / "state", workdir=tmp_path / "deploy") as deployment:
+        code, output = deployment.run(config, timeout=480)
     # `flwr run` exits 0 even when the ServerApp failed: judge the run by what it wrote.
     assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
     trainer = trainer_reference(tmp_path / "trainer", 2)

@@ -13,7 +13,15 @@ import torch
 from ...config import HOSFLConfig
 from ...protocol import RoundSettings
 
-__all__ = ["DEFAULT_RUN_CONFIG", "build_args", "load_dataset", "load_model", "make_collator", "state_folder"]
+__all__ = [
+    "DEFAULT_RUN_CONFIG",
+    "build_args",
+    "load_dataset",
+    "load_model",
+    "make_collator",
+    "state_folder",
+    "write_app",
+]
 
 # Every key must also be declared in the app's pyproject.toml (`flwr run` refuses undeclared keys).
 DEFAULT_RUN_CONFIG: dict[str, Any] = {
@@ -120,3 +128,42 @@ def state_folder(config: Mapping[str, Any], node_config: Mapping[str, Any], run_
     """Where a client keeps its state between messages (a SuperNode may start a new process per message)."""
     base = node_config.get("state-dir") or config["state-dir"] or os.path.join(tempfile.gettempdir(), "hosfl-flower")
     return os.path.join(str(base), f"run-{run_id}", f"client-{client_id}")
+
+
+APP_PYPROJECT = """# The HO-SFL Flower app: `flwr run <this folder> <connection>` (see docs/federated.md).
+# The ServerApp and ClientApp live in the installed hosfl_hf package (pip install "hosfl-hf[flower]");
+# this folder only carries the run configuration.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "hosfl-flower"
+version = "0.1.0"
+description = "HO-SFL (hybrid-order split federated learning) of a causal LM over Flower"
+license = "Apache-2.0"
+dependencies = ["hosfl-hf[flower]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "hosfl-hf"
+
+[tool.flwr.app.components]
+serverapp = "hosfl_hf.integrations.flower.server_app:app"
+clientapp = "hosfl_hf.integrations.flower.client_app:app"
+
+# Every key of hosfl_hf.integrations.flower.DEFAULT_RUN_CONFIG, with the same defaults.
+[tool.flwr.app.config]
+"""
+
+
+def write_app(folder: str | os.PathLike) -> str:
+    """Writes the Flower app folder (its `pyproject.toml`: components and the run config's defaults) and returns
+    its path; `examples/flower` is this output."""
+    os.makedirs(folder, exist_ok=True)
+    lines = [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}" for k, v in DEFAULT_RUN_CONFIG.items()]
+    with open(os.path.join(folder, "pyproject.toml"), "w") as f:
+        f.write(APP_PYPROJECT + "\n".join(lines) + "\n")
+    return str(folder)

@@ -28,9 +28,13 @@ from .messages import digest, pack, unpack
 __all__ = ["app", "build_server_app", "serve"]
 
 
-def _exchange(grid: Grid, kind: str, payloads: dict[int, dict], timeout: float) -> dict[int, Message]:
+def _exchange(
+    grid: Grid, kind: str, payloads: dict[int, dict], timeout: float, clock: dict[str, float] | None = None
+) -> dict[int, Message]:
     """Sends one `query.<kind>` per node (node id -> payload) and returns the replies by node; every node must
-    answer in time (the dropout handling of a later release will drop late clients instead)."""
+    answer in time (the dropout handling of a later release will drop late clients instead). `clock[kind]` adds
+    the seconds the exchange took."""
+    start = time.perf_counter()
     messages = [Message(pack(**p), dst_node_id=node, message_type=f"query.{kind}") for node, p in payloads.items()]
     replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
     missing = set(payloads) - set(replies)
@@ -39,6 +43,8 @@ def _exchange(grid: Grid, kind: str, payloads: dict[int, dict], timeout: float) 
     for node, reply in replies.items():
         if reply.has_error():
             raise RuntimeError(f"Node {node} failed on '{kind}': {reply.error.reason}")
+    if clock is not None:
+        clock[kind] = clock.get(kind, 0.0) + time.perf_counter() - start
     return replies
 
 
@@ -76,7 +82,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     nodes = _partitions(grid, settings.num_clients, timeout)
     applied = {client: -1 for client in nodes}  # the last round each client has applied
     traffic: dict[str, int] = {}
-    seconds = []
+    seconds, clock = [], {}
     for round_index in range(args.max_steps):
         start = time.perf_counter()
         plan = server.plan(round_index)
@@ -84,7 +90,11 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         catchups = {c: encode(CatchUp(server.history(applied[c]))) for c in plan.clients}
         _count(traffic, "sync_bytes", [plan_bytes] * len(plan.clients) + list(catchups.values()))
         forwards = _exchange(
-            grid, "forward", {nodes[c]: {"plan": plan_bytes, "catchup": catchups[c]} for c in plan.clients}, timeout
+            grid,
+            "forward",
+            {nodes[c]: {"plan": plan_bytes, "catchup": catchups[c]} for c in plan.clients},
+            timeout,
+            clock,
         )
         lambdas = {}
         for c in plan.clients:  # the server's backward, client after client, in the plan's order
@@ -96,7 +106,11 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             applied[c] = server.trajectory.rounds[-1].round if server.trajectory.rounds else -1
         _count(traffic, "activation_bytes", lambdas.values())
         probes = _exchange(
-            grid, "probe", {nodes[c]: {"plan": plan_bytes, "cotangent": lambdas[c]} for c in plan.clients}, timeout
+            grid,
+            "probe",
+            {nodes[c]: {"plan": plan_bytes, "cotangent": lambdas[c]} for c in plan.clients},
+            timeout,
+            clock,
         )
         replies = {}
         for c in plan.clients:
@@ -105,7 +119,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             replies[c] = decode(data, ProbeReply, round=round_index, clients=[c], num_perturbations=p)
         update = encode(server.step(plan, replies))
         _count(traffic, "sync_bytes", [update] * len(plan.clients))
-        _exchange(grid, "update", {nodes[c]: {"update": update} for c in plan.clients}, timeout)
+        _exchange(grid, "update", {nodes[c]: {"update": update} for c in plan.clients}, timeout, clock)
         for c in plan.clients:
             applied[c] = round_index
         seconds.append(time.perf_counter() - start)
@@ -124,6 +138,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         "rounds": args.max_steps,
         "comm": traffic,
         "seconds_per_round": seconds,
+        "exchange_seconds": clock,  # per query kind, summed over rounds (the rest is the server's own work)
         "client_digest": expected,
         "clients_identical": True,
         "num_clients": settings.num_clients,
