@@ -53,10 +53,11 @@ def in_process(config: dict, folder: Path) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from hosfl_hf import HOSFLTrainer
-    from hosfl_hf.integrations.flower.config import build_args, load_dataset, load_model, make_collator
+    from hosfl_hf.integrations.flower.config import build_args, load_dataset, load_model, make_collator, resolve
     from hosfl_hf.protocol import SplitClient, SplitServer, run_rounds
 
-    settings, args = build_args({**config, "output-dir": str(folder / "trainer")})
+    config = resolve({**config, "output-dir": str(folder / "trainer")})
+    settings, args = build_args(config)
 
     class Clock(TrainerCallback):
         stamps: list[float] = []

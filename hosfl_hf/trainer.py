@@ -27,9 +27,11 @@ from .aggregation import average_scalars
 from .algorithms import ALGORITHMS, _zo_sync_bytes, get_algorithm
 from .config import HOSFLConfig
 from .federation import FederatedRoundSampler, partition_dataset, sample_clients
+from .protocol.codec import decode, encode
+from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeReply
 from .rng import environment, round_seeds
 from .split import CutActivations, split_model
-from .trajectory import TRAJECTORY_NAME, Trajectory, TrajectoryRound
+from .trajectory import TRAJECTORY_NAME, Trajectory
 from .zeroth_order import (
     ZerothOrderEstimator,
     apply_zo_update,
@@ -241,6 +243,7 @@ class HOSFLTrainer(Trainer):
         self._round_traffic = [0, 0, 0]  # this process's activation bytes, sync bytes, ZO forwards in the open round
         self._round_scalars: dict[int, list[float]] = {}
         self._pending_update: _ClientUpdate | None = None
+        self._round_context: tuple[int, int] | None = None  # (round, client) of the batch in flight
         self._scale_before_step = 1.0
         self._micro_step = 0
         # Round ids stay monotonic over several train() calls: round = _round_base + global_step.
@@ -414,6 +417,9 @@ class HOSFLTrainer(Trainer):
             with self._client_precision():
                 cut = self.split.client(**client_inputs, grad=first_order_client)
             client_graph = cut.hidden_states if first_order_client else None
+            if training and self._round_context is not None:
+                cut, labels = self._send_cut(cut, labels)
+                lm_labels = None if self._loss_func is not None else labels
             cut = replace(cut, hidden_states=cut.hidden_states.detach().requires_grad_(training))
             self._last_cut_bytes = cut.num_bytes()
             outputs = self.split.server(cut, labels=lm_labels, model=model, **inputs)
@@ -424,6 +430,42 @@ class HOSFLTrainer(Trainer):
         if training:
             self._pending = (client_inputs, cut, labels, client_graph)
         return (loss, outputs) if return_outputs else loss
+
+    def _transport(self, message: Any, expected: type, **expect: Any) -> Any:
+        """The in-process transport: a message goes through the protocol's codec (exact; validated) as it would
+        between machines."""
+        return decode(encode(message), expected, **expect)
+
+    def _send_cut(
+        self, cut: CutActivations, labels: torch.Tensor | None
+    ) -> tuple[CutActivations, torch.Tensor | None]:
+        """Client -> server: the cut and the labels of one client batch, as a `ClientForward` message."""
+        round_index, client = self._round_context
+        device = cut.hidden_states.device
+        message = self._transport(
+            ClientForward(
+                round=round_index,
+                client=client,
+                hidden_states=cut.hidden_states.detach(),
+                labels=labels,
+                attention_mask=cut.attention_mask,
+                position_ids=cut.position_ids,
+            ),
+            ClientForward,
+            round=round_index,
+            clients=[client],
+            hidden_size=getattr(self.split.model.config, "hidden_size", None),
+        )
+
+        def on_device(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return tensor.to(device) if tensor is not None else None
+
+        received = CutActivations(
+            hidden_states=message.hidden_states.to(device),
+            attention_mask=on_device(message.attention_mask),
+            position_ids=on_device(message.position_ids),
+        )
+        return received, on_device(message.labels)
 
     def _check_finite_loss(self, loss: torch.Tensor) -> None:
         """Raises on a non-finite loss, on every process at once (one process raising alone would leave the others
@@ -450,6 +492,7 @@ class HOSFLTrainer(Trainer):
         server's optimizer step, by `_apply_client_update`."""
         round_index = self._round_base + self.state.global_step
         client = self._current_client(round_index)
+        self._round_context = (round_index, client)
         if not self.algorithm.server.backprop:
             loss = self._zeroth_order_step(model, inputs, client, round_index)
         else:
@@ -458,6 +501,7 @@ class HOSFLTrainer(Trainer):
             client_inputs, cut, labels, client_graph = self._pending
             self._pending = None
             self._client_step(client, round_index, client_inputs, cut, labels, client_graph)
+        self._round_context = None
         self._micro_step += 1
         if self.accelerator.sync_gradients:
             self._close_round(round_index)
@@ -482,9 +526,15 @@ class HOSFLTrainer(Trainer):
             self._round_traffic[2] += 1  # the client's forward
             if self.algorithm.client.cotangent:
                 # The Trainer backpropagated loss_i / K (times the fp16 loss scale): lambda_i = dloss_i/dz
-                # = grad * K / scale; SplitLoRA's client backpropagates the scaled-down grad / scale = lambda_i / K.
-                step["scaled_grad"] = cut.hidden_states.grad / self._grad_scale()
-                step["cotangent"] = step["scaled_grad"] * self.current_gradient_accumulation_steps
+                # = grad * K / scale. A non-finite lambda (fp16 overflow) is the server's own finding: not sent.
+                cotangent = cut.hidden_states.grad / self._grad_scale() * self.current_gradient_accumulation_steps
+                if torch.isfinite(cotangent).all():
+                    message = Cotangent(round=round_index, client=client, cotangent=cotangent)
+                    received = self._transport(
+                        message, Cotangent, round=round_index, clients=[client], shape=tuple(cotangent.shape)
+                    )
+                    cotangent = received.cotangent.to(cotangent.device)
+                step["cotangent"] = cotangent
                 step["graph"] = client_graph
         self.algorithm.client.reply(self, step)
 
@@ -499,9 +549,13 @@ class HOSFLTrainer(Trainer):
             self._round_scalars[client] = [math.nan] * len(seeds)
             return seeds
         inputs = step["inputs"]
-        self._round_scalars[client] = self.estimator.projected_scalars(
+        scalars = self.estimator.projected_scalars(
             lambda: self._client_forward(inputs), step["cut"].hidden_states.detach(), cotangent, seeds
         )
+        reply = ProbeReply(round=round_index, client=client, scalars=scalars)
+        self._round_scalars[client] = self._transport(
+            reply, ProbeReply, round=round_index, clients=[client], num_perturbations=len(seeds)
+        ).scalars
         self._round_traffic[2] += self.estimator.forwards_per_direction * len(seeds)
         return seeds
 
@@ -605,9 +659,18 @@ class HOSFLTrainer(Trainer):
 
         def apply() -> None:
             lr = self.client_lr_scheduler.get_last_lr()[0]
-            apply_zo_update(self.client_parameters, self.client_optimizer, seeds, averaged, self.args.zo_eps, lr)
+            message = ClientUpdate(round=round_index, seeds=seeds, scalars=averaged, lr=lr)
+            update = self._transport(message, ClientUpdate, num_perturbations=len(seeds))
+            apply_zo_update(
+                self.client_parameters,
+                self.client_optimizer,
+                update.seeds,
+                update.scalars,
+                self.args.zo_eps,
+                update.lr,
+            )
             self.client_lr_scheduler.step()
-            self.trajectory.rounds.append(TrajectoryRound(round=round_index, seeds=seeds, scalars=averaged, lr=lr))
+            self.trajectory.rounds.append(update.to_trajectory_round())
             self._metrics["client_learning_rate"].append(lr)
 
         return _ClientUpdate(round_index, apply=apply)

@@ -180,12 +180,19 @@ def _validate_cut(message: ClientForward, where: str, hidden_size: int | None, *
             f"Field 'hidden_states' of a {where}: hidden size {message.hidden_states.shape[-1]}, expected "
             f"{hidden_size}."
         )
-    for name in ("attention_mask", "position_ids", "labels"):
+    for name in ("attention_mask", "position_ids"):
         tensor = getattr(message, name)
         _check_tensor(tensor, name, where, INDEX_DTYPES, 2)
         if tensor is not None and tuple(tensor.shape) != (batch, length):
             raise MessageError(
                 f"Field {name!r} of a {where}: shape {tuple(tensor.shape)}, expected {(batch, length)}."
+            )
+    labels = message.labels  # per token (causal LM) or per example (a class id, e.g. verbalizer tasks)
+    if labels is not None:
+        _check_tensor(labels, "labels", where, INDEX_DTYPES[:2], labels.dim())
+        if tuple(labels.shape) not in ((batch, length), (batch,)):
+            raise MessageError(
+                f"Field 'labels' of a {where}: shape {tuple(labels.shape)}, expected {(batch, length)} or {(batch,)}."
             )
 
 

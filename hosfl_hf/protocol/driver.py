@@ -33,7 +33,7 @@ def run_rounds(
     traffic.setdefault("activation_bytes", 0)
     traffic.setdefault("sync_bytes", 0)
     settings = server.settings
-    hidden_size = server.split.model.get_input_embeddings().embedding_dim
+    hidden_size = getattr(server.split.model.config, "hidden_size", None)
 
     def send(message, expected, leg: str, **expect):
         data = encode(message)

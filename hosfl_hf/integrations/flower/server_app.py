@@ -77,7 +77,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     timeout = float(config["reply-timeout"])
     model = load_model(config)
     server = SplitServer(load_model(config), settings, args)
-    hidden_size = model.get_input_embeddings().embedding_dim
+    hidden_size = getattr(model.config, "hidden_size", None)
     p = settings.num_perturbations
     nodes = _partitions(grid, settings.num_clients, timeout)
     applied = {client: -1 for client in nodes}  # the last round each client has applied
