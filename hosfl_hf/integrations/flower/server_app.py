@@ -89,6 +89,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         plan_bytes = encode(plan)
         catchups = {c: encode(CatchUp(server.history(applied[c]))) for c in plan.clients}
         _count(traffic, "sync_bytes", [plan_bytes] * len(plan.clients) + list(catchups.values()))
+        _count(traffic, "catchup_bytes", catchups.values())  # part of sync_bytes: the history stragglers replay
         forwards = _exchange(
             grid,
             "forward",
@@ -129,6 +130,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     expected = digest(split_model(reference, settings.split_layer).client_parameters())
     catchups = {c: encode(CatchUp(server.history(applied[c]))) for c in nodes}
     _count(traffic, "sync_bytes", catchups.values())
+    _count(traffic, "catchup_bytes", catchups.values())
     finals = _exchange(grid, "catchup", {nodes[c]: {"catchup": catchups[c]} for c in nodes}, timeout)
     digests = {c: unpack(finals[nodes[c]], "digest") for c in nodes}
     mismatched = [c for c, d in digests.items() if d != expected]
