@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +26,7 @@ from .aggregation import average_scalars
 from .algorithms import ALGORITHMS, _zo_sync_bytes, get_algorithm
 from .config import HOSFLConfig
 from .federation import FederatedRoundSampler, partition_dataset, sample_clients
+from .protocol.client import ClientPart
 from .protocol.codec import decode, encode
 from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeReply
 from .rng import environment, round_seeds
@@ -34,7 +34,6 @@ from .split import CutActivations, split_model
 from .trajectory import TRAJECTORY_NAME, Trajectory
 from .zeroth_order import (
     ZerothOrderEstimator,
-    apply_zo_update,
     build_client_optimizer,
     loss_differences,
 )
@@ -218,9 +217,11 @@ class HOSFLTrainer(Trainer):
                 "client). Add client LoRA adapters or unfreeze client blocks for HO-SFL.",
                 stacklevel=2,
             )
-        self.estimator = ZerothOrderEstimator(
-            self.client_parameters, args.zo_eps, args.zo_estimator, module=self.split.model
-        )
+        # The client part's computation (precision, forward, probes, update): the protocol's ClientPart, here over
+        # the one copy of the client part that the in-process holders share.
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        self.client_part = ClientPart(self.split, args.zo_eps, args.zo_estimator, dtype)
+        self.estimator = self.client_part.estimator
         # ZO-SFL / MeZO perturb every trainable parameter (client first, then server: the pinned RNG order).
         self.all_estimator = ZerothOrderEstimator(
             self.client_parameters + self.split.server_parameters(), args.zo_eps, "two_sided", module=self.split.model
@@ -376,26 +377,6 @@ class HOSFLTrainer(Trainer):
             _check_gradient_checkpointing(self.split)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
-    @contextlib.contextmanager
-    def _client_precision(self) -> Iterator[None]:
-        """The client's compute precision: the run's mixed precision (bf16/fp16 autocast) or the weights' dtype.
-
-        Explicit here because accelerate autocasts only the forward of the object it prepared: the client would
-        otherwise run in bf16 for a plain model and in fp32 under a `PeftModel`. Autocast's weight cache is off:
-        it is keyed by the parameter, so a second perturbed forward in the same context would reuse the casts of the
-        first perturbation."""
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        if dtype is None:
-            yield
-        else:
-            with torch.autocast(device_type=self.args.device.type, dtype=dtype, cache_enabled=False):
-                yield
-
-    def _client_forward(self, client_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One probe: the client's output at its current (perturbed) weights, in the client's precision."""
-        with self._client_precision():
-            return self.split.client(**client_inputs).hidden_states
-
     def compute_loss(
         self,
         model: nn.Module,
@@ -414,8 +395,7 @@ class HOSFLTrainer(Trainer):
             outputs = model(**client_inputs, **inputs, labels=lm_labels, use_cache=False)
         else:
             first_order_client = training and self.algorithm.client.graph
-            with self._client_precision():
-                cut = self.split.client(**client_inputs, grad=first_order_client)
+            cut = self.client_part.forward(client_inputs, grad=first_order_client)
             client_graph = cut.hidden_states if first_order_client else None
             if training and self._round_context is not None:
                 cut, labels = self._send_cut(cut, labels)
@@ -549,9 +529,7 @@ class HOSFLTrainer(Trainer):
             self._round_scalars[client] = [math.nan] * len(seeds)
             return seeds
         inputs = step["inputs"]
-        scalars = self.estimator.projected_scalars(
-            lambda: self._client_forward(inputs), step["cut"].hidden_states.detach(), cotangent, seeds
-        )
+        scalars = self.client_part.probe(inputs, step["cut"].hidden_states.detach(), cotangent, seeds)
         reply = ProbeReply(round=round_index, client=client, scalars=scalars)
         self._round_scalars[client] = self._transport(
             reply, ProbeReply, round=round_index, clients=[client], num_perturbations=len(seeds)
@@ -661,14 +639,7 @@ class HOSFLTrainer(Trainer):
             lr = self.client_lr_scheduler.get_last_lr()[0]
             message = ClientUpdate(round=round_index, seeds=seeds, scalars=averaged, lr=lr)
             update = self._transport(message, ClientUpdate, num_perturbations=len(seeds))
-            apply_zo_update(
-                self.client_parameters,
-                self.client_optimizer,
-                update.seeds,
-                update.scalars,
-                self.args.zo_eps,
-                update.lr,
-            )
+            self.client_part.apply(update, self.client_optimizer)
             self.client_lr_scheduler.step()
             self.trajectory.rounds.append(update.to_trajectory_round())
             self._metrics["client_learning_rate"].append(lr)

@@ -21,9 +21,56 @@ from ..zeroth_order import ZerothOrderEstimator, apply_zo_update, build_client_o
 from .messages import CatchUp, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
 from .settings import RoundSettings
 
-__all__ = ["SplitClient"]
+__all__ = ["ClientPart", "SplitClient"]
 
 CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class ClientPart:
+    """The client part's computation over a split model: its precision, its forward, the probes and the shared
+    update. [`SplitClient`] runs one on its own copy of the client part; [`HOSFLTrainer`] runs one on the copy that
+    its in-process holders share.
+
+    Args:
+        split ([`SplitModel`]): the split model (only its client part is used).
+        zo_eps, zo_estimator: the perturbation scale and estimator.
+        autocast_dtype (`torch.dtype`, *optional*): the client's compute precision (autocast), `None` for the weights'.
+    """
+
+    def __init__(self, split: Any, zo_eps: float, zo_estimator: str, autocast_dtype: torch.dtype | None = None):
+        self.split = split
+        self.parameters = split.client_parameters()
+        self.zo_eps = zo_eps
+        self.autocast_dtype = autocast_dtype
+        self.estimator = ZerothOrderEstimator(self.parameters, zo_eps, zo_estimator, module=split.model)
+
+    @contextlib.contextmanager
+    def precision(self) -> Iterator[None]:
+        """One autocast region per forward, with autocast's weight cache off: the cache is keyed by the parameter, so
+        a second perturbed forward in the same region would reuse the first perturbation's cast weights."""
+        if self.autocast_dtype is None:
+            yield
+            return
+        device = self.parameters[0][1].device.type if self.parameters else "cpu"
+        with torch.autocast(device_type=device, dtype=self.autocast_dtype, cache_enabled=False):
+            yield
+
+    def forward(self, inputs: dict[str, torch.Tensor], grad: bool = False) -> Any:
+        """The cut ([`CutActivations`]) at the current weights, in the client's precision."""
+        with self.precision():
+            return self.split.client(**inputs, grad=grad)
+
+    def probe(
+        self, inputs: dict[str, torch.Tensor], reference: torch.Tensor, cotangent: torch.Tensor, seeds: list[int]
+    ) -> list[float]:
+        """The `P` scalars `<lambda, z(theta + mu u_p) - z(theta)>`."""
+        return self.estimator.projected_scalars(
+            lambda: self.forward(inputs).hidden_states, reference, cotangent, seeds
+        )
+
+    def apply(self, update: ClientUpdate, optimizer: torch.optim.Optimizer) -> None:
+        """Applies one round's update, rebuilt from its seeds and averaged scalars, through `optimizer`."""
+        apply_zo_update(self.parameters, optimizer, update.seeds, update.scalars, self.zo_eps, update.lr)
 
 
 class SplitClient:
@@ -46,8 +93,8 @@ class SplitClient:
         upcast_trainable_adapters(split)
         del split.layers[settings.split_layer + 1 :]  # the server's blocks; block split_layer stops the forward
         self.split = split
-        self.parameters = split.client_parameters()
-        self.estimator = ZerothOrderEstimator(self.parameters, settings.zo_eps, settings.zo_estimator, module=model)
+        self.part = ClientPart(split, settings.zo_eps, settings.zo_estimator, settings.autocast_dtype)
+        self.parameters = self.part.parameters
         self.optimizer = build_client_optimizer(
             [p for _, p in self.parameters], settings.client_optimizer, 0.0, settings.client_weight_decay
         )
@@ -75,20 +122,6 @@ class SplitClient:
         rows = [self.dataset[i] for i in self.sampler.client_batch(round_index, self.client_id)]
         return self.collator(rows)
 
-    @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        dtype = self.settings.autocast_dtype
-        if dtype is None:
-            yield
-        else:
-            device = next(iter(p for _, p in self.parameters)).device.type if self.parameters else "cpu"
-            with torch.autocast(device_type=device, dtype=dtype, cache_enabled=False):
-                yield
-
-    def _client_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._precision():
-            return self.split.client(**inputs).hidden_states
-
     def forward(self, plan: RoundPlan) -> ClientForward:
         """Runs the client part on this round's batch, without autograd: the cut activations and the labels."""
         if self.client_id not in plan.clients:
@@ -97,7 +130,7 @@ class SplitClient:
             raise ValueError(f"Round {plan.round} was already applied here (last round {self.last_round}).")
         batch = self.batch(plan.round)
         inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
-        hidden = self._client_forward(inputs)
+        hidden = self.part.forward(inputs).hidden_states
         self._reference = (plan.round, hidden)
         return ClientForward(
             round=plan.round,
@@ -121,11 +154,9 @@ class SplitClient:
         if self._reference is not None and self._reference[0] == plan.round:
             reference = self._reference[1]
         else:
-            reference = self._client_forward(inputs)
+            reference = self.part.forward(inputs).hidden_states
         self._reference = None
-        scalars = self.estimator.projected_scalars(
-            lambda: self._client_forward(inputs), reference, cotangent.cotangent, plan.seeds
-        )
+        scalars = self.part.probe(inputs, reference, cotangent.cotangent, plan.seeds)
         return ProbeReply(round=plan.round, client=self.client_id, scalars=scalars)
 
     def apply(self, update: ClientUpdate) -> None:
@@ -139,7 +170,7 @@ class SplitClient:
                 f"Update of round {update.round} is not after the last applied round {self.last_round}: a duplicate "
                 "or out-of-order update is never applied."
             )
-        apply_zo_update(self.parameters, self.optimizer, update.seeds, update.scalars, self.settings.zo_eps, update.lr)
+        self.part.apply(update, self.optimizer)
         self.last_round = update.round
 
     def catch_up(self, history: CatchUp) -> int:
