@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -206,3 +207,16 @@ class HOSFLConfig(TrainingArguments):
                 "backward, so the server step could not be skipped together with the clients' update; use "
                 "adamw_torch or sgd."
             )
+
+    def schedule(self, optimizer: Any, num_training_steps: int) -> Any:
+        """The learning-rate schedule of this config (`lr_scheduler_type`, warmup, `lr_scheduler_kwargs`) on
+        `optimizer`: the server's, and the client's at peak `client_learning_rate`."""
+        from transformers import get_scheduler
+
+        return get_scheduler(
+            self.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=self.get_warmup_steps(num_training_steps),
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=self.lr_scheduler_kwargs,
+        )

@@ -18,17 +18,17 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainerCallback,
-    get_scheduler,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
 from .aggregation import average_scalars
 from .algorithms import ALGORITHMS, _zo_sync_bytes, get_algorithm
 from .config import HOSFLConfig
-from .federation import FederatedRoundSampler, partition_dataset, sample_clients
+from .federation import FederatedRoundSampler, sample_clients
 from .protocol.client import ClientPart
 from .protocol.codec import decode, encode
 from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeReply
+from .protocol.settings import RoundSettings
 from .rng import environment, round_seeds
 from .split import CutActivations, split_model
 from .trajectory import TRAJECTORY_NAME, Trajectory
@@ -55,24 +55,7 @@ CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 CLIENT_STATE_NAME = "hosfl_client_state.pt"
 # Settings a resumed run must share with its checkpoint: any change would make the saved trajectory replay wrongly
 # or change the shards, the client sampling or the seeds of the remaining rounds.
-RESUME_FIELDS = (
-    "split_layer",
-    "num_layers",
-    "model_type",
-    "algorithm",
-    "num_clients",
-    "clients_per_round",
-    "partition",
-    "dirichlet_alpha",
-    "num_perturbations",
-    "zo_eps",
-    "zo_estimator",
-    "client_optimizer",
-    "client_learning_rate",
-    "client_weight_decay",
-    "seed",
-    "data_seed",
-)
+RESUME_FIELDS = ("split_layer", "num_layers", "model_type")  # plus every training field of HOSFLSplitConfig
 
 
 @dataclass
@@ -279,19 +262,7 @@ class HOSFLTrainer(Trainer):
         return DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     def _partition(self, dataset: Any) -> list[list[int]]:
-        args = self.args
-        labels = None
-        if args.partition == "dirichlet":
-            labels = dataset[args.partition_column]
-        return partition_dataset(
-            labels,
-            len(dataset),
-            args.num_clients,
-            args.partition,
-            args.dirichlet_alpha,
-            seed=self._federation_seed,
-            min_size=args.per_device_train_batch_size,
-        )
+        return RoundSettings.from_args(self.args, self.split.split_layer).shards(dataset)
 
     @property
     def _federation_seed(self) -> int:
@@ -350,13 +321,7 @@ class HOSFLTrainer(Trainer):
                 )
             for group in self.client_optimizer.param_groups:
                 group["lr"] = group["initial_lr"] = self.args.client_learning_rate
-            self.client_lr_scheduler = get_scheduler(
-                self.args.lr_scheduler_type,
-                self.client_optimizer,
-                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
-                num_training_steps=num_training_steps,
-                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
-            )
+            self.client_lr_scheduler = self.args.schedule(self.client_optimizer, num_training_steps)
         return scheduler
 
     # ----------------------------------------------------------------------------------------------- round
@@ -784,7 +749,7 @@ class HOSFLTrainer(Trainer):
         current = self.hosfl_split_config().to_dict()
         changed = [
             f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
-            for name in RESUME_FIELDS
+            for name in RESUME_FIELDS + HOSFLSplitConfig._TRAINING_FIELDS
             if saved.get(name) != current[name]
         ]
         if saved.get("rng", {}).get("version") != current["rng"]["version"]:

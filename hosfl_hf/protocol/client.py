@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..federation import FederatedRoundSampler, partition_dataset
+from ..federation import FederatedRoundSampler
 from ..lora import upcast_trainable_adapters
 from ..rng import check_environment, environment
 from ..split import split_model
@@ -100,16 +100,7 @@ class SplitClient:
         )
         self.environment = environment(p for _, p in self.parameters)
         self.last_round = -1
-        labels = dataset[settings.partition_column] if settings.partition == "dirichlet" else None
-        shards = partition_dataset(
-            labels,
-            len(dataset),
-            settings.num_clients,
-            settings.partition,
-            settings.dirichlet_alpha,
-            seed=settings.federation_seed,
-            min_size=settings.batch_size,
-        )
+        shards = settings.shards(dataset)
         self.sampler = FederatedRoundSampler(
             shards, settings.clients_per_round, settings.batch_size, seed=settings.federation_seed
         )

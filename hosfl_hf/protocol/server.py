@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, get_scheduler
+from transformers import Trainer
 
 from ..aggregation import average_scalars
 from ..federation import sample_clients
@@ -61,22 +61,10 @@ class SplitServer:
         params = [p for _, p in self.parameters]
         self.optimizer = cls([{"params": params, "weight_decay": args.weight_decay}], **kwargs)
         steps = args.max_steps
-        self.lr_scheduler = get_scheduler(
-            args.lr_scheduler_type,
-            self.optimizer,
-            num_warmup_steps=args.get_warmup_steps(steps),
-            num_training_steps=steps,
-            scheduler_specific_kwargs=args.lr_scheduler_kwargs,
-        )
+        self.lr_scheduler = args.schedule(self.optimizer, steps)
         # The client schedule: the server's shape at peak client_learning_rate, stepped once per applied round.
         self._client_lr = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.client_learning_rate)
-        self.client_lr_scheduler = get_scheduler(
-            args.lr_scheduler_type,
-            self._client_lr,
-            num_warmup_steps=args.get_warmup_steps(steps),
-            num_training_steps=steps,
-            scheduler_specific_kwargs=args.lr_scheduler_kwargs,
-        )
+        self.client_lr_scheduler = args.schedule(self._client_lr, steps)
         self.comm = {"activation_bytes": 0, "sync_bytes": 0}
 
     # ----------------------------------------------------------------------------------------------- round

@@ -54,6 +54,21 @@ class RoundSettings:
         """The client's compute precision (the run's mixed precision), `None` for the weights' dtype."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
 
+    def shards(self, dataset: Any) -> list[list[int]]:
+        """The example indices of every client's shard (the same on the server, on every client and in the trainer)."""
+        from ..federation import partition_dataset
+
+        labels = dataset[self.partition_column] if self.partition == "dirichlet" else None
+        return partition_dataset(
+            labels,
+            len(dataset),
+            self.num_clients,
+            self.partition,
+            self.dirichlet_alpha,
+            seed=self.federation_seed,
+            min_size=self.batch_size,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

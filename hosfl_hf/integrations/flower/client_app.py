@@ -45,6 +45,10 @@ def _client(context: Context, overrides: dict[str, Any] | None) -> tuple[SplitCl
     return client, folder
 
 
+def _decode(message: Message, key: str, expected: type, client: SplitClient, **expect: Any) -> Any:
+    return decode(unpack(message, key), expected, num_perturbations=client.settings.num_perturbations, **expect)
+
+
 def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     """The `ClientApp`; `overrides` fill run-config keys (the simulation's Python API passes an empty run config)."""
     app = ClientApp()
@@ -52,9 +56,8 @@ def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     @app.query("forward")
     def forward(message: Message, context: Context) -> Message:
         client, folder = _client(context, overrides)
-        p = client.settings.num_perturbations
-        client.catch_up(decode(unpack(message, "catchup"), CatchUp, num_perturbations=p))
-        plan = decode(unpack(message, "plan"), RoundPlan, num_perturbations=p)
+        client.catch_up(_decode(message, "catchup", CatchUp, client))
+        plan = _decode(message, "plan", RoundPlan, client)
         cut = client.forward(plan)
         client.save(folder)
         return Message(pack(cut=encode(cut)), reply_to=message)
@@ -62,25 +65,21 @@ def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     @app.query("probe")
     def probe(message: Message, context: Context) -> Message:
         client, _ = _client(context, overrides)
-        plan = decode(unpack(message, "plan"), RoundPlan, num_perturbations=client.settings.num_perturbations)
+        plan = _decode(message, "plan", RoundPlan, client)
         cotangent = decode(unpack(message, "cotangent"), Cotangent, round=plan.round, clients=[client.client_id])
         return Message(pack(scalars=encode(client.probe(plan, cotangent))), reply_to=message)
 
     @app.query("update")
     def update(message: Message, context: Context) -> Message:
         client, folder = _client(context, overrides)
-        client.apply(
-            decode(unpack(message, "update"), ClientUpdate, num_perturbations=client.settings.num_perturbations)
-        )
+        client.apply(_decode(message, "update", ClientUpdate, client))
         client.save(folder)
         return Message(pack(last_round=client.last_round), reply_to=message)
 
     @app.query("catchup")
     def catchup(message: Message, context: Context) -> Message:
         client, folder = _client(context, overrides)
-        client.catch_up(
-            decode(unpack(message, "catchup"), CatchUp, num_perturbations=client.settings.num_perturbations)
-        )
+        client.catch_up(_decode(message, "catchup", CatchUp, client))
         client.save(folder)
         return Message(pack(last_round=client.last_round, digest=digest(client.parameters)), reply_to=message)
 
