@@ -20,7 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 # Pages whose Python blocks are executed (other pages may opt in by being added here).
-EXECUTED = ["README.md", "docs/index.md", "docs/concepts.md", "docs/api.md", "docs/recipes.md", "docs/faq.md"]
+EXECUTED = [
+    "README.md",
+    "docs/index.md",
+    "docs/concepts.md",
+    "docs/api.md",
+    "docs/recipes.md",
+    "docs/faq.md",
+    "docs/federated.md",
+]
 SKIP_MARK = "# doctest: skip"
 
 FENCE = re.compile(
