@@ -133,6 +133,14 @@ def test_protocol_equals_the_trainer(tmp_path, client_optimizer):
     assert traffic["sync_bytes"] < traffic["activation_bytes"] / 5
 
 
+def test_client_holds_no_server_weights(tmp_path):
+    settings = RoundSettings.from_args(tiny_args(tmp_path), split_layer=2)
+    client = SplitClient(tiny_llama(), 0, settings, counting_dataset(), stack_collator)
+    held = {n for n, p in client.split.model.named_parameters() if p.device.type != "meta"}
+    assert held == set(client.split.client_parameter_names)  # embeddings and blocks 0-1 only
+    assert len(client.split.layers) == 3
+
+
 def test_client_state_round_trips_and_refuses_duplicates(tmp_path):
     args = tiny_args(tmp_path, max_steps=3)
     server, clients, _ = protocol_run(args, 3)

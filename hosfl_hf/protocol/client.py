@@ -91,7 +91,7 @@ class SplitClient:
         self.client_id = client_id
         split = split_model(model, settings.split_layer)
         upcast_trainable_adapters(split)
-        del split.layers[settings.split_layer + 1 :]  # the server's blocks; block split_layer stops the forward
+        _drop_server_modules(split)
         self.split = split
         self.part = ClientPart(split, settings.zo_eps, settings.zo_estimator, settings.autocast_dtype)
         self.parameters = self.part.parameters
@@ -210,3 +210,16 @@ class SplitClient:
         state["parameters"] = load_file(os.path.join(folder, "client_parameters.safetensors"))
         self.load_state_dict(state)
         return True
+
+
+def _drop_server_modules(split: Any) -> None:
+    """Frees what only the server runs: the blocks after the cut are removed, and every other parameter that no
+    module of the client's forward uses (block `split_layer`, whose pre-hook stops the forward before it runs, the
+    final norm, an untied LM head) moves to the `meta` device."""
+    del split.layers[split.split_layer + 1 :]
+    used = {id(p) for module in split.client_modules() for p in module.parameters(recurse=False)}
+    for module in split.model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) not in used and param.device.type != "meta":
+                meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                module._parameters[name] = nn.Parameter(meta, requires_grad=param.requires_grad)
