@@ -80,16 +80,22 @@ def check_against_trainer(out: Path, state: Path, trainer):
     return summary
 
 
-def test_simulation_equals_the_trainer(tmp_path):
+@pytest.mark.parametrize("launcher", ["python-api", "flwr-run"])
+def test_simulation_equals_the_trainer(tmp_path, launcher):
+    """3 clients, 2 per round, 4 rounds in simulation: started from Python (`run_simulation`) or with `flwr run`
+    against a simulation SuperLink this test starts (and stops, by pid)."""
+    from hosfl_hf.integrations.flower.local import LocalDeployment
+
     config = write_inputs(tmp_path, ROUNDS)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
-    code, output = run(
-        [sys.executable, str(HERE / "flower_simulation.py"), str(tmp_path / "config.json"), str(CLIENTS)],
-        timeout=420,
-        env=env,
-        cwd=tmp_path,
-    )
+    if launcher == "python-api":
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
+        command = [sys.executable, str(HERE / "flower_simulation.py"), str(tmp_path / "config.json"), str(CLIENTS)]
+        code, output = run(command, timeout=420, env=env, cwd=tmp_path)
+    else:
+        simulation = LocalDeployment(CLIENTS, state_dir=tmp_path / "state", workdir=tmp_path / "sim", simulation=True)
+        with simulation:
+            code, output = simulation.run(config, timeout=420)
     assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
     trainer = trainer_reference(tmp_path / "trainer", ROUNDS)
     # A client that was not sampled in the last round caught up only at the end, yet ends identical.

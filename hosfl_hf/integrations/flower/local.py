@@ -1,7 +1,7 @@
-"""A Flower deployment on this machine: one `flower-superlink` and N `flower-supernode`s on 127.0.0.1, then
-`flwr run`. For trying the Deployment Engine locally, tests and benchmarks; every process it starts is stopped by
-pid (its process group) when the context exits. Local only: it runs with `--insecure` (see docs/federated.md for a
-real deployment)."""
+"""Flower on this machine: one `flower-superlink` and N `flower-supernode`s on 127.0.0.1 (the Deployment Engine), or
+one simulation SuperLink (`simulation=True`, N simulated nodes), then `flwr run`. For trying Flower locally, tests and
+benchmarks; every process it starts is stopped by pid (its process group) when the context exits. Local only: it runs
+with `--insecure` (see docs/federated.md for a real deployment)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,10 @@ class LocalDeployment(contextlib.AbstractContextManager):
     """`with LocalDeployment(num_nodes=3, state_dir=...) as d: d.run(run_config)`.
 
     Args:
-        num_nodes: SuperNodes to start; node `i` gets `partition-id=i num-partitions=num_nodes state-dir=...`.
+        num_nodes: SuperNodes to start; node `i` gets `partition-id=i num-partitions=num_nodes state-dir=...`. With
+            `simulation=True`, the number of simulated nodes (Flower gives them `partition-id`/`num-partitions`;
+            the state folder then comes from the run config's `state-dir`).
+        simulation: start a simulation SuperLink instead of SuperNodes.
         state_dir: the clients' state folder (node config `state-dir`).
         workdir: where the processes run and `FLWR_HOME` lives (a temporary folder by default).
         connect_timeout: seconds to wait for the SuperLink's port.
@@ -63,8 +66,10 @@ class LocalDeployment(contextlib.AbstractContextManager):
         state_dir: str | os.PathLike,
         workdir: str | os.PathLike | None = None,
         connect_timeout: float = 60.0,
+        simulation: bool = False,
     ):
         self.num_nodes = num_nodes
+        self.simulation = simulation
         self.state_dir = str(state_dir)
         self._tmp = tempfile.TemporaryDirectory() if workdir is None else None
         self.workdir = Path(workdir if workdir is not None else self._tmp.name)
@@ -73,9 +78,12 @@ class LocalDeployment(contextlib.AbstractContextManager):
         self.processes: list[subprocess.Popen] = []
         home = self.workdir / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(
+        connection = (
             f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
+        if simulation:
+            connection += f"options.num-supernodes = {num_nodes}\noptions.backend.client-resources.num-cpus = 1\n"
+        (home / "config.toml").write_text(connection)
         # SuperLink and SuperNodes start flower-superexec / flwr-serverapp / flwr-clientapp from PATH.
         self.env = dict(os.environ, FLWR_HOME=str(home))
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
@@ -94,8 +102,10 @@ class LocalDeployment(contextlib.AbstractContextManager):
 
     def __enter__(self) -> LocalDeployment:
         try:
+            mode = ["--simulation"] if self.simulation else []
             self._start(
                 "flower-superlink",
+                *mode,
                 "--insecure",
                 "--disable-runtime-dependency-installation",
                 "--host",
@@ -104,7 +114,7 @@ class LocalDeployment(contextlib.AbstractContextManager):
                 str(self.port),
             )
             self._wait_for_port()
-            for partition in range(self.num_nodes):
+            for partition in range(0 if self.simulation else self.num_nodes):
                 node_config = f'partition-id={partition} num-partitions={self.num_nodes} state-dir="{self.state_dir}"'
                 self._start(
                     "flower-supernode",
