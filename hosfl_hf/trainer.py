@@ -53,6 +53,7 @@ def _num_bytes(*tensors: torch.Tensor | None) -> int:
 # Inputs that stay on the client; everything else in a batch (besides labels) is forwarded to the server part.
 CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 CLIENT_STATE_NAME = "hosfl_client_state.pt"
+CLIENT_KEY = "hosfl_client"  # the batch field naming the client that sent the batch
 # Settings a resumed run must share with its checkpoint: any change would make the saved trajectory replay wrongly
 # or change the shards, the client sampling or the seeds of the remaining rounds.
 RESUME_FIELDS = ("split_layer", "num_layers", "model_type")  # plus every training field of HOSFLSplitConfig
@@ -436,7 +437,7 @@ class HOSFLTrainer(Trainer):
         The last client batch closes the round (aggregation); the client update itself is applied after the
         server's optimizer step, by `_apply_client_update`."""
         round_index = self._round_base + self.state.global_step
-        client = self._current_client(round_index)
+        client = self._batch_client(inputs, round_index)
         self._round_context = (round_index, client)
         if not self.algorithm.server.backprop:
             loss = self._zeroth_order_step(model, inputs, client, round_index)
@@ -549,13 +550,45 @@ class HOSFLTrainer(Trainer):
         self.zo_forward_passes += counts[2]
         self._round_traffic = [0, 0, 0]
 
-    def _current_client(self, round_index: int) -> int:
-        # With N processes each hosts K clients of the round; process r's i-th batch is the round's (i N + r)-th.
-        clients = sample_clients(
+    def _batch_client(self, inputs: dict[str, Any], round_index: int) -> int:
+        """The client a training batch belongs to, read from the batch (every example carries the id of the shard
+        that holds it) and checked against the round's sampled clients."""
+        ids = inputs.pop(CLIENT_KEY, None)
+        if ids is None:
+            raise RuntimeError(
+                f"A training batch has no '{CLIENT_KEY}': it did not come from HOSFLTrainer's train dataloader."
+            )
+        ids = set(torch.as_tensor(ids).tolist())
+        sampled = sample_clients(
             self._federation_seed, round_index, self.args.num_clients, self._clients_per_round_total
         )
-        index = self._micro_step * self.accelerator.num_processes + self.accelerator.process_index
-        return clients[index % len(clients)]
+        if len(ids) != 1 or not ids <= set(sampled):
+            raise RuntimeError(
+                f"Round {round_index}: a batch holds examples of clients {sorted(ids)}, but one batch must come from "
+                f"one of the round's sampled clients {sampled} (are the batches re-split across processes?)."
+            )
+        return ids.pop()
+
+    # --------------------------------------------------------------------------------------------- dataloader
+    def get_train_dataloader(self) -> Any:
+        """The stock training dataloader, over the train set with every example tagged with the id of the client
+        whose shard holds it, so that each client batch names its client."""
+        owners = [0] * len(self.train_dataset)
+        for client, shard in enumerate(self.shards):
+            for index in shard:
+                owners[index] = client
+        stock = self.train_dataset, self.data_collator
+        self.train_dataset = _ClientTagged(self.train_dataset, owners)
+        self.data_collator = _ClientTagCollator(self.data_collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator = stock
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if CLIENT_KEY not in self._signature_columns:  # the client tag survives remove_unused_columns
+            self._signature_columns.append(CLIENT_KEY)
 
     @property
     def _clients_per_round_total(self) -> int:
@@ -886,3 +919,31 @@ def _check_gradient_checkpointing(split: Any) -> None:
             "recompute the first server block without the injected cut activations. Upgrade transformers to a "
             "release whose GradientCheckpointingLayer checkpoints `forward` (5.x), or turn gradient_checkpointing off."
         )
+
+
+class _ClientTagged(torch.utils.data.Dataset):
+    """A train set whose examples also carry the id of the client that holds them."""
+
+    def __init__(self, dataset: Any, owners: list[int]):
+        self.dataset, self.owners = dataset, owners
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], CLIENT_KEY: self.owners[index]}
+
+
+class _ClientTagCollator:
+    """Collates with the user's collator and adds the batch's client ids (a tensor) under `CLIENT_KEY`."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features or CLIENT_KEY not in features[0]:
+            return self.collator(features)
+        ids = [feature[CLIENT_KEY] for feature in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != CLIENT_KEY} for f in features])
+        batch[CLIENT_KEY] = torch.tensor(ids)
+        return batch

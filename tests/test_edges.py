@@ -344,3 +344,24 @@ def test_lambda_is_the_per_client_loss_gradient(tmp_path, bf16):
         total = [t + s for t, s in zip(total, scalars)]
     expected = [t / args.clients_per_round for t in total]
     assert trainer.trajectory.rounds[0].scalars == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_each_batch_names_its_client(tmp_path, monkeypatch):
+    """The client of a batch comes with the batch (every example carries the id of the shard that holds it), and it
+    is the sampler's client for that micro-step; a batch that mixes clients is refused."""
+    from hosfl_hf.trainer import CLIENT_KEY
+
+    trainer = make_trainer(tmp_path, max_steps=3)
+    seen = []
+    original = trainer._batch_client
+
+    def record(inputs, round_index):
+        seen.append((round_index, original(inputs, round_index)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(trainer, "_batch_client", record)
+    trainer.train()
+    sampler = trainer._get_train_sampler()
+    assert seen == [(r, c) for r in range(3) for c in sampler.clients(r)]
+    with pytest.raises(RuntimeError, match="one batch must come from one of the round's sampled clients"):
+        original({CLIENT_KEY: torch.tensor([sampler.clients(0)[0], sampler.clients(0)[1]])}, 0)

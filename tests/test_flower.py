@@ -64,6 +64,9 @@ def trainer_reference(tmp_path, rounds):
 def check_against_trainer(out: Path, state: Path, trainer):
     summary = json.loads((out / "flower_summary.json").read_text())
     assert summary["clients_identical"] and summary["rounds"] == trainer.args.max_steps
+    # The server logs the trainer's per-round numbers: the learning rates of every round are the trainer's.
+    assert [h["client_learning_rate"] for h in summary["history"]] == [r.lr for r in trainer.trajectory.rounds]
+    assert all(h["loss"] > 0 for h in summary["history"])
     assert Trajectory.load(out).rounds == trainer.trajectory.rounds
     saved = load_file(out / "model.safetensors")
     client = dict(trainer.split.client_parameters())

@@ -11,6 +11,7 @@ plus `flower_summary.json` (bytes actually sent per leg, seconds per round, the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -26,6 +27,8 @@ from .config import build_args, load_model, resolve
 from .messages import digest, pack, unpack
 
 __all__ = ["app", "build_server_app", "serve"]
+
+logger = logging.getLogger(__name__)
 
 
 def _exchange(
@@ -82,10 +85,11 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     nodes = _partitions(grid, settings.num_clients, timeout)
     applied = {client: -1 for client in nodes}  # the last round each client has applied
     traffic: dict[str, int] = {}
-    seconds, clock = [], {}
+    seconds, clock, history = [], {}, []
     for round_index in range(args.max_steps):
         start = time.perf_counter()
         plan = server.plan(round_index)
+        losses: list[float] = []
         plan_bytes = encode(plan)
         catchups = {c: encode(CatchUp(server.history(applied[c]))) for c in plan.clients}
         _count(traffic, "sync_bytes", [plan_bytes] * len(plan.clients) + list(catchups.values()))
@@ -103,6 +107,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             _count(traffic, "activation_bytes", [data])
             cut = decode(data, ClientForward, round=round_index, clients=[c], hidden_size=hidden_size)
             lambdas[c] = encode(server.backward(cut))
+            losses.append(server.last_loss)
             # Its forward came after the catch-up: the client now holds every round recorded so far.
             applied[c] = server.trajectory.rounds[-1].round if server.trajectory.rounds else -1
         _count(traffic, "activation_bytes", lambdas.values())
@@ -118,12 +123,25 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             data = unpack(probes[nodes[c]], "scalars")
             _count(traffic, "sync_bytes", [data])
             replies[c] = decode(data, ProbeReply, round=round_index, clients=[c], num_perturbations=p)
-        update = encode(server.step(plan, replies))
+        lr = server.lr_scheduler.get_last_lr()[0]
+        applied_update = server.step(plan, replies)
+        update = encode(applied_update)
         _count(traffic, "sync_bytes", [update] * len(plan.clients))
         _exchange(grid, "update", {nodes[c]: {"update": update} for c in plan.clients}, timeout, clock)
         for c in plan.clients:
             applied[c] = round_index
         seconds.append(time.perf_counter() - start)
+        record = {
+            "round": round_index,
+            "loss": sum(losses) / len(losses),
+            "learning_rate": lr,
+            "client_learning_rate": applied_update.lr,
+            "comm/activation_bytes": traffic["activation_bytes"],
+            "comm/sync_bytes": traffic["sync_bytes"],
+            "seconds": seconds[-1],
+        }
+        history.append(record)
+        logger.info("HO-SFL round %s", json.dumps(record))
 
     # Every holder catches up; each must hold exactly the server's record of the client part.
     reference = replay_trajectory(model, server.trajectory)
@@ -138,6 +156,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"Clients {mismatched} hold other client weights than the server's trajectory.")
     summary = {
         "rounds": args.max_steps,
+        "history": history,  # per round: mean client loss, learning rates, cumulative bytes (the trainer's names)
         "comm": traffic,
         "seconds_per_round": seconds,
         "exchange_seconds": clock,  # per query kind, summed over rounds (the rest is the server's own work)
