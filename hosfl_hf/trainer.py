@@ -933,6 +933,12 @@ class _ClientTagged(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.dataset[index], CLIENT_KEY: self.owners[index]}
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        # The DataLoader fetches a batch in one call where the dataset can (datasets.Dataset can).
+        fetch = getattr(self.dataset, "__getitems__", None)
+        rows = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
+        return [{**row, CLIENT_KEY: self.owners[i]} for row, i in zip(rows, indices)]
+
 
 class _ClientTagCollator:
     """Collates with the user's collator and adds the batch's client ids (a tensor) under `CLIENT_KEY`."""
