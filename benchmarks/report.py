@@ -506,9 +506,9 @@ def plot_accuracy(cells: list[dict], zero_shot_curve: dict):
         fewer = ", ".join(f"{LABELS[m]} n={n}" for m, n in seeds.items() if n < most)
         if fewer:
             notes.append(f"fewer seeds than n={most}: {fewer}")
-        for group in same.values():
-            if len(group) > 1:
-                notes.append("identical curves (drawn on top of each other): " + ", ".join(LABELS[m] for m in group))
+        groups = [" = ".join(LABELS[m] for m in group) for group in same.values() if len(group) > 1]
+        if groups:
+            notes.append("identical curves (drawn on top of each other): " + "; ".join(groups))
         missing_note(ax, missing, "\n".join(notes), y=-0.14)
         ax.set_title(f"{task.upper()}, {depth} split")
         ax.set_xlabel("processed training samples")
