@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .aggregation import AGGREGATORS
 from .algorithms import ALGORITHMS as _REGISTRY
 
 __all__ = ["ALGORITHMS", "HOSFLConfig"]
@@ -73,6 +74,14 @@ class HOSFLConfig(TrainingArguments):
             Peak learning rate of the client optimizer.
         client_weight_decay (`float`, *optional*, defaults to `0.0`):
             Weight decay of the client optimizer.
+        aggregation (`str`, *optional*, defaults to `"mean"`):
+            How the server combines the clients' scalars, per seed: `"mean"` (the method), or the robust
+            `"median"` / `"trimmed_mean"` (see `hosfl_hf.aggregation`), which bound what one client can do to the
+            update.
+        aggregation_trim_fraction (`float`, *optional*, defaults to `0.2`):
+            For `"trimmed_mean"`: the fraction of clients dropped at each end, per seed.
+        scalar_bound (`float` or `None`, *optional*, defaults to `None`):
+            Clip each client's scalars to `[-scalar_bound, scalar_bound]` before aggregating.
 
     Precision and clipping (one rule for every method):
 
@@ -128,6 +137,16 @@ class HOSFLConfig(TrainingArguments):
     )
     client_learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of the client optimizer."})
     client_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the client optimizer."})
+    aggregation: str = field(
+        default="mean",
+        metadata={"help": "Scalar aggregation: 'mean', 'median' or 'trimmed_mean'.", "choices": list(AGGREGATORS)},
+    )
+    aggregation_trim_fraction: float = field(
+        default=0.2, metadata={"help": "Fraction trimmed at each end by aggregation='trimmed_mean'."}
+    )
+    scalar_bound: float | None = field(
+        default=None, metadata={"help": "Clip each client's scalars to [-bound, bound] before aggregating."}
+    )
 
     def __post_init__(self):
         def fail(name: str, value: object, expected: str) -> None:
@@ -165,6 +184,16 @@ class HOSFLConfig(TrainingArguments):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 fail(name, value, "it must be a finite number >= 0")
+        if self.aggregation not in AGGREGATORS:
+            fail("aggregation", self.aggregation, f"use one of {list(AGGREGATORS)}")
+        if not (
+            isinstance(self.aggregation_trim_fraction, (int, float)) and 0 <= self.aggregation_trim_fraction < 0.5
+        ):
+            fail("aggregation_trim_fraction", self.aggregation_trim_fraction, "it must be in [0, 0.5)")
+        if self.scalar_bound is not None and not (
+            isinstance(self.scalar_bound, (int, float)) and math.isfinite(self.scalar_bound) and self.scalar_bound > 0
+        ):
+            fail("scalar_bound", self.scalar_bound, "it must be a finite number > 0, or None")
         if self.gradient_accumulation_steps not in (1, self.clients_per_round):
             fail(
                 "gradient_accumulation_steps",

@@ -21,7 +21,6 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .aggregation import average_scalars
 from .algorithms import ALGORITHMS, _zo_sync_bytes, get_algorithm
 from .config import HOSFLConfig
 from .federation import FederatedRoundSampler, sample_clients
@@ -193,6 +192,8 @@ class HOSFLTrainer(Trainer):
         self.loss_is_scaled_for_ga = False
         self.add_callback(_RoundCallback(self))
 
+        # What every holder of the client part agrees on (shards, aggregation rule, ...): the protocol's settings.
+        self.round_settings = RoundSettings.from_args(args, split_layer)
         self.shards = self._partition(train_dataset) if train_dataset is not None else None
         self.client_parameters = self.split.client_parameters()
         if not self.client_parameters:
@@ -263,7 +264,7 @@ class HOSFLTrainer(Trainer):
         return DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     def _partition(self, dataset: Any) -> list[list[int]]:
-        return RoundSettings.from_args(self.args, self.split.split_layer).shards(dataset)
+        return self.round_settings.shards(dataset)
 
     @property
     def _federation_seed(self) -> int:
@@ -625,7 +626,7 @@ class HOSFLTrainer(Trainer):
                 reason = "non-finite lambda (fp16 loss-scale overflow)"
                 self._pending_update = _ClientUpdate(round_index, skip_reason=reason)
                 return
-            averaged = average_scalars(replies, len(seeds), round_index)
+            averaged = self.round_settings.aggregate(replies, round_index)
             self._metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
             rule.server.before_step(self, seeds, averaged)
         self._pending_update = rule.client.close(self, round_index, seeds, averaged)

@@ -365,3 +365,42 @@ def test_each_batch_names_its_client(tmp_path, monkeypatch):
     assert seen == [(r, c) for r in range(3) for c in sampler.clients(r)]
     with pytest.raises(RuntimeError, match="one batch must come from one of the round's sampled clients"):
         original({CLIENT_KEY: torch.tensor([sampler.clients(0)[0], sampler.clients(0)[1]])}, 0)
+
+
+# ----------------------------------------------------------------------------------------- robust aggregation
+def poisoned_run(tmp_path, aggregation, attack=None):
+    """20 rounds, 5 of 5 clients per round, SGD client; client 0 multiplies its scalars by `attack` (if any)."""
+    trainer = make_trainer(
+        tmp_path / f"{aggregation}-{attack}",
+        max_steps=20,
+        num_clients=5,
+        clients_per_round=5,
+        logging_steps=5,
+        client_optimizer="sgd",
+        client_learning_rate=1e-4,
+        aggregation=aggregation,
+        lr_scheduler_type="constant",
+    )
+    probe = trainer._probe
+
+    def attacked(step):
+        seeds = probe(step)
+        if attack is not None and step["client"] == 0:
+            trainer._round_scalars[0] = [v * attack for v in trainer._round_scalars[0]]
+        return seeds
+
+    trainer._probe = attacked
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, client_weights(trainer)
+
+
+@pytest.mark.parametrize("attack", [1e6, -1e6])
+def test_robust_aggregation_withstands_one_poisoning_client_of_five(tmp_path, attack):
+    mean_losses, mean_weights = poisoned_run(tmp_path, "mean", attack)
+    # Client weights start within |w| <= 1 (norm weights are 1): the mean lets the attacker blow them up, the robust
+    # rules keep them in range and the loss falling.
+    assert max(float(w.abs().max()) for w in mean_weights.values()) > 10
+    for rule in ("median", "trimmed_mean"):
+        losses, weights = poisoned_run(tmp_path, rule, attack)
+        assert losses[-1] < losses[0] and max(float(w.abs().max()) for w in weights.values()) < 2, rule

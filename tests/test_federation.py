@@ -155,3 +155,27 @@ def test_loss_differences_and_zo_gradients_index_client_then_server_parameters()
     grads = [g.flatten() for _, g in zo_gradients(everything.parameters, many, scalars, 1e-3)]
     estimate, truth = torch.cat(grads).double(), torch.cat([a_client.flatten(), a_server])
     assert float(torch.nn.functional.cosine_similarity(estimate, truth, dim=0)) > 0.95
+
+
+# ------------------------------------------------------------------------------------------- robust aggregation
+@pytest.mark.parametrize(
+    "rule, trim, bound, expected",
+    [
+        ("mean", 0.2, None, [199.8, 1.0]),
+        ("median", 0.2, None, [1.0, 1.0]),
+        ("trimmed_mean", 0.2, None, [1.0, 1.0]),  # drops 1 of 5 at each end: mean of {0.5, 1, 1.5}
+        ("mean", 0.2, 2.0, [1.0, 1.0]),  # the attacker's 996 is clipped to 2: (0.5 + 1 + 1.5 + 0 + 2) / 5
+    ],
+)
+def test_aggregation_rules(rule, trim, bound, expected):
+    from hosfl_hf.aggregation import aggregate_scalars
+
+    replies = {0: [0.5, 0.5], 1: [1.0, 1.0], 2: [1.5, 1.5], 3: [0.0, 1.0], 4: [996.0, 1.0]}
+    assert aggregate_scalars(replies, 2, rule, trim, bound) == pytest.approx(expected)
+
+
+def test_unknown_aggregation_is_refused():
+    from hosfl_hf.aggregation import aggregate_scalars
+
+    with pytest.raises(ValueError, match="Unknown aggregation 'mode'"):
+        aggregate_scalars({0: [1.0]}, 1, "mode")

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..aggregation import average_scalars
 from ..federation import sample_clients
 from ..lora import upcast_trainable_adapters
 from ..rng import environment, round_seeds
@@ -98,7 +97,7 @@ class SplitServer:
         unknown = set(replies) - set(plan.clients)
         if unknown:
             raise ValueError(f"Replies from clients {sorted(unknown)} that round {plan.round} did not sample.")
-        averaged = average_scalars({c: r.scalars for c, r in replies.items()}, len(plan.seeds), plan.round)
+        averaged = self.settings.aggregate({c: r.scalars for c, r in replies.items()}, plan.round)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for _, p in self.parameters], self.args.max_grad_norm)
         self.optimizer.step()

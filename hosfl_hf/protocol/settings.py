@@ -34,6 +34,22 @@ class RoundSettings:
     seed: int = 42
     data_seed: int | None = None
     mixed_precision: str = "no"
+    aggregation: str = "mean"
+    aggregation_trim_fraction: float = 0.2
+    scalar_bound: float | None = None
+
+    def aggregate(self, client_scalars: Any, round_index: int | None = None) -> list[float]:
+        """The round's per-seed aggregate of the clients' scalars, by this run's rule."""
+        from ..aggregation import aggregate_scalars
+
+        return aggregate_scalars(
+            client_scalars,
+            self.num_perturbations,
+            self.aggregation,
+            self.aggregation_trim_fraction,
+            self.scalar_bound,
+            round_index,
+        )
 
     @classmethod
     def from_args(cls, args: Any, split_layer: int | None = None) -> RoundSettings:
