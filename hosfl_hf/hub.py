@@ -84,6 +84,7 @@ class HOSFLSplitConfig:
         server_learning_rate (`float`): peak learning rate of the server part (`learning_rate`).
         seed (`int`): seed of the perturbation seeds (`round_seeds(seed, round, P)`).
         data_seed (`int`, *optional*): seed of the shards, client sampling and batches (`seed` when `None`).
+        aggregation, aggregation_trim_fraction, scalar_bound: how the server combined the clients' scalars.
         rng (`dict`): the RNG specification of the perturbation directions.
         hosfl_hf_version (`str`): version of `hosfl_hf` that wrote the file.
     """
@@ -108,6 +109,9 @@ class HOSFLSplitConfig:
     server_learning_rate: float = 1e-5
     seed: int = 42
     data_seed: int | None = None
+    aggregation: str = "mean"
+    aggregation_trim_fraction: float = 0.2
+    scalar_bound: float | None = None
     rng: dict[str, Any] = field(default_factory=lambda: dict(RNG_SPEC))
     hosfl_hf_version: str = field(default_factory=_package_version)
 
@@ -126,6 +130,9 @@ class HOSFLSplitConfig:
         "client_weight_decay",
         "seed",
         "data_seed",
+        "aggregation",
+        "aggregation_trim_fraction",
+        "scalar_bound",
     )
 
     def to_dict(self) -> dict[str, Any]:
