@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .federation import RoundTraffic
 from .zeroth_order import zo_gradients
 
 if TYPE_CHECKING:  # the rules call back into the trainer; no import at run time
@@ -155,7 +156,7 @@ class WholeModel(ClientRule):
 
 def _zo_sync_bytes(num_perturbations: int) -> int:
     # P int64 seeds down, P fp32 scalars up, P averaged fp32 scalars down.
-    return num_perturbations * (8 + 4 + 4)
+    return RoundTraffic.hybrid_order(0, 0, 0, num_perturbations).sync_bytes
 
 
 # -------------------------------------------------------------------------------------------------------- registry

@@ -268,7 +268,7 @@ class HOSFLTrainer(Trainer):
 
     @property
     def _federation_seed(self) -> int:
-        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return self.round_settings.federation_seed
 
     def _get_train_sampler(self, train_dataset: Any = None) -> FederatedRoundSampler:
         return FederatedRoundSampler(
@@ -807,10 +807,8 @@ class HOSFLTrainer(Trainer):
         if best is None or not os.path.isfile(os.path.join(best, TRAJECTORY_NAME)):
             return
         self.trajectory = Trajectory.load(os.path.join(best, TRAJECTORY_NAME))
-        state_path = os.path.join(best, CLIENT_STATE_NAME)
-        if self.client_optimizer is not None and os.path.isfile(state_path):
-            state = torch.load(state_path, weights_only=True)
-            self.client_optimizer.load_state_dict(state["client_optimizer"])
+        if self.client_optimizer is not None and os.path.isfile(os.path.join(best, CLIENT_STATE_NAME)):
+            self.client_optimizer.load_state_dict(self._read_client_state(best)["client_optimizer"])
 
     # ------------------------------------------------------------------------------------------ hub artifacts
     def hosfl_split_config(self) -> Any:

@@ -64,7 +64,6 @@ class SplitServer:
         # The client schedule: the server's shape at peak client_learning_rate, stepped once per applied round.
         self._client_lr = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.client_learning_rate)
         self.client_lr_scheduler = args.schedule(self._client_lr, steps)
-        self.comm = {"activation_bytes": 0, "sync_bytes": 0}
 
     # ----------------------------------------------------------------------------------------------- round
     def plan(self, round_index: int) -> RoundPlan:
