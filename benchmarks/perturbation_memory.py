@@ -5,7 +5,9 @@
 The client is the shipped SmolLM2's embeddings + first `split` blocks with every weight trainable (no LoRA), the
 case where saving a copy of each trainable tensor before perturbing doubles the weights. Each mode runs in a fresh
 subprocess: after loading, the peak-RSS mark is reset, one client step runs on a fixed batch, and the peak increase
-over the loaded weights is read (`VmHWM`). Modes: `inference` (one forward, no autograd), `probe_copy` and
+over the loaded weights is read (`VmHWM`); children run with `MALLOC_MMAP_THRESHOLD_=65536` and
+trim the heap first, so every new tensor buffer shows in RSS instead of reusing pages freed while loading.
+Modes: `inference` (one forward, no autograd), `probe_copy` and
 `probe_swap` (anchor forward + P perturbed forwards + scalars + the SGD update rebuilt from the seeds), with the
 estimator's two ways of perturbing (`ZerothOrderEstimator(module=None)` / `(module=model)`). Both give the same
 scalars, which the script checks. Writes `perturbation_memory.json` and `.md`.
@@ -14,6 +16,7 @@ scalars, which the script checks. Writes `perturbation_memory.json` and `.md`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -44,6 +47,7 @@ def measure(mode: str, split_layer: int, batch: int, length: int, perturbations:
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
     cotangent = torch.randn(batch, length, model.config.hidden_size, generator=g)
     optimizer = build_client_optimizer([p for _, p in params], "sgd", 1e-5, 0.0)  # SGD keeps no state
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages so later allocations show in RSS
     baseline = _rss_kib()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark to the current RSS
@@ -90,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     for mode in ("inference", "probe_copy", "probe_swap"):
         command = [sys.executable, __file__, "--child", mode, "--split", str(args.split), "--batch", str(args.batch)]
         command += ["--length", str(args.length), "--perturbations", str(args.perturbations)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800)
+        # Every tensor buffer gets its own mapping (no reuse of heap pages freed while loading), so the peak-RSS
+        # increase counts each probe buffer; without it small clients under-read (copy mode below its own copies).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800, env=env)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(rows[-1]["mode"], rows[-1]["increase_bytes"] / 2**20, "MiB", flush=True)
     by_mode = {r["mode"]: r for r in rows}
