@@ -5,6 +5,7 @@ messages. It never backpropagates and never sends weights."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,10 +19,10 @@ from ..lora import upcast_trainable_adapters
 from ..rng import check_environment, environment
 from ..split import split_model
 from ..zeroth_order import ZerothOrderEstimator, apply_zo_update, build_client_optimizer
-from .messages import CatchUp, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
+from .messages import CatchUp, ClientCheckpoint, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
 from .settings import RoundSettings
 
-__all__ = ["ClientPart", "SplitClient"]
+__all__ = ["ClientPart", "SplitClient", "weights_digest"]
 
 CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -82,11 +83,14 @@ class SplitClient:
         client_id (`int`): this client's id (its shard index, Flower's `partition-id`).
         settings ([`RoundSettings`]): the run's split, federation and zeroth-order settings.
         dataset: the training set every client shards the same way (a `datasets.Dataset` or a list of rows with
-            `input_ids`, `labels`); only this client's shard is ever read.
+            `input_ids`, `labels`); only this client's shard is ever read. `None` for a holder that only applies
+            updates (the server's record of the client part).
         collator (`Callable`): turns a list of rows into a batch of tensors.
     """
 
-    def __init__(self, model: nn.Module, client_id: int, settings: RoundSettings, dataset: Any, collator: Callable):
+    def __init__(
+        self, model: nn.Module, client_id: int, settings: RoundSettings, dataset: Any, collator: Callable | None
+    ):
         self.settings = settings
         self.client_id = client_id
         split = split_model(model, settings.split_layer)
@@ -100,10 +104,12 @@ class SplitClient:
         )
         self.environment = environment(p for _, p in self.parameters)
         self.last_round = -1
-        shards = settings.shards(dataset)
-        self.sampler = FederatedRoundSampler(
-            shards, settings.clients_per_round, settings.batch_size, seed=settings.federation_seed
-        )
+        self.sampler = None
+        if dataset is not None:
+            shards = settings.shards(dataset)
+            self.sampler = FederatedRoundSampler(
+                shards, settings.clients_per_round, settings.batch_size, seed=settings.federation_seed
+            )
         self.dataset, self.collator = dataset, collator
         self._reference: tuple[int, torch.Tensor] | None = None
 
@@ -165,13 +171,43 @@ class SplitClient:
         self.last_round = update.round
 
     def catch_up(self, history: CatchUp) -> int:
-        """Applies the rounds of `history` this client has not applied yet (a straggler's replay); returns how many."""
+        """Applies what of `history` this client has not applied yet (a straggler's replay): its checkpoint if newer
+        than this client's state, then the rounds after its last applied one. Returns how many rounds it replayed
+        (a loaded checkpoint not counted).
+
+        Raises:
+            `ValueError`: if this client holds fewer rounds than the history starts after, and no checkpoint: it
+                lost its state (a restart from nothing) and needs its full history. Nothing is applied then.
+        """
+        if history.checkpoint is not None and history.checkpoint.round > self.last_round:
+            self.load_checkpoint(history.checkpoint)
+        elif self.last_round < history.after:
+            raise ValueError(
+                f"Client {self.client_id} holds rounds up to {self.last_round}, but the catch-up starts after round "
+                f"{history.after}: it lost its state and needs its full history (or a checkpoint)."
+            )
         applied = 0
         for update in history.rounds:
             if update.round > self.last_round:
                 self.apply(update)
                 applied += 1
         return applied
+
+    def checkpoint(self) -> ClientCheckpoint:
+        """This client's state as a [`ClientCheckpoint`] (what the server sends a straggler)."""
+        return ClientCheckpoint.from_client_state(self.last_round, self.state_dict())
+
+    def load_checkpoint(self, checkpoint: ClientCheckpoint) -> None:
+        """Loads a [`ClientCheckpoint`]; its tensors must have this client part's names, shapes and dtypes exactly
+        (a cast would break bit-identity)."""
+        own = dict(self.parameters)
+        for name, tensor in checkpoint.parameters.items():
+            if name in own and (tensor.shape != own[name].shape or tensor.dtype != own[name].dtype):
+                raise ValueError(
+                    f"Checkpoint tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}; this client part holds "
+                    f"{tuple(own[name].shape)} {own[name].dtype}."
+                )
+        self.load_state_dict(checkpoint.to_client_state(dict(self.environment)))
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -210,6 +246,15 @@ class SplitClient:
         state["parameters"] = load_file(os.path.join(folder, "client_parameters.safetensors"))
         self.load_state_dict(state)
         return True
+
+
+def weights_digest(parameters: Any) -> str:
+    """sha256 of `(name, tensor)` pairs in their pinned order: what every holder of the client part must agree on."""
+    h = hashlib.sha256()
+    for name, param in parameters:
+        h.update(name.encode())
+        h.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _drop_server_modules(split: Any) -> None:

@@ -22,13 +22,23 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .messages import MESSAGE_TYPES, CatchUp, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
+from .messages import (
+    MESSAGE_TYPES,
+    CatchUp,
+    ClientCheckpoint,
+    ClientForward,
+    ClientUpdate,
+    Cotangent,
+    ProbeReply,
+    RoundPlan,
+)
 
 __all__ = ["FORMAT_VERSION", "MessageError", "decode", "encode"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CatchUp carries `after` and an optional client checkpoint
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.bool)
+IGNORE_INDEX = -100
 _KINDS = {cls: kind for kind, cls in MESSAGE_TYPES.items()}
 
 
@@ -48,6 +58,12 @@ def encode(message: Any) -> bytes:
             tensors[f.name] = value.detach().cpu().contiguous()
         elif isinstance(message, CatchUp) and f.name == "rounds":
             fields[f.name] = [dataclasses.asdict(r) for r in value]
+        elif isinstance(message, CatchUp) and f.name == "checkpoint":
+            if value is not None:  # its tensors in the safetensors body, the rest in the JSON header
+                fields[f.name] = {"round": value.round, "optimizer": value.optimizer}
+                for group in ("parameters", "optimizer_tensors"):
+                    for name, tensor in getattr(value, group).items():
+                        tensors[f"checkpoint.{group}/{name}"] = tensor.detach().cpu().contiguous()
         else:
             fields[f.name] = value
     header = {"kind": kind, "version": FORMAT_VERSION, "fields": fields}
@@ -72,6 +88,7 @@ def decode(
     num_perturbations: int | None = None,
     hidden_size: int | None = None,
     shape: tuple[int, ...] | None = None,
+    num_labels: int | None = None,
 ) -> Any:
     """Decodes and validates one message.
 
@@ -83,6 +100,8 @@ def decode(
         num_perturbations: `P` (seeds in a plan, scalars in a reply or update).
         hidden_size: the model's hidden size (last dimension of the cut).
         shape: the exact shape of a cotangent (that of the client's cut).
+        num_labels: labels of a cut must lie in `[0, num_labels)` or be `-100` (ignored): the vocabulary size of a
+            causal-LM task, the number of classes of a classification loss.
 
     Raises:
         [`MessageError`]: naming the field that is wrong; the message must then be dropped.
@@ -99,15 +118,12 @@ def decode(
         raise MessageError(f"Tensor payload: {error}.") from None
     fields = dict(header.get("fields", {}))
     names = {f.name for f in dataclasses.fields(expected)}
-    unknown = (set(fields) | set(tensors)) - names
+    checkpoint_tensors = {k: v for k, v in tensors.items() if expected is CatchUp and k.startswith("checkpoint.")}
+    unknown = (set(fields) | set(tensors) - set(checkpoint_tensors)) - names
     if unknown:
         raise MessageError(f"Unknown fields {sorted(unknown)} in a {kind!r} message.")
     if expected is CatchUp:
-        rounds = [_validate_update(ClientUpdate(**r), num_perturbations) for r in fields.get("rounds", [])]
-        ids = [r.round for r in rounds]
-        if ids != sorted(set(ids)):
-            raise MessageError(f"Field 'rounds': round ids {ids} are not strictly increasing.")
-        return CatchUp(rounds=rounds)
+        return _decode_catchup(fields, checkpoint_tensors, num_perturbations)
     try:
         message = expected(**fields, **tensors)
     except TypeError as error:
@@ -124,8 +140,51 @@ def decode(
                 f"Field 'client' of a {where}: client {message.client} is not one of {sorted(clients)}."
             )
         where = f"{kind} message of client {message.client}, round {message.round}"
-    VALIDATORS[expected](message, where, num_perturbations=num_perturbations, hidden_size=hidden_size, shape=shape)
+    VALIDATORS[expected](
+        message,
+        where,
+        num_perturbations=num_perturbations,
+        hidden_size=hidden_size,
+        shape=shape,
+        num_labels=num_labels,
+    )
     return message
+
+
+def _decode_catchup(fields: dict[str, Any], tensors: dict[str, torch.Tensor], num_perturbations: int | None):
+    try:
+        rounds = [_validate_update(ClientUpdate(**r), num_perturbations) for r in fields.get("rounds", [])]
+    except TypeError as error:
+        raise MessageError(f"Field 'rounds' of a catchup message: {error}.") from None
+    after = fields.get("after", -1)
+    if not isinstance(after, int) or isinstance(after, bool) or after < -1:
+        raise MessageError(f"Field 'after' of a catchup message: {after!r} is not a round id (>= -1).")
+    ids = [r.round for r in rounds]
+    if ids != sorted(set(ids)) or (ids and ids[0] <= after):
+        raise MessageError(f"Field 'rounds': round ids {ids} are not strictly increasing after round {after}.")
+    checkpoint = None
+    if fields.get("checkpoint") is not None:
+        record = fields["checkpoint"]
+        if (
+            not isinstance(record, dict)
+            or record.get("round") != after
+            or not isinstance(record.get("optimizer"), dict)
+        ):
+            raise MessageError(f"Field 'checkpoint' of a catchup message: must be the client state at round {after}.")
+        groups: dict[str, dict[str, torch.Tensor]] = {"parameters": {}, "optimizer_tensors": {}}
+        for key, tensor in tensors.items():
+            group, _, name = key.removeprefix("checkpoint.").partition("/")
+            if group not in groups or not name:
+                raise MessageError(f"Field 'checkpoint' of a catchup message: unknown tensor {key!r}.")
+            if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+                raise MessageError(f"Field 'checkpoint' of a catchup message: non-finite values in {key!r}.")
+            groups[group][name] = tensor
+        if not groups["parameters"]:
+            raise MessageError("Field 'checkpoint' of a catchup message: no parameters.")
+        checkpoint = ClientCheckpoint(round=after, optimizer=record["optimizer"], **groups)
+    elif tensors:
+        raise MessageError("Field 'checkpoint' of a catchup message: tensors without a checkpoint record.")
+    return CatchUp(rounds=rounds, after=after, checkpoint=checkpoint)
 
 
 def _check_int(value: Any, name: str, where: str) -> None:
@@ -172,7 +231,9 @@ def _validate_plan(message: RoundPlan, where: str, num_perturbations: int | None
         raise MessageError(f"Field 'seeds' of a {where}: {message.seeds} must be integers in [0, 2**63).")
 
 
-def _validate_cut(message: ClientForward, where: str, hidden_size: int | None, **_: Any) -> None:
+def _validate_cut(
+    message: ClientForward, where: str, hidden_size: int | None, num_labels: int | None = None, **_: Any
+) -> None:
     _check_tensor(message.hidden_states, "hidden_states", where, FLOAT_DTYPES, 3, finite=True)
     batch, length = message.hidden_states.shape[:2]
     if hidden_size is not None and message.hidden_states.shape[-1] != hidden_size:
@@ -194,6 +255,13 @@ def _validate_cut(message: ClientForward, where: str, hidden_size: int | None, *
             raise MessageError(
                 f"Field 'labels' of a {where}: shape {tuple(labels.shape)}, expected {(batch, length)} or {(batch,)}."
             )
+        if num_labels is not None:
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_labels))
+            if bool(bad.any()):
+                raise MessageError(
+                    f"Field 'labels' of a {where}: values {sorted(set(labels[bad].tolist()))[:5]} outside the task's "
+                    f"labels [0, {num_labels}) (and {IGNORE_INDEX}, ignored)."
+                )
 
 
 def _validate_cotangent(message: Cotangent, where: str, shape: tuple[int, ...] | None, **_: Any) -> None:

@@ -1,86 +1,48 @@
 """`run_rounds`: the round protocol in one process, every message passed through the codec (the in-process
-transport). The Flower app drives the same objects, in the same order, across processes."""
+transport). The Flower app drives the same [`FederatedRun`] over Flower's `Grid`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 
 from .client import SplitClient
-from .codec import decode, encode
-from .messages import CatchUp, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
+from .messages import ClientUpdate
+from .rounds import FederatedRun, ReliabilitySettings
 from .server import SplitServer
+from .transport import InProcessTransport
 
 __all__ = ["run_rounds"]
 
 
 def run_rounds(
-    server: SplitServer, clients: Mapping[int, SplitClient], rounds: range, traffic: dict[str, int] | None = None
+    server: SplitServer,
+    clients: MutableMapping[int, SplitClient],
+    rounds: range,
+    traffic: dict[str, int] | None = None,
+    reliability: ReliabilitySettings | None = None,
 ) -> list[ClientUpdate]:
-    """Runs `rounds` of HO-SFL between `server` and `clients` (client id -> [`SplitClient`]).
+    """Runs `rounds` of HO-SFL between `server` and `clients` (client id -> [`SplitClient`]) in this process.
 
-    Per round: the plan goes to each sampled client together with the rounds it missed (catch-up), the client
-    forwards, the server backpropagates and returns lambda, the client probes; after the last client the server steps
-    and the sampled clients apply the round's update. Clients that were not sampled catch up when they next are.
+    Per round: the plan goes to each sampled client together with the rounds it missed (catch-up), the clients
+    forward, the server backpropagates each cut and returns lambda, the clients probe; the server steps and the
+    clients that finished apply the round's update. Clients that were not sampled catch up when they next are.
+    A client that fails is dropped from the round (see [`FederatedRun`]).
 
     Args:
-        traffic: if given, bytes of the encoded messages are added to it: `activation_bytes` (cuts and lambdas) and
-            `sync_bytes` (plans, catch-up history, scalars, updates).
+        traffic: if given, bytes of the encoded messages are added to it: `activation_bytes` (cuts and lambdas),
+            `sync_bytes` (plans, catch-up history, scalars, updates) and `catchup_bytes` (the catch-ups alone).
+        reliability: the fault policy ([`ReliabilitySettings`]).
 
     Returns:
         The applied updates, in order.
     """
-    traffic = traffic if traffic is not None else {}
-    traffic.setdefault("activation_bytes", 0)
-    traffic.setdefault("sync_bytes", 0)
-    settings = server.settings
-    hidden_size = getattr(server.split.model.config, "hidden_size", None)
-
-    def send(message, expected, leg: str, **expect):
-        data = encode(message)
-        traffic[leg] += len(data)
-        return decode(data, expected, **expect)
-
-    updates = []
-    for round_index in rounds:
-        plan = server.plan(round_index)
-        replies: dict[int, ProbeReply] = {}
-        for client_id in plan.clients:
-            client = clients[client_id]
-            p = settings.num_perturbations
-            client.catch_up(
-                send(CatchUp(server.history(client.last_round)), CatchUp, "sync_bytes", num_perturbations=p)
-            )
-            received = send(plan, RoundPlan, "sync_bytes", num_perturbations=p)
-            cut = send(
-                client.forward(received),
-                ClientForward,
-                "activation_bytes",
-                round=round_index,
-                clients=plan.clients,
-                hidden_size=hidden_size,
-            )
-            lam = server.backward(cut)
-            lam = send(
-                lam,
-                Cotangent,
-                "activation_bytes",
-                round=round_index,
-                clients=[client_id],
-                shape=tuple(cut.hidden_states.shape),
-            )
-            reply = send(
-                client.probe(received, lam),
-                ProbeReply,
-                "sync_bytes",
-                round=round_index,
-                clients=[client_id],
-                num_perturbations=p,
-            )
-            if reply.client in replies:
-                raise ValueError(f"Client {reply.client} replied twice in round {round_index}.")
-            replies[reply.client] = reply
-        update = server.step(plan, replies)
-        for client_id in plan.clients:
-            clients[client_id].apply(send(update, ClientUpdate, "sync_bytes", num_perturbations=p))
-        updates.append(update)
+    run = FederatedRun(server, InProcessTransport(clients), reliability)
+    run.next_round = rounds.start
+    if server.trajectory.rounds:
+        last = server.trajectory.rounds[-1].round
+        run.applied = {c: min(client.last_round, last) for c, client in clients.items()}
+    updates = [run.run_round(r) for r in rounds]
+    if traffic is not None:
+        for key, value in run.traffic.items():
+            traffic[key] = traffic.get(key, 0) + value
     return updates

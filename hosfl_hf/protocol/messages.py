@@ -1,7 +1,8 @@
 """The messages of one HO-SFL round: plain data (tensors and small records), one type per leg.
 
     server -> client   RoundPlan      the round, its sampled clients and the P seeds          ("seeds down")
-                       CatchUp        the rounds a client missed, before it works again       ("history down")
+                       CatchUp        the rounds a client missed (or a checkpoint plus the     ("history down")
+                                      rounds after it), before it works again
     client -> server   ClientForward  cut activations, masks/positions and labels            ("cut up")
     server -> client   Cotangent      lambda = dloss_i/dz for that client's batch             ("lambda down")
     client -> server   ProbeReply     the client's P scalars <lambda, z(theta + mu u_p) - z>  ("scalars up")
@@ -18,7 +19,16 @@ import torch
 
 from ..trajectory import TrajectoryRound
 
-__all__ = ["CatchUp", "ClientForward", "ClientUpdate", "Cotangent", "MESSAGE_TYPES", "ProbeReply", "RoundPlan"]
+__all__ = [
+    "CatchUp",
+    "ClientCheckpoint",
+    "ClientForward",
+    "ClientUpdate",
+    "Cotangent",
+    "MESSAGE_TYPES",
+    "ProbeReply",
+    "RoundPlan",
+]
 
 
 @dataclass
@@ -83,10 +93,68 @@ class ClientUpdate:
 
 
 @dataclass
+class ClientCheckpoint:
+    """The client part's state after round `round` (the server's record): trainable weights and the client
+    optimizer's state. A straggler too far behind loads it instead of replaying every round before it.
+
+    `optimizer_tensors` holds the optimizer's per-parameter tensors as `"<param index>/<key>"` (e.g. AdamW's
+    `"0/exp_avg"`); `optimizer` the rest of its state dict as plain JSON (`param_groups`, non-tensor entries)."""
+
+    round: int
+    parameters: dict[str, torch.Tensor]
+    optimizer_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_client_state(cls, round_index: int, state: dict) -> ClientCheckpoint:
+        """From `SplitClient.state_dict()`."""
+        opt = state["optimizer"]
+        tensors, rest = {}, {}
+        for index, entries in opt["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{index}/{key}"] = value.detach().clone()
+                else:
+                    rest.setdefault(str(index), {})[key] = value
+        groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in opt["param_groups"]]
+        return cls(
+            round=round_index,
+            parameters={n: p.detach().clone() for n, p in state["parameters"].items()},
+            optimizer_tensors=tensors,
+            optimizer={"param_groups": groups, "state": rest},
+        )
+
+    def to_client_state(self, environment: dict) -> dict:
+        """The `SplitClient.load_state_dict` input."""
+        state: dict = {int(i): dict(v) for i, v in self.optimizer.get("state", {}).items()}
+        for key, value in self.optimizer_tensors.items():
+            index, name = key.split("/", 1)
+            state.setdefault(int(index), {})[name] = value.clone()
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in self.optimizer["param_groups"]]
+        return {
+            "parameters": self.parameters,
+            "optimizer": {"state": state, "param_groups": groups},
+            "last_round": self.round,
+            "environment": environment,
+        }
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.parameters.values(), *self.optimizer_tensors.values()])
+
+
+@dataclass
 class CatchUp:
-    """The applied rounds a client has not seen yet, in order (empty when it is up to date)."""
+    """What a client must apply before it works again: the applied rounds after round `after`, in order (empty when
+    it is up to date), optionally preceded by a `checkpoint` of the client state at round `after` (history
+    compaction: a client too far behind loads the checkpoint, then replays only the tail).
+
+    A client that holds fewer rounds than `after` (and gets no checkpoint) cannot use it: it refuses the message,
+    and the server sends it its full history next time."""
 
     rounds: list[ClientUpdate] = field(default_factory=list)
+    after: int = -1
+    checkpoint: ClientCheckpoint | None = None
 
 
 MESSAGE_TYPES = {
@@ -97,3 +165,4 @@ MESSAGE_TYPES = {
     "update": ClientUpdate,
     "catchup": CatchUp,
 }
+"""Message kind (the codec's header) -> type; a [`ClientCheckpoint`] travels only inside a [`CatchUp`]."""

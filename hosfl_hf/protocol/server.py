@@ -4,22 +4,28 @@ scalars and records the trajectory."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
 from ..federation import sample_clients
 from ..lora import upcast_trainable_adapters
-from ..rng import environment, round_seeds
+from ..rng import environment, mix, round_seeds
 from ..split import CutActivations, split_model
-from ..trajectory import Trajectory
+from ..trajectory import TRAJECTORY_NAME, Trajectory
 from .messages import ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
 from .settings import RoundSettings
 
 __all__ = ["SplitServer"]
+
+SERVER_WEIGHTS = "server_parameters.safetensors"
+SERVER_STATE = "server_state.pt"
+RETRY_STREAM = 0x7E7  # mixes the retry attempt into the client sampling's seed
 
 
 class SplitServer:
@@ -65,19 +71,22 @@ class SplitServer:
         self._client_lr = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.client_learning_rate)
         self.client_lr_scheduler = args.schedule(self._client_lr, steps)
 
+        self._round_cuts: dict[int, ClientForward] = {}  # this round's accepted cuts, in backward order
+        self._round_losses: dict[int, float] = {}
+        self._grads_from: list[int] = []  # clients whose gradient is in the parameters' .grad, in order
+
     # ----------------------------------------------------------------------------------------------- round
-    def plan(self, round_index: int) -> RoundPlan:
-        """The round's sampled clients and perturbation seeds (pure functions of the seeds and the round)."""
+    def plan(self, round_index: int, attempt: int = 0) -> RoundPlan:
+        """The round's sampled clients and perturbation seeds (pure functions of the seeds and the round). A round
+        retried after every sampled client dropped (`attempt > 0`) samples again, with other draws."""
         s = self.settings
-        clients = sample_clients(s.federation_seed, round_index, s.num_clients, s.clients_per_round)
+        seed = s.federation_seed if attempt == 0 else mix(s.federation_seed, RETRY_STREAM, attempt)
+        clients = sample_clients(seed, round_index, s.num_clients, s.clients_per_round)
         return RoundPlan(
             round=round_index, clients=clients, seeds=round_seeds(s.seed, round_index, s.num_perturbations)
         )
 
-    def backward(self, cut: ClientForward) -> Cotangent:
-        """Runs the server part on a client's cut, backpropagates `loss_i / K` (gradients accumulate over the round's
-        clients) and returns `lambda_i = dloss_i/dz`."""
-        k = self.settings.clients_per_round
+    def _loss(self, cut: ClientForward, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = cut.hidden_states.detach().requires_grad_(True)
         activations = CutActivations(hidden_states=z, attention_mask=cut.attention_mask, position_ids=cut.position_ids)
         labels = None if self.loss_func is not None else cut.labels
@@ -86,22 +95,63 @@ class SplitServer:
         if not torch.isfinite(loss.detach()).all():
             raise ValueError(f"The server loss of client {cut.client} in round {cut.round} is not finite.")
         (loss / k).backward()
+        return loss, z
+
+    def backward(self, cut: ClientForward) -> Cotangent:
+        """Runs the server part on a client's cut, backpropagates `loss_i / K` (gradients accumulate over the round's
+        clients) and returns `lambda_i = dloss_i/dz`.
+
+        Raises:
+            `ValueError`: if the loss, lambda or a server gradient is not finite (poisoned activations). The cut is
+                then not part of the round: [`step`] rebuilds the gradient from the accepted cuts only.
+        """
+        k = self.settings.clients_per_round
+        loss, z = self._loss(cut, k)  # a non-finite loss raises before any gradient is written
+        self._grads_from.append(cut.client)
+        grads = [p.grad for _, p in self.parameters if p.grad is not None]
+        if not torch.isfinite(z.grad).all() or not all(bool(torch.isfinite(g).all()) for g in grads):
+            raise ValueError(f"The server gradient of client {cut.client}'s cut in round {cut.round} is not finite.")
         self.last_loss = float(loss.detach())
+        self._round_cuts[cut.client] = cut
+        self._round_losses[cut.client] = self.last_loss
         # As in HOSFLTrainer: lambda_i = grad(loss_i / K) * K.
         return Cotangent(round=cut.round, client=cut.client, cotangent=z.grad * k)
 
+    def round_loss(self, clients: list[int]) -> float:
+        """The mean server loss of `clients` (those that finished) in the current round."""
+        return sum(self._round_losses[c] for c in clients) / len(clients)
+
+    def discard_round(self) -> None:
+        """Forgets the current round's gradients and cuts (no client finished it)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._round_cuts, self._round_losses, self._grads_from = {}, {}, []
+
     def step(self, plan: RoundPlan, replies: Mapping[int, ProbeReply]) -> ClientUpdate:
         """Closes the round: averages the replies of the clients that answered, takes the server's optimizer step,
-        and returns (and records) the client update every holder applies."""
+        and returns (and records) the client update every holder applies.
+
+        Only the clients that finished (sent scalars) count, on both sides: if they are not exactly the clients whose
+        gradient was accumulated, the server's gradient is rebuilt from their cuts alone with `K` = the number of
+        finishers, so the step is that of the mean loss over the finishers (the clients' update is the aggregate of
+        the same clients' scalars)."""
         unknown = set(replies) - set(plan.clients)
         if unknown:
             raise ValueError(f"Replies from clients {sorted(unknown)} that round {plan.round} did not sample.")
+        missing = set(replies) - set(self._round_cuts)
+        if missing:
+            raise ValueError(f"Replies from clients {sorted(missing)} whose cut the server did not accept.")
         averaged = self.settings.aggregate({c: r.scalars for c, r in replies.items()}, plan.round)
+        finishers = [c for c in self._grads_from if c in replies]
+        if finishers != self._grads_from:
+            self.optimizer.zero_grad(set_to_none=True)
+            for client in finishers:
+                self._loss(self._round_cuts[client], len(finishers))
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for _, p in self.parameters], self.args.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._round_cuts, self._round_losses, self._grads_from = {}, {}, []
         update = ClientUpdate(
             round=plan.round, seeds=plan.seeds, scalars=averaged, lr=self.client_lr_scheduler.get_last_lr()[0]
         )
@@ -113,3 +163,36 @@ class SplitServer:
     def history(self, after_round: int) -> list[ClientUpdate]:
         """The applied rounds after `after_round` (what a client that last applied `after_round` must replay)."""
         return [ClientUpdate.from_trajectory_round(r) for r in self.trajectory.rounds if r.round > after_round]
+
+    # ------------------------------------------------------------------------------------------------ state
+    def save(self, folder: str | os.PathLike) -> None:
+        """Writes the server's state: its part's trainable weights (safetensors), the optimizer and both schedules
+        (`torch.save` of tensors and plain values, read back with `weights_only=True`) and the trajectory."""
+        os.makedirs(folder, exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.parameters}, os.path.join(folder, SERVER_WEIGHTS))
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "client_lr_scheduler": self.client_lr_scheduler.state_dict(),
+        }
+        torch.save(state, os.path.join(folder, SERVER_STATE))
+        self.trajectory.save(os.path.join(folder, TRAJECTORY_NAME))
+
+    def load(self, folder: str | os.PathLike) -> None:
+        """Loads a state written by [`save`] (bit for bit)."""
+        weights = load_file(os.path.join(folder, SERVER_WEIGHTS))
+        names = [n for n, _ in self.parameters]
+        if sorted(weights) != sorted(names):
+            raise ValueError(f"The server checkpoint in {folder} holds other parameters than this server part.")
+        with torch.no_grad():
+            for name, param in self.parameters:
+                param.copy_(weights[name])
+        state = torch.load(os.path.join(folder, SERVER_STATE), weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.client_lr_scheduler.load_state_dict(state["client_lr_scheduler"])
+        trajectory = Trajectory.load(os.path.join(folder, TRAJECTORY_NAME))
+        if trajectory.parameter_names != self.trajectory.parameter_names:
+            raise ValueError(f"The trajectory in {folder} is of another client part.")
+        self.trajectory.rounds = trajectory.rounds
+        self.discard_round()

@@ -1,0 +1,65 @@
+"""The client's side of every exchange, shared by the in-process transport and the Flower `ClientApp`: a message is
+a mapping of named payloads (codec bytes, or small ints and strings), and so is the reply.
+
+    forward   plan + catchup      -> cut          (catch up, then the cut of this round's batch)
+    probe     plan + cotangent    -> scalars
+    update    update              -> last_round
+    catchup   catchup             -> last_round + digest (of the client part's trainable weights)
+
+A handler that raises sends no reply: the server drops the client for the round (see [`FederatedRun`]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .client import SplitClient, weights_digest
+from .codec import decode, encode
+from .messages import CatchUp, ClientUpdate, Cotangent, RoundPlan
+
+__all__ = ["HANDLERS", "STATEFUL", "handle"]
+
+Payload = Mapping[str, Any]
+
+
+def _forward(client: SplitClient, payload: Payload) -> dict[str, Any]:
+    p = client.settings.num_perturbations
+    client.catch_up(decode(payload["catchup"], CatchUp, num_perturbations=p))
+    plan = decode(payload["plan"], RoundPlan, num_perturbations=p)
+    return {"cut": encode(client.forward(plan))}
+
+
+def _probe(client: SplitClient, payload: Payload) -> dict[str, Any]:
+    plan = decode(payload["plan"], RoundPlan, num_perturbations=client.settings.num_perturbations)
+    cotangent = decode(payload["cotangent"], Cotangent, round=plan.round, clients=[client.client_id])
+    return {"scalars": encode(client.probe(plan, cotangent))}
+
+
+def _update(client: SplitClient, payload: Payload) -> dict[str, Any]:
+    client.apply(decode(payload["update"], ClientUpdate, num_perturbations=client.settings.num_perturbations))
+    return {"last_round": client.last_round}
+
+
+def _catchup(client: SplitClient, payload: Payload) -> dict[str, Any]:
+    client.catch_up(decode(payload["catchup"], CatchUp, num_perturbations=client.settings.num_perturbations))
+    return {"last_round": client.last_round, "digest": weights_digest(client.parameters)}
+
+
+HANDLERS: dict[str, Callable[[SplitClient, Payload], dict[str, Any]]] = {
+    "forward": _forward,
+    "probe": _probe,
+    "update": _update,
+    "catchup": _catchup,
+}
+"""Exchange kind -> the client's handler."""
+
+STATEFUL = frozenset({"forward", "update", "catchup"})
+"""Kinds after which a client that keeps its state outside memory must save it (they may apply rounds)."""
+
+
+def handle(client: SplitClient, kind: str, payload: Payload) -> dict[str, Any]:
+    """Answers one exchange of kind `kind` (a key of `HANDLERS`)."""
+    if kind not in HANDLERS:
+        raise ValueError(f"Unknown exchange {kind!r}; the protocol has {sorted(HANDLERS)}.")
+    return HANDLERS[kind](client, payload)

@@ -1,0 +1,419 @@
+"""`FederatedRun`: the server's round loop over any [`Transport`], with the faults a federation meets.
+
+Per round: the plan and each sampled client's catch-up go out (`forward`), every cut is validated and backpropagated
+in the plan's order, the lambdas go out (`probe`), the scalars come back, the server steps and the finishers apply
+the update (`update`).
+
+* A client that raises, does not answer within `reply_timeout`, or sends a message that fails validation is
+  dropped for the round ([`ClientFault`]: counted, logged, kept in `events`). Nothing it sent is used: the server's
+  step is that of the mean loss over the clients that finished (`K` = finishers) and the update aggregates their
+  scalars only. If no client finishes, the round is skipped and retried with a new sample (`max_round_attempts`).
+* A client whose state the server is no longer sure of (it failed mid-round) gets its full history next time: a
+  client restarted from nothing rebuilds itself from the base model; one that kept its state skips what it holds.
+* History compaction (`checkpoint_every = N > 0`): the server keeps its own copy of the client part (the record),
+  snapshots it every `N` applied rounds, and a client behind the last snapshot gets the snapshot plus the rounds
+  after it, so a catch-up is at most one client state plus `N` updates.
+* Server checkpoint (`checkpoint_dir`): after each round's step and before its update is sent (the commit point),
+  the whole server state is written; [`FederatedRun.resume`] continues from it over the same transport and ends
+  bit-identical to an uninterrupted run. A client that applied the update of the round in progress skips it on
+  replay (updates of rounds it holds are never applied twice).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from .client import SplitClient, weights_digest
+from .codec import MessageError, decode, encode
+from .messages import CatchUp, ClientForward, ClientUpdate, ProbeReply, RoundPlan
+from .server import SplitServer
+from .transport import ClientFault, Transport
+
+__all__ = ["COUNTERS", "FederatedRun", "ReliabilitySettings"]
+
+logger = logging.getLogger(__name__)
+
+COUNTERS = (
+    "fed/dropped_clients",  # sampled clients dropped from a round (error, timeout or rejected message)
+    "fed/timeouts",
+    "fed/rejected_messages",  # messages that failed validation (a subset of the drops)
+    "fed/skipped_rounds",  # attempts in which no client finished (retried with a new sample)
+    "fed/missed_updates",  # finishers that did not acknowledge the update (they catch up later)
+    "fed/full_resyncs",  # catch-ups sent from the start (or the last snapshot) to a client of unknown state
+)
+RUN_STATE = "federated_run.json"
+
+
+@dataclass
+class ReliabilitySettings:
+    """The server's fault policy.
+
+    Args:
+        reply_timeout (`float`, *optional*): seconds a client has to answer an exchange; a later answer is dropped.
+        max_round_attempts (`int`): attempts of a round (each with a new sample) before the run stops.
+        activation_bound (`float`, *optional*): a cut with an entry of magnitude above this is rejected (poisoned
+            activations). Non-finite cuts, losses and server gradients are always rejected.
+        checkpoint_every (`int`): snapshot the client part every N applied rounds for catch-up (0: replay only).
+    """
+
+    reply_timeout: float | None = None
+    max_round_attempts: int = 5
+    activation_bound: float | None = None
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        if self.max_round_attempts < 1:
+            raise ValueError(f"max_round_attempts must be >= 1, got {self.max_round_attempts}.")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
+        for name in ("reply_timeout", "activation_bound"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 (or None), got {value}.")
+
+
+class FederatedRun:
+    """Runs rounds between a [`SplitServer`] and clients reached through a [`Transport`].
+
+    Args:
+        server: the server (its settings fix the federation).
+        transport: how the clients are reached.
+        reliability: the fault policy.
+        base_model (`nn.Module`, *optional*): the run's initial model; needed for history compaction (the server's
+            record of the client part is built from it).
+        checkpoint_dir (`str`, *optional*): where the server checkpoint is written after every round.
+        num_labels (`int`, *optional*): labels of a cut must lie in `[0, num_labels)` (or be -100); by default the
+            model's vocabulary size (causal LM) when the server has no custom loss.
+    """
+
+    def __init__(
+        self,
+        server: SplitServer,
+        transport: Transport,
+        reliability: ReliabilitySettings | None = None,
+        base_model: nn.Module | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        num_labels: int | None = None,
+    ):
+        self.server, self.transport = server, transport
+        self.reliability = reliability or ReliabilitySettings()
+        self.settings = server.settings
+        self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+        config = server.split.model.config
+        self.hidden_size = getattr(config, "hidden_size", None)
+        if num_labels is None and server.loss_func is None:
+            num_labels = getattr(config, "vocab_size", None)
+        self.num_labels = num_labels
+        self.applied: dict[int, int | None] = {c: -1 for c in range(self.settings.num_clients)}  # None: unknown
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.traffic = {"activation_bytes": 0, "sync_bytes": 0, "catchup_bytes": 0}
+        self.events: list[dict[str, Any]] = []  # every drop: round, attempt, client, leg, kind, reason
+        self.log: list[dict[str, Any]] = []  # per applied round: loss, learning rates, finishers, bytes
+        self.next_round = 0
+        self.record: SplitClient | None = None
+        self.snapshot = None  # the record's state at its last snapshot round (a ClientCheckpoint)
+        if self.reliability.checkpoint_every:
+            if base_model is None:
+                raise ValueError(
+                    "History compaction (checkpoint_every > 0) needs base_model: the run's initial model."
+                )
+            self.record = SplitClient(copy.deepcopy(base_model), -1, self.settings, None, None)
+
+    # ----------------------------------------------------------------------------------------------- rounds
+    def run(self, num_rounds: int) -> list[ClientUpdate]:
+        """Runs rounds until `num_rounds` rounds are applied (continuing a resumed run); returns the new updates."""
+        updates = []
+        while self.next_round < num_rounds:
+            updates.append(self.run_round(self.next_round))
+        return updates
+
+    def run_round(self, round_index: int) -> ClientUpdate:
+        """One round, retried with a new sample while no client finishes it."""
+        for attempt in range(self.reliability.max_round_attempts):
+            update = self._attempt(self.server.plan(round_index, attempt), attempt)
+            if update is not None:
+                self.next_round = round_index + 1
+                return update
+            self.counters["fed/skipped_rounds"] += 1
+            logger.warning(
+                "HO-SFL round %s attempt %s: no client finished; retrying with a new sample.", round_index, attempt
+            )
+        raise RuntimeError(
+            f"Round {round_index}: no sampled client finished in {self.reliability.max_round_attempts} attempts "
+            f"(see FederatedRun.events). Check that clients are reachable, or raise reply_timeout."
+        )
+
+    def _exchange(self, leg: str, payloads: Mapping[int, Mapping[str, Any]], round_index: int):
+        return self.transport.exchange(leg, payloads, self.reliability.reply_timeout, round_index)
+
+    def _drop(self, fault: ClientFault, attempt: int) -> None:
+        self.applied[fault.client] = None  # its state is no longer known: full catch-up next time
+        if fault.leg != "update":
+            self.counters["fed/dropped_clients"] += 1
+        self.counters["fed/timeouts"] += fault.kind == "timeout"
+        self.counters["fed/rejected_messages"] += fault.kind == "rejected"
+        self.events.append(
+            {
+                "round": fault.round,
+                "attempt": attempt,
+                "client": fault.client,
+                "leg": fault.leg,
+                "kind": fault.kind,
+                "reason": fault.reason[-500:],
+            }
+        )
+        logger.warning("HO-SFL dropped: %s", fault)
+
+    def _fault(self, reply: Any, client: int, round_index: int, leg: str) -> ClientFault | None:
+        if isinstance(reply, ClientFault):
+            return reply
+        if isinstance(reply, TimeoutError):
+            return ClientFault(client, round_index, leg, str(reply), kind="timeout")
+        if isinstance(reply, Exception):
+            return ClientFault(client, round_index, leg, f"{type(reply).__name__}: {reply}", kind="error")
+        return None
+
+    def _count(self, leg: str, payloads: Iterable[bytes]) -> None:
+        self.traffic[leg] += sum(len(p) for p in payloads)
+
+    def catchup(self, client: int) -> CatchUp:
+        """What `client` must apply before it works again: the rounds after its last known one, or, when it is
+        behind the last snapshot or its state is unknown, the snapshot plus the rounds after it."""
+        after = self.applied[client]
+        if after is None:
+            self.counters["fed/full_resyncs"] += 1
+        snapshot = self.snapshot
+        if snapshot is not None and (after is None or after < snapshot.round):
+            return CatchUp(self.server.history(snapshot.round), after=snapshot.round, checkpoint=snapshot)
+        after = -1 if after is None else after
+        return CatchUp(self.server.history(after), after=after)
+
+    def _encode_catchup(self, client: int) -> bytes:
+        data = encode(self.catchup(client))
+        self._count("sync_bytes", [data])
+        self._count("catchup_bytes", [data])
+        return data
+
+    def _validate_cut(self, data: Any, client: int, round_index: int) -> ClientForward:
+        if not isinstance(data, bytes):
+            raise MessageError(f"Field 'cut': expected codec bytes, got {type(data).__name__}.")
+        cut = decode(
+            data,
+            ClientForward,
+            round=round_index,
+            clients=[client],
+            hidden_size=self.hidden_size,
+            num_labels=self.num_labels,
+        )
+        bound = self.reliability.activation_bound
+        if bound is not None:
+            peak = float(cut.hidden_states.detach().abs().max())
+            if peak > bound:
+                raise MessageError(
+                    f"Field 'hidden_states' of the cut message of client {client}, round {round_index}: magnitude "
+                    f"{peak:.3g} above activation_bound={bound:g} (poisoned or diverged activations)."
+                )
+        return cut
+
+    def _attempt(self, plan: RoundPlan, attempt: int) -> ClientUpdate | None:
+        r, p = plan.round, self.settings.num_perturbations
+        start = time.perf_counter()
+        plan_bytes = encode(plan)
+        self._count("sync_bytes", [plan_bytes] * len(plan.clients))
+        payloads = {c: {"plan": plan_bytes, "catchup": self._encode_catchup(c)} for c in plan.clients}
+        forwards = self._exchange("forward", payloads, r)
+        lambdas: dict[int, bytes] = {}
+        latest = self.server.trajectory.rounds[-1].round if self.server.trajectory.rounds else -1
+        for c in plan.clients:  # the server's backward, client after client, in the plan's order
+            reply = forwards.get(c, TimeoutError("no reply"))
+            fault = self._fault(reply, c, r, "forward")
+            if fault is None:
+                data = reply.get("cut") if isinstance(reply, Mapping) else None
+                self._count("activation_bytes", [data] if isinstance(data, bytes) else [])
+                try:
+                    cut = self._validate_cut(data, c, r)
+                    lambdas[c] = encode(self.server.backward(cut))
+                    self.applied[c] = latest  # it caught up before its forward
+                except (MessageError, ValueError) as error:
+                    fault = ClientFault(c, r, "forward", str(error), kind="rejected")
+            if fault is not None:
+                self._drop(fault, attempt)
+        self._count("activation_bytes", lambdas.values())
+        probes = self._exchange("probe", {c: {"plan": plan_bytes, "cotangent": lambdas[c]} for c in lambdas}, r)
+        replies: dict[int, ProbeReply] = {}
+        for c in lambdas:
+            reply = probes.get(c, TimeoutError("no reply"))
+            fault = self._fault(reply, c, r, "probe")
+            if fault is None:
+                data = reply.get("scalars") if isinstance(reply, Mapping) else None
+                try:
+                    if not isinstance(data, bytes):
+                        raise MessageError(f"Field 'scalars': expected codec bytes, got {type(data).__name__}.")
+                    self._count("sync_bytes", [data])
+                    replies[c] = decode(data, ProbeReply, round=r, clients=[c], num_perturbations=p)
+                except MessageError as error:
+                    fault = ClientFault(c, r, "probe", str(error), kind="rejected")
+            if fault is not None:
+                self._drop(fault, attempt)
+        if not replies:
+            self.server.discard_round()
+            return None
+        finishers = [c for c in plan.clients if c in replies]
+        loss = self.server.round_loss(finishers)
+        lr = self.server.lr_scheduler.get_last_lr()[0]
+        update = self.server.step(plan, replies)
+        self._commit(update)
+        update_bytes = encode(update)
+        self._count("sync_bytes", [update_bytes] * len(finishers))
+        acks = self._exchange("update", {c: {"update": update_bytes} for c in finishers}, r)
+        for c in finishers:
+            fault = self._fault(acks.get(c, TimeoutError("no reply")), c, r, "update")
+            if fault is None:
+                self.applied[c] = r
+            else:
+                self.counters["fed/missed_updates"] += 1
+                self._drop(fault, attempt)
+        record = {
+            "round": r,
+            "attempt": attempt,
+            "clients": plan.clients,
+            "finishers": finishers,
+            "loss": loss,
+            "learning_rate": lr,
+            "client_learning_rate": update.lr,
+            "comm/activation_bytes": self.traffic["activation_bytes"],
+            "comm/sync_bytes": self.traffic["sync_bytes"],
+            "comm/catchup_bytes": self.traffic["catchup_bytes"],
+            **self.counters,
+            "seconds": time.perf_counter() - start,
+        }
+        self.log.append(record)
+        logger.info("HO-SFL round %s", json.dumps(record))
+        return update
+
+    def _commit(self, update: ClientUpdate) -> None:
+        """After the server's step, before anyone applies the update: the record and the server checkpoint."""
+        if self.record is not None:
+            self.record.apply(update)
+            if (update.round + 1) % self.reliability.checkpoint_every == 0:
+                self.snapshot = self.record.checkpoint()
+        self.next_round = update.round + 1
+        if self.checkpoint_dir is not None:
+            self.save(self.checkpoint_dir)
+
+    # ------------------------------------------------------------------------------------------------ end
+    def finish(self, clients: Iterable[int] | None = None) -> dict[int, str | ClientFault]:
+        """Every client catches up; returns each one's weights digest (or its fault). Compare them with
+        [`record_digest`]."""
+        clients = list(range(self.settings.num_clients)) if clients is None else list(clients)
+        last = self.next_round - 1
+        replies = self._exchange("catchup", {c: {"catchup": self._encode_catchup(c)} for c in clients}, last)
+        digests: dict[int, str | ClientFault] = {}
+        for c in clients:
+            reply = replies.get(c, TimeoutError("no reply"))
+            fault = self._fault(reply, c, last, "catchup")
+            if fault is None and isinstance(reply, Mapping) and isinstance(reply.get("digest"), str):
+                self.applied[c] = int(reply["last_round"])
+                digests[c] = reply["digest"]
+            else:
+                fault = fault or ClientFault(c, last, "catchup", "no digest in the reply", kind="rejected")
+                self._drop(fault, 0)
+                digests[c] = fault
+        return digests
+
+    def record_digest(self, base_model: nn.Module | None = None) -> str:
+        """The digest of the server's record of the client part: its own copy (history compaction) or the
+        trajectory replayed on `base_model`."""
+        if self.record is not None:
+            return weights_digest(self.record.parameters)
+        if base_model is None:
+            raise ValueError("Pass base_model (the run's initial model) to replay the trajectory.")
+        from ..split import split_model
+        from ..trajectory import replay_trajectory
+
+        replayed = replay_trajectory(copy.deepcopy(base_model), self.server.trajectory)
+        return weights_digest(split_model(replayed, self.settings.split_layer).client_parameters())
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rounds": self.next_round,
+            "counters": dict(self.counters),
+            "comm": dict(self.traffic),
+            "events": list(self.events),
+            "reliability": asdict(self.reliability),
+        }
+
+    # ---------------------------------------------------------------------------------------------- state
+    def save(self, folder: str | os.PathLike) -> None:
+        """Writes the server checkpoint (server state, record, snapshot, the run's bookkeeping) to `folder`,
+        atomically: a crash while writing leaves the previous checkpoint."""
+        folder = str(folder)
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.server.save(os.path.join(tmp, "server"))
+        if self.record is not None:
+            self.record.save(os.path.join(tmp, "record"))
+        if self.snapshot is not None:
+            with open(os.path.join(tmp, "snapshot.bin"), "wb") as f:
+                f.write(encode(CatchUp(after=self.snapshot.round, checkpoint=self.snapshot)))
+        state = {
+            "next_round": self.next_round,
+            "applied": {str(c): r for c, r in self.applied.items()},
+            "counters": self.counters,
+            "traffic": self.traffic,
+            "events": self.events,
+            "log": self.log,
+            "settings": self.settings.to_dict(),
+        }
+        with open(os.path.join(tmp, RUN_STATE), "w") as f:
+            json.dump(state, f)
+        old = folder + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, folder: str | os.PathLike) -> None:
+        """Loads a checkpoint written by [`save`] (the run continues at its `next_round`)."""
+        folder = str(folder)
+        if not os.path.isfile(os.path.join(folder, RUN_STATE)) and os.path.isdir(folder + ".old"):
+            folder += ".old"  # the crash came while the next checkpoint was being renamed into place
+        with open(os.path.join(folder, RUN_STATE)) as f:
+            state = json.load(f)
+        if state["settings"] != self.settings.to_dict():
+            raise ValueError(f"The checkpoint in {folder} is of a run with other settings; resume with the same ones.")
+        self.server.load(os.path.join(folder, "server"))
+        if self.record is not None and not self.record.load(os.path.join(folder, "record")):
+            raise ValueError(
+                f"The checkpoint in {folder} has no client record; resume with the same checkpoint_every."
+            )
+        path = os.path.join(folder, "snapshot.bin")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                self.snapshot = decode(f.read(), CatchUp, num_perturbations=self.settings.num_perturbations).checkpoint
+        self.next_round = int(state["next_round"])
+        self.applied = {int(c): r for c, r in state["applied"].items()}
+        self.counters.update(state["counters"])
+        self.traffic.update(state["traffic"])
+        self.events, self.log = list(state["events"]), list(state["log"])
+
+    @classmethod
+    def resume(
+        cls, folder: str | os.PathLike, server: SplitServer, transport: Transport, **kwargs: Any
+    ) -> FederatedRun:
+        """A run continued from the checkpoint in `folder` (which it keeps writing to), over `transport`. `server`
+        is a fresh [`SplitServer`] of the same run; `kwargs` are the other arguments of the run."""
+        run = cls(server, transport, checkpoint_dir=folder, **kwargs)
+        run.load(folder)
+        return run
