@@ -7,7 +7,8 @@ the update (`update`).
 * A client that raises, does not answer within `reply_timeout`, or sends a message that fails validation is
   dropped for the round ([`ClientFault`]: counted, logged, kept in `events`). Nothing it sent is used: the server's
   step is that of the mean loss over the clients that finished (`K` = finishers) and the update aggregates their
-  scalars only. If no client finishes, the round is skipped and retried with a new sample (`max_round_attempts`).
+  scalars only. If no client finishes, the round is skipped and retried with a new sample, drawn from the clients
+  that have not failed it yet (`max_round_attempts`).
 * A client whose state the server is no longer sure of (it failed mid-round) gets its full history next time: a
   client restarted from nothing rebuilds itself from the base model; one that kept its state skips what it holds.
 * History compaction (`checkpoint_every = N > 0`): the server keeps its own copy of the client part (the record),
@@ -62,13 +63,15 @@ class ReliabilitySettings:
         reply_timeout (`float`, *optional*): seconds a client has to answer an exchange; a later answer is dropped.
         max_round_attempts (`int`): attempts of a round (each with a new sample) before the run stops.
         activation_bound (`float`, *optional*): a cut with an entry of magnitude above this is rejected (poisoned
-            activations). Non-finite cuts, losses and server gradients are always rejected.
+            activations). The default 1e6 leaves room for LLMs' "massive activations" (SmolLM2-135M's residual
+            stream reaches 2.3e4 after block 12) while rejecting a cut scaled by 1e6 or more; set it from your
+            model's clean cuts. Non-finite cuts, losses and server gradients are always rejected.
         checkpoint_every (`int`): snapshot the client part every N applied rounds for catch-up (0: replay only).
     """
 
     reply_timeout: float | None = None
     max_round_attempts: int = 5
-    activation_bound: float | None = None
+    activation_bound: float | None = 1e6
     checkpoint_every: int = 0
 
     def __post_init__(self):
@@ -139,11 +142,14 @@ class FederatedRun:
 
     def run_round(self, round_index: int) -> ClientUpdate:
         """One round, retried with a new sample while no client finishes it."""
+        failed: set[int] = set()
         for attempt in range(self.reliability.max_round_attempts):
-            update = self._attempt(self.server.plan(round_index, attempt), attempt)
+            plan = self.server.plan(round_index, attempt, exclude=failed)
+            update = self._attempt(plan, attempt)
             if update is not None:
                 self.next_round = round_index + 1
                 return update
+            failed.update(plan.clients)
             self.counters["fed/skipped_rounds"] += 1
             logger.warning(
                 "HO-SFL round %s attempt %s: no client finished; retrying with a new sample.", round_index, attempt

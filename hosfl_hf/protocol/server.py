@@ -5,7 +5,7 @@ scalars and records the trajectory."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -76,12 +76,16 @@ class SplitServer:
         self._grads_from: list[int] = []  # clients whose gradient is in the parameters' .grad, in order
 
     # ----------------------------------------------------------------------------------------------- round
-    def plan(self, round_index: int, attempt: int = 0) -> RoundPlan:
+    def plan(self, round_index: int, attempt: int = 0, exclude: Collection[int] = ()) -> RoundPlan:
         """The round's sampled clients and perturbation seeds (pure functions of the seeds and the round). A round
-        retried after every sampled client dropped (`attempt > 0`) samples again, with other draws."""
+        retried after every sampled client dropped (`attempt > 0`) samples again, with other draws, from the clients
+        not in `exclude` (those that already failed it) while enough remain."""
         s = self.settings
         seed = s.federation_seed if attempt == 0 else mix(s.federation_seed, RETRY_STREAM, attempt)
-        clients = sample_clients(seed, round_index, s.num_clients, s.clients_per_round)
+        pool = [c for c in range(s.num_clients) if c not in set(exclude)]
+        if len(pool) < s.clients_per_round:
+            pool = list(range(s.num_clients))
+        clients = [pool[i] for i in sample_clients(seed, round_index, len(pool), s.clients_per_round)]
         return RoundPlan(
             round=round_index, clients=clients, seeds=round_seeds(s.seed, round_index, s.num_perturbations)
         )
@@ -130,8 +134,8 @@ class SplitServer:
         """Closes the round: averages the replies of the clients that answered, takes the server's optimizer step,
         and returns (and records) the client update every holder applies.
 
-        Only the clients that finished (sent scalars) count, on both sides: if they are not exactly the clients whose
-        gradient was accumulated, the server's gradient is rebuilt from their cuts alone with `K` = the number of
+        Only the clients that finished (sent scalars) count, on both sides: if they are not all `K` sampled clients,
+        the server's gradient is rebuilt from their cuts alone (in the plan's order) with `K` = the number of
         finishers, so the step is that of the mean loss over the finishers (the clients' update is the aggregate of
         the same clients' scalars)."""
         unknown = set(replies) - set(plan.clients)
@@ -142,7 +146,7 @@ class SplitServer:
             raise ValueError(f"Replies from clients {sorted(missing)} whose cut the server did not accept.")
         averaged = self.settings.aggregate({c: r.scalars for c, r in replies.items()}, plan.round)
         finishers = [c for c in self._grads_from if c in replies]
-        if finishers != self._grads_from:
+        if finishers != self._grads_from or len(finishers) != self.settings.clients_per_round:
             self.optimizer.zero_grad(set_to_none=True)
             for client in finishers:
                 self._loss(self._round_cuts[client], len(finishers))
