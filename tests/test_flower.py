@@ -139,3 +139,43 @@ def test_loopback_deployment_writes_the_trainers_artifacts(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert HOSFLSplitConfig.from_pretrained(tmp_path / "out").split_layer == 2
     assert (tmp_path / "out" / "README.md").is_file()
+
+
+def test_simulation_drops_a_failing_node_like_the_in_process_transport(tmp_path):
+    """A node whose ClientApp fails its probe in round 2 (a Flower client mod raises) is dropped for that round, and
+    the run ends exactly as the in-process transport's run with the same fault: same trajectory, same client part."""
+    import copy
+
+    from hosfl_hf.integrations.flower.config import build_args, load_dataset, load_model, make_collator, resolve
+    from hosfl_hf.protocol import FederatedRun, SplitClient, SplitServer
+    from hosfl_hf.protocol.faults import Fault, FaultyTransport
+
+    rounds, failing_round = 4, 2
+    config = write_inputs(tmp_path, rounds)
+    victim = sample_clients(7, failing_round, CLIENTS, 2)[1]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    fault = json.dumps({"leg": "probe", "partition": victim, "round": failing_round})
+    env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
+    command = [sys.executable, str(HERE / "flower_simulation.py"), str(tmp_path / "config.json"), str(CLIENTS), fault]
+    code, output = run(command, timeout=420, env=env, cwd=tmp_path)
+    assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
+    summary = json.loads((tmp_path / "out" / "flower_summary.json").read_text())
+    assert summary["counters"]["fed/dropped_clients"] == 1 and summary["clients_identical"]
+    (event,) = summary["events"]
+    assert (event["round"], event["client"], event["leg"]) == (failing_round, victim, "probe")
+    assert "injected failure" in event["reason"]
+
+    resolved = resolve(config)
+    settings, args = build_args(resolved)
+    base, dataset, collator = load_model(resolved), load_dataset(resolved), make_collator(resolved)
+    clients = {c: SplitClient(copy.deepcopy(base), c, settings, dataset, collator) for c in range(CLIENTS)}
+    transport = FaultyTransport(clients, [Fault("error", "probe", round=failing_round, client=victim)])
+    reference = FederatedRun(SplitServer(copy.deepcopy(base), settings, args), transport)
+    reference.run(rounds)
+    assert Trajectory.load(tmp_path / "out").rounds == reference.server.trajectory.rounds
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    for name, value in reference.server.parameters:
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6)
+    reference.finish()
+    for name, value in clients[victim].parameters:
+        assert torch.equal(saved[name], value), name

@@ -2,21 +2,23 @@
 
 A SuperNode may start a new process for every message (deployment), so nothing is kept in memory that the next
 message needs: the client's trainable weights, optimizer state and last applied round are saved to its state folder
-after every call and loaded before the next (`SplitClient.save`/`load`); the model and shard are rebuilt from the
-run config (cached within a process). Queries: `forward` (catch up, then the cut), `probe` (the P scalars),
-`update` (apply a round) and `catchup` (replay missed rounds; replies with the weights' digest).
+after every call that may change it and loaded before the next (`SplitClient.save`/`load`); the model and shard are
+rebuilt from the run config (cached within a process). Queries: those of [`hosfl_hf.protocol.endpoint`] (`forward`,
+`probe`, `update`, `catchup`; the same handlers as in one process) and `info` (the node's partition).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from ...protocol import CatchUp, ClientUpdate, Cotangent, RoundPlan, SplitClient, decode, encode
+from ...protocol import SplitClient
+from ...protocol.endpoint import HANDLERS, STATEFUL, handle
 from .config import build_args, load_dataset, load_model, make_collator, resolve, state_folder
-from .messages import digest, pack, unpack
+from .messages import RECORD, pack
 
 __all__ = ["app", "build_client_app"]
 
@@ -45,43 +47,24 @@ def _client(context: Context, overrides: dict[str, Any] | None) -> tuple[SplitCl
     return client, folder
 
 
-def _decode(message: Message, key: str, expected: type, client: SplitClient, **expect: Any) -> Any:
-    return decode(unpack(message, key), expected, num_perturbations=client.settings.num_perturbations, **expect)
+def build_client_app(overrides: dict[str, Any] | None = None, mods: list[Callable] | None = None) -> ClientApp:
+    """The `ClientApp`; `overrides` fill run-config keys (the simulation's Python API passes an empty run config);
+    `mods` are Flower client mods wrapped around every handler (e.g. fault injection in tests)."""
+    app = ClientApp(mods=mods)
 
+    def answer(kind: str) -> Callable[[Message, Context], Message]:
+        def handler(message: Message, context: Context) -> Message:
+            client, folder = _client(context, overrides)
+            record = message.content.config_records.get(RECORD)
+            reply = handle(client, kind, dict(record) if record is not None else {})
+            if kind in STATEFUL:
+                client.save(folder)
+            return Message(pack(**reply), reply_to=message)
 
-def build_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
-    """The `ClientApp`; `overrides` fill run-config keys (the simulation's Python API passes an empty run config)."""
-    app = ClientApp()
+        return handler
 
-    @app.query("forward")
-    def forward(message: Message, context: Context) -> Message:
-        client, folder = _client(context, overrides)
-        client.catch_up(_decode(message, "catchup", CatchUp, client))
-        plan = _decode(message, "plan", RoundPlan, client)
-        cut = client.forward(plan)
-        client.save(folder)
-        return Message(pack(cut=encode(cut)), reply_to=message)
-
-    @app.query("probe")
-    def probe(message: Message, context: Context) -> Message:
-        client, _ = _client(context, overrides)
-        plan = _decode(message, "plan", RoundPlan, client)
-        cotangent = decode(unpack(message, "cotangent"), Cotangent, round=plan.round, clients=[client.client_id])
-        return Message(pack(scalars=encode(client.probe(plan, cotangent))), reply_to=message)
-
-    @app.query("update")
-    def update(message: Message, context: Context) -> Message:
-        client, folder = _client(context, overrides)
-        client.apply(_decode(message, "update", ClientUpdate, client))
-        client.save(folder)
-        return Message(pack(last_round=client.last_round), reply_to=message)
-
-    @app.query("catchup")
-    def catchup(message: Message, context: Context) -> Message:
-        client, folder = _client(context, overrides)
-        client.catch_up(_decode(message, "catchup", CatchUp, client))
-        client.save(folder)
-        return Message(pack(last_round=client.last_round, digest=digest(client.parameters)), reply_to=message)
+    for kind in HANDLERS:
+        app.query(kind)(answer(kind))
 
     @app.query("info")
     def info(message: Message, context: Context) -> Message:

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from ...config import HOSFLConfig
-from ...protocol import RoundSettings
+from ...protocol import ReliabilitySettings, RoundSettings
 
 __all__ = [
     "DEFAULT_RUN_CONFIG",
     "build_args",
+    "build_reliability",
     "load_dataset",
     "load_model",
     "make_collator",
@@ -43,7 +44,11 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "seed": 7,
     "output-dir": "hosfl-flower-output",
     "state-dir": "",  # where each client keeps its state between messages (default: the temp folder)
-    "reply-timeout": 600.0,
+    "reply-timeout": 600.0,  # seconds a node has to answer; a later node is dropped for the round
+    "max-round-attempts": 5,  # a round no client finished is retried with a new sample this many times in all
+    "activation-bound": 1e6,  # cuts with a larger entry are rejected (poisoned activations); 0: no bound
+    "checkpoint-every": 0,  # > 0: client-state snapshot every N rounds; a straggler behind it gets snapshot + tail
+    "checkpoint-dir": "",  # server checkpoint after every round; a run finding one there resumes from it
 }
 
 
@@ -102,6 +107,17 @@ def load_model(config: Mapping[str, Any]) -> torch.nn.Module:
                 model = get_peft_model(model, LoraConfig(r=int(config["lora-r"]), target_modules="all-linear"))
         _MODELS[key] = model.eval()
     return copy.deepcopy(_MODELS[key])
+
+
+def build_reliability(config: Mapping[str, Any]) -> ReliabilitySettings:
+    """The server's fault policy from the run config."""
+    bound = float(config["activation-bound"])
+    return ReliabilitySettings(
+        reply_timeout=float(config["reply-timeout"]),
+        max_round_attempts=int(config["max-round-attempts"]),
+        activation_bound=bound if bound > 0 else None,
+        checkpoint_every=int(config["checkpoint-every"]),
+    )
 
 
 def load_dataset(config: Mapping[str, Any]) -> Any:

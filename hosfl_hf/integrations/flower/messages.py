@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
-import torch
 from flwr.app import ConfigRecord, Message, RecordDict
+
+from ...protocol import weights_digest
 
 RECORD = "hosfl"
 
@@ -24,9 +23,5 @@ def unpack(message: Message, key: str):
 
 
 def digest(parameters) -> str:
-    """sha256 of trainable weights in their pinned order (what every holder of the client part must agree on)."""
-    h = hashlib.sha256()
-    for name, param in parameters:
-        h.update(name.encode())
-        h.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """sha256 of trainable weights in their pinned order (see [`hosfl_hf.protocol.weights_digest`])."""
+    return weights_digest(parameters)
