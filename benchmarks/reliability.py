@@ -277,11 +277,9 @@ def run_scenarios(folder: Path, repeats: int, rounds: int = 8) -> list[dict]:
 
 
 def soak(folder: Path, rounds: int, rule: str, dropout: float = 0.2, attacker: int | None = 3) -> dict:
-    faults = (
-        []
-        if attacker is None
-        else [Fault("edit", "probe", None, attacker, field="scalars", edit=scale(-1e6), times=0)]
-    )
+    """SGD clients (AdamW's normalisation would mute a scaled attack): the attacker's scalars sign-flipped, x1e6."""
+    edit = scale(-1e6)
+    faults = [] if attacker is None else [Fault("edit", "probe", None, attacker, field="scalars", edit=edit, times=0)]
     start = time.perf_counter()
     fed = Federation(
         folder,
@@ -291,24 +289,33 @@ def soak(folder: Path, rounds: int, rule: str, dropout: float = 0.2, attacker: i
         num_clients=10,
         clients_per_round=5,
         aggregation=rule,
+        client_optimizer="sgd",
+        client_learning_rate=1e-4,
     )
     fed.transport.dropout = dropout
     initial = fed.eval_loss()
-    identical = fed.train()
+    try:
+        identical = f"{fed.train()}/{len(fed.clients)}"
+        stopped = None
+    except RuntimeError as error:  # no client could finish a round any more
+        identical, stopped = "n/a", str(error)[:200]
     final = fed.eval_loss()
     c = fed.run.counters
+    peak = max(float(p.detach().abs().max()) for _, p in fed.run.record.parameters) if fed.run.record else None
     return {
         "aggregation": rule,
         "rounds": rounds,
         "dropout": dropout,
         "attacker": attacker,
         "rounds_applied": len(fed.run.server.trajectory.rounds),
+        "stopped": stopped,
         "random_dropouts": fed.transport.injected.get("dropout", 0),
         "attacker_messages": fed.transport.injected.get("edit", 0),
         **{k.split("/")[1]: v for k, v in c.items()},
         "eval_loss_initial": initial,
         "eval_loss_final": final if math.isfinite(final) else str(final),
-        "clients_identical": f"{identical}/{len(fed.clients)}",
+        "client_weight_max_abs": peak,
+        "clients_identical": identical,
         "catchup_bytes": fed.run.traffic["catchup_bytes"],
         "seconds": time.perf_counter() - start,
     }
@@ -336,6 +343,7 @@ def markdown(result: dict) -> str:
         final = f"{final:.3f}" if isinstance(final, float) else final
         soak_rows.append(
             [s["aggregation"], f"{s['rounds_applied']}/{s['rounds']}", s["random_dropouts"], s["attacker_messages"]]
+            + [f"{s['client_weight_max_abs']:.3g}"]
             + [
                 s["dropped_clients"],
                 s["skipped_rounds"],
@@ -344,7 +352,8 @@ def markdown(result: dict) -> str:
             ]
             + [s["clients_identical"], s["catchup_bytes"], f"{s['seconds']:.0f}"]
         )
-    header = ["aggregation", "rounds applied", "random dropouts", "attacker messages", "dropped", "skipped rounds"]
+    header = ["aggregation", "rounds applied", "random dropouts", "attacker messages", "client max abs weight"]
+    header += ["dropped", "skipped rounds"]
     header += ["missed updates", "eval loss start -> end", "clients = record", "catch-up bytes", "seconds"]
     return "\n".join(lines + ["", "Soak runs:", ""] + table(header, soak_rows)) + "\n"
 

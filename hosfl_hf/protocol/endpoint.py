@@ -1,7 +1,8 @@
 """The client's side of every exchange, shared by the in-process transport and the Flower `ClientApp`: a message is
 a mapping of named payloads (codec bytes, or small ints and strings), and so is the reply.
 
-    forward   plan + catchup      -> cut          (catch up, then the cut of this round's batch)
+    forward   plan + catchup      -> cut          (catch up, then the cut of this round's batch), or `behind`
+                                                   (its last round) when it holds less than the catch-up assumes
     probe     plan + cotangent    -> scalars
     update    update              -> last_round
     catchup   catchup             -> last_round + digest (of the client part's trainable weights)
@@ -25,7 +26,10 @@ Payload = Mapping[str, Any]
 
 def _forward(client: SplitClient, payload: Payload) -> dict[str, Any]:
     p = client.settings.num_perturbations
-    client.catch_up(decode(payload["catchup"], CatchUp, num_perturbations=p))
+    history = decode(payload["catchup"], CatchUp, num_perturbations=p)
+    if history.checkpoint is None and client.last_round < history.after:
+        return {"behind": client.last_round}  # it lost rounds (a restart from nothing): no cut, the server resends
+    client.catch_up(history)
     plan = decode(payload["plan"], RoundPlan, num_perturbations=p)
     return {"cut": encode(client.forward(plan))}
 

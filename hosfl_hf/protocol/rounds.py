@@ -9,8 +9,10 @@ the update (`update`).
   step is that of the mean loss over the clients that finished (`K` = finishers) and the update aggregates their
   scalars only. If no client finishes, the round is skipped and retried with a new sample, drawn from the clients
   that have not failed it yet (`max_round_attempts`).
-* A client whose state the server is no longer sure of (it failed mid-round) gets its full history next time: a
-  client restarted from nothing rebuilds itself from the base model; one that kept its state skips what it holds.
+* A client that holds fewer rounds than the server assumed (restarted from nothing) answers `behind` with its last
+  round instead of a cut; it is dropped for that round and rebuilt next time from its own round (from the base
+  model, or the snapshot). A client that failed otherwise kept its state: it gets the rounds after the last one it
+  acknowledged and skips what it already holds.
 * History compaction (`checkpoint_every = N > 0`): the server keeps its own copy of the client part (the record),
   snapshots it every `N` applied rounds, and a client behind the last snapshot gets the snapshot plus the rounds
   after it, so a catch-up is at most one client state plus `N` updates.
@@ -50,7 +52,7 @@ COUNTERS = (
     "fed/rejected_messages",  # messages that failed validation (a subset of the drops)
     "fed/skipped_rounds",  # attempts in which no client finished (retried with a new sample)
     "fed/missed_updates",  # finishers that did not acknowledge the update (they catch up later)
-    "fed/full_resyncs",  # catch-ups sent from the start (or the last snapshot) to a client of unknown state
+    "fed/behind",  # clients that held fewer rounds than the server assumed (restarted): rebuilt from their round
 )
 RUN_STATE = "federated_run.json"
 
@@ -117,7 +119,7 @@ class FederatedRun:
         if num_labels is None and server.loss_func is None:
             num_labels = getattr(config, "vocab_size", None)
         self.num_labels = num_labels
-        self.applied: dict[int, int | None] = {c: -1 for c in range(self.settings.num_clients)}  # None: unknown
+        self.applied = dict.fromkeys(range(self.settings.num_clients), -1)  # last round each client acknowledged
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.traffic = {"activation_bytes": 0, "sync_bytes": 0, "catchup_bytes": 0}
         self.events: list[dict[str, Any]] = []  # every drop: round, attempt, client, leg, kind, reason
@@ -163,7 +165,6 @@ class FederatedRun:
         return self.transport.exchange(leg, payloads, self.reliability.reply_timeout, round_index)
 
     def _drop(self, fault: ClientFault, attempt: int) -> None:
-        self.applied[fault.client] = None  # its state is no longer known: full catch-up next time
         if fault.leg != "update":
             self.counters["fed/dropped_clients"] += 1
         self.counters["fed/timeouts"] += fault.kind == "timeout"
@@ -193,15 +194,12 @@ class FederatedRun:
         self.traffic[leg] += sum(len(p) for p in payloads)
 
     def catchup(self, client: int) -> CatchUp:
-        """What `client` must apply before it works again: the rounds after its last known one, or, when it is
-        behind the last snapshot or its state is unknown, the snapshot plus the rounds after it."""
+        """What `client` must apply before it works again: the rounds after the last one it acknowledged, or, when
+        that is before the last snapshot, the snapshot plus the rounds after it."""
         after = self.applied[client]
-        if after is None:
-            self.counters["fed/full_resyncs"] += 1
         snapshot = self.snapshot
-        if snapshot is not None and (after is None or after < snapshot.round):
+        if snapshot is not None and after < snapshot.round:
             return CatchUp(self.server.history(snapshot.round), after=snapshot.round, checkpoint=snapshot)
-        after = -1 if after is None else after
         return CatchUp(self.server.history(after), after=after)
 
     def _encode_catchup(self, client: int) -> bytes:
@@ -243,7 +241,13 @@ class FederatedRun:
         for c in plan.clients:  # the server's backward, client after client, in the plan's order
             reply = forwards.get(c, TimeoutError("no reply"))
             fault = self._fault(reply, c, r, "forward")
-            if fault is None:
+            behind = reply.get("behind") if fault is None and isinstance(reply, Mapping) else None
+            if isinstance(behind, int) and -1 <= behind < self.applied[c]:
+                self.applied[c] = behind
+                self.counters["fed/behind"] += 1
+                reason = f"holds rounds up to {behind} only (lost its state): rebuilt next time"
+                fault = ClientFault(c, r, "forward", reason, kind="behind")
+            elif fault is None:
                 data = reply.get("cut") if isinstance(reply, Mapping) else None
                 self._count("activation_bytes", [data] if isinstance(data, bytes) else [])
                 try:
