@@ -179,3 +179,44 @@ def test_simulation_drops_a_failing_node_like_the_in_process_transport(tmp_path)
     reference.finish()
     for name, value in clients[victim].parameters:
         assert torch.equal(saved[name], value), name
+
+
+def test_secure_deployment_admits_registered_nodes_and_refuses_others(tmp_path):
+    """TLS on the SuperLink (a test CA made with `cryptography`) and SuperNode authentication: the SuperLink serves
+    TLS only, with the certificate the test CA signed; a node with a registered key comes online; a node with an
+    unknown key is refused (it exits with Flower's 'failed to activate' code and is never listed)."""
+    import socket
+    import ssl
+    import time
+
+    from hosfl_hf.integrations.flower.local import LocalDeployment, write_node_key
+
+    with LocalDeployment(num_nodes=1, state_dir=tmp_path / "state", workdir=tmp_path / "d", secure=True) as d:
+        context = ssl.create_default_context(cafile=str(d.tls["ca"]))
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")  # verified against the test CA
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as raw:  # plain HTTP gets no HTTP answer
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            raw.settimeout(5)
+            try:
+                answer = raw.recv(64)
+            except (TimeoutError, ConnectionError):
+                answer = b""
+            assert not answer.startswith(b"HTTP/")
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and [n["status"] for n in d.supernodes()] != ["online"]:
+            time.sleep(2)
+        known = d.supernodes()
+        assert [n["status"] for n in known] == ["online"], (d.logs / "supernode-0.log").read_text()[-3000:]
+
+        stranger_key, _ = write_node_key(tmp_path / "stranger", "stranger")  # never registered
+        stranger = d.start_node(0, stranger_key, name="stranger")
+        try:
+            stranger.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("an unregistered SuperNode was not refused within 120 s")
+        log = (d.logs / "stranger.log").read_text()
+        assert stranger.returncode != 0 and "Failed to activate SuperNode" in log, log[-3000:]
+        assert [n["node-id"] for n in d.supernodes()] == [n["node-id"] for n in known]

@@ -1,7 +1,11 @@
 """Flower on this machine: one `flower-superlink` and N `flower-supernode`s on 127.0.0.1 (the Deployment Engine), or
 one simulation SuperLink (`simulation=True`, N simulated nodes), then `flwr run`. For trying Flower locally, tests and
-benchmarks; every process it starts is stopped by pid (its process group) when the context exits. Local only: it runs
-with `--insecure` (see docs/federated.md for a real deployment)."""
+benchmarks; every process it starts is stopped by pid (its process group) when the context exits.
+
+By default it runs with `--insecure` (local tests only). With `secure=True` it runs as a production deployment
+should: TLS on the SuperLink (a test CA and server certificate made here with `cryptography`) and SuperNode
+authentication (each node's key registered with `flwr supernode register`; an unregistered node is refused). See
+docs/federated.md for a real deployment, where the certificates come from your own CA."""
 
 from __future__ import annotations
 
@@ -19,7 +23,14 @@ from typing import Any
 
 from .config import write_app
 
-__all__ = ["LocalDeployment", "free_port", "run_config_string", "stop_process"]
+__all__ = [
+    "LocalDeployment",
+    "free_port",
+    "run_config_string",
+    "stop_process",
+    "write_node_key",
+    "write_test_certificates",
+]
 
 
 def free_port() -> int:
@@ -47,6 +58,80 @@ def run_config_string(config: Mapping[str, Any]) -> str:
     return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
 
 
+def write_test_certificates(folder: str | os.PathLike, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict:
+    """A throw-away CA and a SuperLink certificate for `hosts` (valid one day), as PEM files in `folder`; returns
+    their paths (`ca`, `certificate`, `key`). For tests and local trials only: a real deployment uses its own CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(subject: str, issuer: x509.Name | None, public_key, signing_key, extensions):
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = issue("hosfl-hf test CA", None, ca_key.public_key(), ca_key, [(x509.BasicConstraints(True, None), True)])
+    key = ec.generate_private_key(ec.SECP384R1())
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    san = x509.SubjectAlternativeName(names)
+    certificate = issue(hosts[-1], ca.subject, key.public_key(), ca_key, [(san, False)])
+    paths = {"ca": folder / "ca.pem", "certificate": folder / "superlink.pem", "key": folder / "superlink.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["certificate"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    paths["key"].write_bytes(private)
+    os.chmod(paths["key"], 0o600)
+    return paths
+
+
+def write_node_key(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """A SuperNode authentication key pair (ECDSA P-384, OpenSSH format, what `flower-supernode
+    --auth-supernode-private-key` and `flwr supernode register` read); returns `(private, public)` paths."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    os.chmod(private, 0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
+
+
 class LocalDeployment(contextlib.AbstractContextManager):
     """`with LocalDeployment(num_nodes=3, state_dir=...) as d: d.run(run_config)`.
 
@@ -56,8 +141,11 @@ class LocalDeployment(contextlib.AbstractContextManager):
             the state folder then comes from the run config's `state-dir`).
         simulation: start a simulation SuperLink instead of SuperNodes.
         state_dir: the clients' state folder (node config `state-dir`).
-        workdir: where the processes run and `FLWR_HOME` lives (a temporary folder by default).
+        workdir: where the processes run and `FLWR_HOME` lives (a temporary folder by default); every process logs
+            to `logs/<name>.log` there.
         connect_timeout: seconds to wait for the SuperLink's port.
+        secure: TLS and SuperNode authentication instead of `--insecure` (deployment only): certificates in
+            `tls/`, node keys in `keys/`, every started node's public key registered before it starts.
     """
 
     def __init__(
@@ -67,7 +155,11 @@ class LocalDeployment(contextlib.AbstractContextManager):
         workdir: str | os.PathLike | None = None,
         connect_timeout: float = 60.0,
         simulation: bool = False,
+        secure: bool = False,
     ):
+        if secure and simulation:
+            raise ValueError("secure=True is for the deployment (SuperNodes); a simulation has no network to secure.")
+        self.secure = secure
         self.num_nodes = num_nodes
         self.simulation = simulation
         self.state_dir = str(state_dir)
@@ -78,9 +170,14 @@ class LocalDeployment(contextlib.AbstractContextManager):
         self.processes: list[subprocess.Popen] = []
         home = self.workdir / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.tls = write_test_certificates(self.workdir / "tls") if secure else None
+        transport = f'root-certificates = "{self.tls["ca"]}"' if secure else "insecure = true"
         connection = (
-            f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n{transport}\n'
         )
+        self.node_processes: dict[int, subprocess.Popen] = {}
         if simulation:
             connection += f"options.num-supernodes = {num_nodes}\noptions.backend.client-resources.num-cpus = 1\n"
         (home / "config.toml").write_text(connection)
@@ -88,25 +185,72 @@ class LocalDeployment(contextlib.AbstractContextManager):
         self.env = dict(os.environ, FLWR_HOME=str(home))
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
 
-    def _start(self, *command: str) -> None:
-        self.processes.append(
-            subprocess.Popen(
-                command,
-                env=self.env,
-                cwd=self.workdir,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+    def _start(self, name: str, *command: str) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                command, env=self.env, cwd=self.workdir, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
             )
+        self.processes.append(process)
+        return process
+
+    def flwr(self, *arguments: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Runs `flwr <arguments>` against this deployment's SuperLink (bounded; never raises on its exit code)."""
+        return subprocess.run(
+            ["flwr", *arguments], env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout
+        )
+
+    def register(self, public_key: str | os.PathLike) -> None:
+        """Registers a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
+        done = self.flwr("supernode", "register", str(public_key), "local")
+        if done.returncode != 0:
+            raise RuntimeError(f"flwr supernode register failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    def supernodes(self) -> list[dict]:
+        """The SuperNodes the SuperLink knows (`flwr supernode list --format json`): node ids and status."""
+        import json
+
+        done = self.flwr("supernode", "list", "local", "--format", "json")
+        text = done.stdout[done.stdout.find("{") :]
+        return json.loads(text).get("nodes", []) if text else []
+
+    def start_node(
+        self, partition: int, private_key: str | os.PathLike | None = None, name: str | None = None
+    ) -> subprocess.Popen:
+        """Starts one SuperNode for `partition` (with `secure`, authenticated by `private_key`)."""
+        node_config = f'partition-id={partition} num-partitions={self.num_nodes} state-dir="{self.state_dir}"'
+        if self.secure:
+            security = ["--root-certificates", str(self.tls["ca"]), "--auth-supernode-private-key", str(private_key)]
+        else:
+            security = ["--insecure"]
+        return self._start(
+            name or f"supernode-{partition}",
+            "flower-supernode",
+            *security,
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
+            "--max-retries",
+            "20",
+            "--max-wait-time",
+            "60",
         )
 
     def __enter__(self) -> LocalDeployment:
         try:
             mode = ["--simulation"] if self.simulation else []
+            if self.secure:
+                tls = self.tls
+                mode += ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["certificate"])]
+                mode += ["--ssl-keyfile", str(tls["key"]), "--enable-supernode-auth"]
+            else:
+                mode.append("--insecure")
             self._start(
+                "superlink",
                 "flower-superlink",
                 *mode,
-                "--insecure",
                 "--disable-runtime-dependency-installation",
                 "--host",
                 "127.0.0.1",
@@ -115,21 +259,11 @@ class LocalDeployment(contextlib.AbstractContextManager):
             )
             self._wait_for_port()
             for partition in range(0 if self.simulation else self.num_nodes):
-                node_config = f'partition-id={partition} num-partitions={self.num_nodes} state-dir="{self.state_dir}"'
-                self._start(
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{self.port}",
-                    "--port",
-                    str(free_port()),
-                    "--node-config",
-                    node_config,
-                    "--max-retries",
-                    "20",
-                    "--max-wait-time",
-                    "60",
-                )
+                key = None
+                if self.secure:
+                    key, public = write_node_key(self.workdir / "keys", f"node-{partition}")
+                    self.register(public)
+                self.node_processes[partition] = self.start_node(partition, key)
         except BaseException:
             self.close()
             raise
