@@ -2,8 +2,9 @@
 
 A registry of rules (`AGGREGATORS`): `"mean"` (the method's average, the default), and the robust rules `"median"`
 (coordinate-wise: per seed, the median over clients) and `"trimmed_mean"` (per seed, the mean after dropping the
-`trim_fraction` largest and smallest values). An optional `bound` clips every client's scalars to `[-bound, bound]`
-first, so that no single client can move the update by more than `bound / K` per seed.
+`ceil(trim_fraction * n)` largest and smallest of the `n` values, as long as one value remains). An optional `bound`
+clips every client's scalars to `[-bound, bound]` first, so that no single client can move the update by more than
+`bound / K` per seed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def _median(values: list[float], trim_fraction: float) -> float:
 
 
 def _trimmed_mean(values: list[float], trim_fraction: float) -> float:
-    cut = int(math.floor(trim_fraction * len(values)))
+    # Rounded up, and at least one value at each end whenever that leaves one: with dropout a round may have fewer
+    # finishers than 1 / trim_fraction, and a floor would then trim nothing (the plain mean, one attacker enough).
+    cut = min(math.ceil(trim_fraction * len(values)), (len(values) - 1) // 2) if trim_fraction > 0 else 0
     kept = sorted(values)[cut : len(values) - cut]
     return sum(kept) / len(kept)
 

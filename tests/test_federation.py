@@ -174,6 +174,18 @@ def test_aggregation_rules(rule, trim, bound, expected):
     assert aggregate_scalars(replies, 2, rule, trim, bound) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("n, trimmed", [(2, 0), (3, 1), (4, 1), (5, 1), (6, 2), (10, 2)])
+def test_trimmed_mean_trims_at_least_one_when_clients_drop(n, trimmed):
+    """trim_fraction=0.2 with fewer finishers than 5 (dropout) still trims one value at each end where one remains."""
+    from hosfl_hf.aggregation import aggregate_scalars
+
+    values = [1.0] * (n - 1) + [1e6]  # one attacker
+    got = aggregate_scalars({c: [v] for c, v in enumerate(values)}, 1, "trimmed_mean", 0.2)[0]
+    kept = sorted(values)[trimmed : n - trimmed]
+    assert got == pytest.approx(sum(kept) / len(kept))
+    assert (got == 1.0) == (trimmed > 0)
+
+
 def test_unknown_aggregation_is_refused():
     from hosfl_hf.aggregation import aggregate_scalars
 
