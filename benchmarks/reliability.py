@@ -9,7 +9,7 @@ checks its final state: rounds applied (none lost), every client's weights equal
 client part (nothing lost or double-applied), and, where the outcome is known exactly, bit-identity with the
 reference run (uninterrupted for a server crash; the same client dropped for a rejected message). The soak run is
 200 rounds, 10 clients, 5 per round, 20 % random dropout per client and exchange, and one attacker that sends its
-scalars sign-flipped and x1e6, under each aggregation rule.
+scalars sign-flipped and x1e6, under each aggregation rule, with min_finishers=3 (and 1), and without the attacker.
 """
 
 from __future__ import annotations
@@ -281,8 +281,11 @@ def run_scenarios(folder: Path, repeats: int, rounds: int = 8) -> list[dict]:
     return rows
 
 
-def soak(folder: Path, rounds: int, rule: str, dropout: float = 0.2, attacker: int | None = 3) -> dict:
-    """SGD clients (AdamW's normalisation would mute a scaled attack): the attacker's scalars sign-flipped, x1e6."""
+def soak(
+    folder: Path, rounds: int, rule: str, dropout: float = 0.2, attacker: int | None = 3, min_finishers: int = 3
+) -> dict:
+    """SGD clients (AdamW's normalisation would mute a scaled attack): the attacker's scalars sign-flipped, x1e6.
+    `min_finishers=3`: with fewer, a median or trimmed mean of 1-2 values protects nothing."""
     edit = scale(-1e6)
     faults = [] if attacker is None else [Fault("edit", "probe", None, attacker, field="scalars", edit=edit, times=0)]
     start = time.perf_counter()
@@ -290,7 +293,7 @@ def soak(folder: Path, rounds: int, rule: str, dropout: float = 0.2, attacker: i
         folder,
         rounds,
         faults,
-        ReliabilitySettings(checkpoint_every=20),
+        ReliabilitySettings(checkpoint_every=20, min_finishers=min_finishers),
         num_clients=10,
         clients_per_round=5,
         aggregation=rule,
@@ -312,6 +315,7 @@ def soak(folder: Path, rounds: int, rule: str, dropout: float = 0.2, attacker: i
         "rounds": rounds,
         "dropout": dropout,
         "attacker": attacker,
+        "min_finishers": min_finishers,
         "rounds_applied": len(fed.run.server.trajectory.rounds),
         "stopped": stopped,
         "random_dropouts": fed.transport.injected.get("dropout", 0),
@@ -324,6 +328,16 @@ def soak(folder: Path, rounds: int, rule: str, dropout: float = 0.2, attacker: i
         "catchup_bytes": fed.run.traffic["catchup_bytes"],
         "seconds": time.perf_counter() - start,
     }
+
+
+SOAKS = [  # aggregation, attacker (client id or None), min_finishers
+    ("mean", 3, 3),
+    ("median", 3, 3),
+    ("trimmed_mean", 3, 3),
+    ("mean", None, 3),
+    ("median", None, 3),
+    ("median", 3, 1),
+]
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -347,7 +361,8 @@ def markdown(result: dict) -> str:
         final = s["eval_loss_final"]
         final = f"{final:.3f}" if isinstance(final, float) else final
         soak_rows.append(
-            [s["aggregation"], f"{s['rounds_applied']}/{s['rounds']}", s["random_dropouts"], s["attacker_messages"]]
+            [s["aggregation"], "none" if s["attacker"] is None else f"client {s['attacker']}", s["min_finishers"]]
+            + [f"{s['rounds_applied']}/{s['rounds']}", s["random_dropouts"], s["attacker_messages"]]
             + [f"{s['client_weight_max_abs']:.3g}"]
             + [
                 s["dropped_clients"],
@@ -357,7 +372,8 @@ def markdown(result: dict) -> str:
             ]
             + [s["clients_identical"], s["catchup_bytes"], f"{s['seconds']:.0f}"]
         )
-    header = ["aggregation", "rounds applied", "random dropouts", "attacker messages", "client max abs weight"]
+    header = ["aggregation", "attacker", "min finishers", "rounds applied", "random dropouts", "attacker messages"]
+    header += ["client max abs weight"]
     header += ["dropped", "skipped rounds"]
     header += ["missed updates", "eval loss start -> end", "clients = record", "catch-up bytes", "seconds"]
     return "\n".join(lines + ["", "Soak runs:", ""] + table(header, soak_rows)) + "\n"
@@ -377,8 +393,12 @@ def main(argv=None):
         rows = run_scenarios(folder, args.repeats)
         soaks = []
         for rule in args.rules:
-            soaks.append(soak(folder / f"soak-{rule}", args.soak_rounds, rule))
-            print(json.dumps(soaks[-1]), flush=True)
+            for attacker, min_finishers in ((3, 3), (None, 3), (3, 1)):
+                name = f"soak-{rule}-{attacker}-{min_finishers}"
+                soaks.append(
+                    soak(folder / name, args.soak_rounds, rule, attacker=attacker, min_finishers=min_finishers)
+                )
+                print(json.dumps(soaks[-1]), flush=True)
     result = {
         "command": "python benchmarks/reliability.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "versions": {"torch": torch.__version__},

@@ -129,6 +129,17 @@ def test_no_finisher_skips_and_resamples(tmp_path):
     assert [r.round for r in fed.trajectory] == list(range(ROUNDS))  # the server stepped once per applied round
 
 
+def test_a_round_below_min_finishers_is_retried(tmp_path, clean):
+    """min_finishers=2: round 2 loses a client, so it is skipped and retried with a new sample (that keeps the
+    client that finished); the other rounds are those of the clean run."""
+    victim = clean.run.server.plan(2).clients[1]
+    fault = Fault("error", "probe", round=2, client=victim)
+    fed = Federation(tmp_path, [fault], ReliabilitySettings(min_finishers=2)).finish()
+    assert fed.run.counters["fed/skipped_rounds"] == 1 and fed.run.log[2]["attempt"] == 1
+    assert len(fed.run.log[2]["finishers"]) == 2 and victim not in fed.run.log[2]["clients"]
+    assert fed.trajectory[:2] == clean.trajectory[:2] and fed.trajectory[2] != clean.trajectory[2]
+
+
 def test_a_round_nobody_finishes_stops_after_max_attempts(tmp_path):
     fed = Federation(tmp_path, [Fault("error", "forward", times=0)], ReliabilitySettings(max_round_attempts=2))
     with pytest.raises(RuntimeError, match="no sampled client finished in 2 attempts"):

@@ -75,7 +75,7 @@ def check_against_trainer(out: Path, state: Path, trainer):
     for name, value in trainer.split.server_parameters():
         torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6)
     # Every client's own state (skipped rounds included) equals the trained client part.
-    states = sorted(state.glob("run-*/client-*/client_parameters.safetensors"))
+    states = sorted(state.glob("*/client-*/client_parameters.safetensors"))
     assert len(states) == CLIENTS
     for path in states:
         weights = load_file(path)
@@ -106,6 +106,24 @@ def test_simulation_equals_the_trainer(tmp_path, launcher):
     summary = check_against_trainer(tmp_path / "out", tmp_path / "state", trainer)
     # Sync traffic is seeds and scalars (plus message headers), tiny next to the cuts and lambdas.
     assert summary["comm"]["sync_bytes"] < summary["comm"]["activation_bytes"] / 5
+
+
+def test_simulation_resumes_from_the_server_checkpoint(tmp_path):
+    """The ServerApp dies right after sending round 1's update; a new run with the same `checkpoint-dir` resumes at
+    round 2 with the clients' saved states (the clients that applied round 1 do not apply it again) and ends as the
+    uninterrupted trainer: client part and trajectory bit for bit."""
+    config = {**write_inputs(tmp_path, ROUNDS), "checkpoint-dir": str(tmp_path / "checkpoint")}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
+    command = [sys.executable, str(HERE / "flower_simulation.py"), str(tmp_path / "config.json"), str(CLIENTS)]
+    crash = json.dumps({"server_crash_after_round": 1})
+    code, output = run([*command, crash], timeout=420, env=env, cwd=tmp_path)
+    assert not (tmp_path / "out").exists() and (tmp_path / "checkpoint").is_dir(), output[-6000:]
+    code, output = run(command, timeout=420, env=env, cwd=tmp_path)
+    assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
+    summary = check_against_trainer(tmp_path / "out", tmp_path / "state", trainer_reference(tmp_path / "t", ROUNDS))
+    assert summary["resumed_at"] == 2
+    assert summary["counters"]["fed/behind"] == 0 and summary["events"] == []  # states kept, nothing applied twice
 
 
 def test_app_folder_declares_every_run_config_key(tmp_path):

@@ -7,8 +7,8 @@ the update (`update`).
 * A client that raises, does not answer within `reply_timeout`, or sends a message that fails validation is
   dropped for the round ([`ClientFault`]: counted, logged, kept in `events`). Nothing it sent is used: the server's
   step is that of the mean loss over the clients that finished (`K` = finishers) and the update aggregates their
-  scalars only. If no client finishes, the round is skipped and retried with a new sample, drawn from the clients
-  that have not failed it yet (`max_round_attempts`).
+  scalars only. If no client (or fewer than `min_finishers`) finishes, the round is skipped and retried with a new
+  sample, drawn from the clients that have not failed it yet (`max_round_attempts`).
 * A client that holds fewer rounds than the server assumed (restarted from nothing) answers `behind` with its last
   round instead of a cut; it is dropped for that round and rebuilt next time from its own round (from the base
   model, or the snapshot). A client that failed otherwise kept its state: it gets the rounds after the last one it
@@ -69,16 +69,22 @@ class ReliabilitySettings:
             stream reaches 2.3e4 after block 12) while rejecting a cut scaled by 1e6 or more; set it from your
             model's clean cuts. Non-finite cuts, losses and server gradients are always rejected.
         checkpoint_every (`int`): snapshot the client part every N applied rounds for catch-up (0: replay only).
+        min_finishers (`int`): a round that fewer clients finish is skipped and retried, like one nobody finishes.
+            With a robust aggregation set it to 3 or more: the median of two values is their mean, so with dropout
+            a round left with one attacker and one honest client is not protected (see docs/reliability.md).
     """
 
     reply_timeout: float | None = None
     max_round_attempts: int = 5
     activation_bound: float | None = 1e6
     checkpoint_every: int = 0
+    min_finishers: int = 1
 
     def __post_init__(self):
         if self.max_round_attempts < 1:
             raise ValueError(f"max_round_attempts must be >= 1, got {self.max_round_attempts}.")
+        if self.min_finishers < 1:
+            raise ValueError(f"min_finishers must be >= 1, got {self.min_finishers}.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
         for name in ("reply_timeout", "activation_bound"):
@@ -125,6 +131,7 @@ class FederatedRun:
         self.events: list[dict[str, Any]] = []  # every drop: round, attempt, client, leg, kind, reason
         self.log: list[dict[str, Any]] = []  # per applied round: loss, learning rates, finishers, bytes
         self.next_round = 0
+        self._finished: set[int] = set()
         self.record: SplitClient | None = None
         self.snapshot = None  # the record's state at its last snapshot round (a ClientCheckpoint)
         if self.reliability.checkpoint_every:
@@ -151,7 +158,7 @@ class FederatedRun:
             if update is not None:
                 self.next_round = round_index + 1
                 return update
-            failed.update(plan.clients)
+            failed.update(c for c in plan.clients if c not in self._finished)
             self.counters["fed/skipped_rounds"] += 1
             logger.warning(
                 "HO-SFL round %s attempt %s: no client finished; retrying with a new sample.", round_index, attempt
@@ -275,25 +282,19 @@ class FederatedRun:
                     fault = ClientFault(c, r, "probe", str(error), kind="rejected")
             if fault is not None:
                 self._drop(fault, attempt)
-        if not replies:
+        self._finished = set(replies)  # a retry keeps them in the pool
+        if len(replies) < self.reliability.min_finishers:
+            if replies:
+                logger.warning("HO-SFL round %s: %s finishers < min_finishers; skipped.", r, len(replies))
             self.server.discard_round()
             return None
         finishers = [c for c in plan.clients if c in replies]
         loss = self.server.round_loss(finishers)
         lr = self.server.lr_scheduler.get_last_lr()[0]
         update = self.server.step(plan, replies)
-        self._commit(update)
         update_bytes = encode(update)
         self._count("sync_bytes", [update_bytes] * len(finishers))
-        acks = self._exchange("update", {c: {"update": update_bytes} for c in finishers}, r)
-        for c in finishers:
-            fault = self._fault(acks.get(c, TimeoutError("no reply")), c, r, "update")
-            if fault is None:
-                self.applied[c] = r
-            else:
-                self.counters["fed/missed_updates"] += 1
-                self._drop(fault, attempt)
-        record = {
+        record = {  # logged at the commit point (a resumed run has it); a missed update counts in the next round
             "round": r,
             "attempt": attempt,
             "clients": plan.clients,
@@ -309,6 +310,15 @@ class FederatedRun:
         }
         self.log.append(record)
         logger.info("HO-SFL round %s", json.dumps(record))
+        self._commit(update)
+        acks = self._exchange("update", {c: {"update": update_bytes} for c in finishers}, r)
+        for c in finishers:
+            fault = self._fault(acks.get(c, TimeoutError("no reply")), c, r, "update")
+            if fault is None:
+                self.applied[c] = r
+            else:
+                self.counters["fed/missed_updates"] += 1
+                self._drop(fault, attempt)
         return update
 
     def _commit(self, update: ClientUpdate) -> None:

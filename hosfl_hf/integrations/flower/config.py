@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -46,6 +47,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "state-dir": "",  # where each client keeps its state between messages (default: the temp folder)
     "reply-timeout": 600.0,  # seconds a node has to answer; a later node is dropped for the round
     "max-round-attempts": 5,  # a round no client finished is retried with a new sample this many times in all
+    "min-finishers": 1,  # a round fewer clients finish is skipped and retried (3+ with a robust aggregation)
     "activation-bound": 1e6,  # cuts with a larger entry are rejected (poisoned activations); 0: no bound
     "checkpoint-every": 0,  # > 0: client-state snapshot every N rounds; a straggler behind it gets snapshot + tail
     "checkpoint-dir": "",  # server checkpoint after every round; a run finding one there resumes from it
@@ -115,6 +117,7 @@ def build_reliability(config: Mapping[str, Any]) -> ReliabilitySettings:
     return ReliabilitySettings(
         reply_timeout=float(config["reply-timeout"]),
         max_round_attempts=int(config["max-round-attempts"]),
+        min_finishers=int(config["min-finishers"]),
         activation_bound=bound if bound > 0 else None,
         checkpoint_every=int(config["checkpoint-every"]),
     )
@@ -141,9 +144,13 @@ def make_collator(config: Mapping[str, Any]):
 
 
 def state_folder(config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int, client_id: int) -> str:
-    """Where a client keeps its state between messages (a SuperNode may start a new process per message)."""
+    """Where a client keeps its state between messages (a SuperNode may start a new process per message): per run,
+    or, with a server `checkpoint-dir`, per checkpoint folder, so that a run resuming from it (a new Flower run id)
+    finds its clients' states."""
     base = node_config.get("state-dir") or config["state-dir"] or os.path.join(tempfile.gettempdir(), "hosfl-flower")
-    return os.path.join(str(base), f"run-{run_id}", f"client-{client_id}")
+    checkpoint = str(config.get("checkpoint-dir") or "")
+    name = f"checkpoint-{hashlib.sha256(checkpoint.encode()).hexdigest()[:12]}" if checkpoint else f"run-{run_id}"
+    return os.path.join(str(base), name, f"client-{client_id}")
 
 
 APP_PYPROJECT = """# The HO-SFL Flower app: `flwr run <this folder> <connection>` (see docs/federated.md).

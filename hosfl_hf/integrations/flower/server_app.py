@@ -103,9 +103,11 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     transport = FlowerTransport(grid, nodes, timeout)
     checkpoint_dir = str(config["checkpoint-dir"]) or None
     kwargs = dict(reliability=build_reliability(config), base_model=model)
+    resumed_at = None
     if checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
         run = FederatedRun.resume(checkpoint_dir, server, transport, **kwargs)
-        logger.info("HO-SFL resumed from %s at round %s", checkpoint_dir, run.next_round)
+        resumed_at = run.next_round
+        logger.info("HO-SFL resumed from %s at round %s", checkpoint_dir, resumed_at)
     else:
         run = FederatedRun(server, transport, checkpoint_dir=checkpoint_dir, **kwargs)
     run.run(args.max_steps)
@@ -119,6 +121,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"Clients {mismatched} hold other client weights than the server's trajectory.")
     summary = {
         "rounds": run.next_round,
+        "resumed_at": resumed_at,  # the round a resumed run started at (None: not resumed)
         "history": run.log,  # per round: mean loss of the finishers, learning rates, cumulative bytes, counters
         "comm": run.traffic,
         "counters": run.counters,
