@@ -109,13 +109,14 @@ def main(argv=None):
         }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "scalars"}), flush=True)
-    result = {
-        "command": "python benchmarks/scalar_tails.py " + " ".join(argv or sys.argv[1:]),
-        "seconds": time.perf_counter() - start,
-        "rows": rows,
-    }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "scalar_tails.json").write_text(json.dumps(result, indent=1))
+        write(args.out, rows, time.perf_counter() - start, argv)  # after every seed: a stopped run keeps its seeds
+
+
+def write(out: str, rows: list[dict], seconds: float, argv=None) -> None:
+    result = {"command": "python benchmarks/scalar_tails.py " + " ".join(argv or sys.argv[1:]), "seconds": seconds}
+    result["rows"] = rows
+    Path(out).mkdir(parents=True, exist_ok=True)
+    Path(out, "scalar_tails.json").write_text(json.dumps(result, indent=1))
     header = "| LoRA seed | median abs scalar | mean abs / median abs | max abs / median abs | "
     header += "median / mean rel. diff | trimmed / mean rel. diff |"
     lines = [header, "|---|---|---|---|---|---|"]
@@ -125,7 +126,7 @@ def main(argv=None):
             f"{r['median_vs_mean_relative_difference_median']:.2f} | "
             f"{r['trimmed_mean_vs_mean_relative_difference_median']:.2f} |"
         )
-    Path(args.out, "scalar_tails.md").write_text("\n".join(lines) + "\n")
+    Path(out, "scalar_tails.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
