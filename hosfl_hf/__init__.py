@@ -1,5 +1,6 @@
 """hosfl_hf: Hybrid-Order Split Federated Learning (HO-SFL) for Hugging Face causal language models."""
 
+from . import _backends  # noqa: F401  (first: quiets optional back-ends before they are imported)
 from .config import HOSFLConfig
 from .hub import HOSFLSplitConfig, merge_for_inference
 from .lora import client_4bit_config, split_lora_config

@@ -1,39 +1,32 @@
-"""Metrics, computed with `evaluate`.
+"""Metrics of the classification tasks.
 
-`evaluate.load("accuracy")` fetches its script from the Hub; the same metric is defined here as an
-`evaluate.Metric` so that evaluation works offline and never waits on the network.
+Accuracy is the proportion of correct predictions, as `evaluate.load("accuracy")` computes it; it is defined here with
+numpy so that evaluation needs neither the Hub (where `evaluate` fetches its metric scripts) nor `evaluate` and
+`scikit-learn` as dependencies.
 """
 
 from __future__ import annotations
 
-import datasets
-import evaluate
-from sklearn.metrics import accuracy_score
+from collections.abc import Sequence
+
+import numpy as np
 
 __all__ = ["Accuracy", "load_accuracy"]
 
 
-class Accuracy(evaluate.Metric):
-    """Proportion of correct predictions (the `evaluate-metric/accuracy` metric, bundled for offline use)."""
+class Accuracy:
+    """Proportion of correct predictions, with the interface of an `evaluate` metric (`compute(predictions=...,
+    references=...)` -> `{"accuracy": float}`)."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Accuracy: the proportion of correct predictions among all predictions.",
-            citation="",
-            inputs_description="predictions: list of int, references: list of int",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
-            ),
-        )
+    name = "accuracy"
 
-    def _compute(self, predictions, references, normalize=True, sample_weight=None):
-        return {
-            "accuracy": float(
-                accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight)
-            )
-        }
+    def compute(self, predictions: Sequence[int], references: Sequence[int]) -> dict[str, float]:
+        predictions, references = np.asarray(predictions), np.asarray(references)
+        if predictions.shape != references.shape:
+            raise ValueError(f"{predictions.shape} predictions for {references.shape} references.")
+        return {"accuracy": float((predictions == references).mean()) if references.size else float("nan")}
 
 
-def load_accuracy() -> evaluate.Metric:
-    """The accuracy metric (bundled: identical to `evaluate.load("accuracy")`, without a Hub download)."""
+def load_accuracy() -> Accuracy:
+    """The accuracy metric."""
     return Accuracy()
