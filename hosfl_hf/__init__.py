@@ -10,10 +10,22 @@ from .trajectory import Trajectory, TrajectoryRound, replay_trajectory
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The SFT trainer needs TRL (the `sft` extra): imported on first use only.
+    if name in ("HOSFLSFTConfig", "HOSFLSFTTrainer"):
+        from . import sft
+
+        return getattr(sft, name)
+    raise AttributeError(f"module 'hosfl_hf' has no attribute {name!r}")
+
+
 __all__ = [
     "SPLIT_REGISTRY",
     "CutActivations",
     "HOSFLConfig",
+    "HOSFLSFTConfig",
+    "HOSFLSFTTrainer",
     "HOSFLSplitConfig",
     "HOSFLTrainer",
     "SplitModel",

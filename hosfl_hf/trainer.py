@@ -236,7 +236,7 @@ class HOSFLTrainer(Trainer):
         self._round_base = 0
         self._rounds_done = 0
         self._pending: tuple[dict[str, torch.Tensor], CutActivations | None, Any, torch.Tensor | None] | None = None
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._round_metrics: dict[str, list[float]] = defaultdict(list)
 
     # --------------------------------------------------------------------------------------------------- data
     @staticmethod
@@ -627,7 +627,7 @@ class HOSFLTrainer(Trainer):
                 self._pending_update = _ClientUpdate(round_index, skip_reason=reason)
                 return
             averaged = self.round_settings.aggregate(replies, round_index)
-            self._metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
+            self._round_metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
             rule.server.before_step(self, seeds, averaged)
         self._pending_update = rule.client.close(self, round_index, seeds, averaged)
 
@@ -641,7 +641,7 @@ class HOSFLTrainer(Trainer):
             self.client_part.apply(update, self.client_optimizer)
             self.client_lr_scheduler.step()
             self.trajectory.rounds.append(update.to_trajectory_round())
-            self._metrics["client_learning_rate"].append(lr)
+            self._round_metrics["client_learning_rate"].append(lr)
 
         return _ClientUpdate(round_index, apply=apply)
 
@@ -677,7 +677,7 @@ class HOSFLTrainer(Trainer):
             self.client_optimizer.step()
             self.client_optimizer.zero_grad(set_to_none=True)
             self.client_lr_scheduler.step()
-            self._metrics["client_learning_rate"].append(lr)
+            self._round_metrics["client_learning_rate"].append(lr)
 
         return _ClientUpdate(round_index, apply=apply)
 
@@ -716,10 +716,10 @@ class HOSFLTrainer(Trainer):
     # -------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs
-            for name, values in self._metrics.items():
+            for name, values in self._round_metrics.items():
                 if values:
                     logs[name] = sum(values) / len(values)
-            self._metrics.clear()
+            self._round_metrics.clear()
             logs["comm/activation_bytes"] = self.comm["activation_bytes"]
             logs["comm/sync_bytes"] = self.comm["sync_bytes"]
             logs["zo/forward_passes"] = self.zo_forward_passes

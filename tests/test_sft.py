@@ -1,0 +1,222 @@
+"""HOSFLSFTTrainer: TRL's SFT data handling under the HO-SFL round, on a tiny random Llama and a word-level tokenizer
+with a ChatML chat template: only completion tokens carry loss, the round is intact (client update from seeds and
+scalars, bit-identical replay), evaluation reports perplexity and the accuracy of the highest-scoring answer."""
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+pytest.importorskip("trl")
+
+from hosfl_hf import HOSFLSFTConfig, HOSFLSFTTrainer, Trajectory, replay_trajectory  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models (conftest.py)
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["system", "user", "assistant", "Review", "Sentiment", "positive", "negative", ":", "good", "bad", "film"]
+WORDS += [f"w{i}" for i in range(12)]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def review(i: int) -> tuple[str, str]:
+    g = torch.Generator().manual_seed(i)
+    label = int(torch.randint(0, 2, (1,), generator=g))
+    filler = [f"w{int(j)}" for j in torch.randint(0, 12, (3,), generator=g)]
+    return " ".join([*filler, "good" if label else "bad", "film"]), ["negative", "positive"][label]
+
+
+def conversations(n: int, offset: int = 0) -> Dataset:
+    rows = []
+    for i in range(offset, offset + n):
+        text, answer = review(i)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Sentiment"},
+                    {"role": "user", "content": f"Review : {text}"},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def prompt_completions(n: int, offset: int = 0) -> Dataset:
+    rows = []
+    for i in range(offset, offset + n):
+        text, answer = review(i)
+        rows.append({"prompt": f"Review : {text} Sentiment :", "completion": f" {answer}"})
+    return Dataset.from_list(rows)
+
+
+def sft_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=16,
+        learning_rate=3e-3,
+        client_learning_rate=1e-3,
+        num_clients=4,
+        clients_per_round=2,
+        logging_steps=3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
+        max_length=64,
+    )
+    return HOSFLSFTConfig(**{**values, **overrides})
+
+
+def test_conversations_carry_loss_on_the_last_assistant_turn_only(tokenizer, tmp_path):
+    data = conversations(16)
+    trainer = HOSFLSFTTrainer(
+        tiny_model(tokenizer), sft_args(tmp_path), split_layer=2, train_dataset=data, processing_class=tokenizer
+    )
+    prepared = trainer.train_dataset
+    assert len(prepared) == len(data)
+    for raw, row in zip(data, prepared):
+        messages = raw["messages"]
+        prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+        assert row["input_ids"] == full["input_ids"]
+        p = len(prompt)
+        assert row["input_ids"][:p] == prompt
+        assert row["labels"][:p] == [-100] * p  # system and user turns, and the assistant header: no loss
+        answer = tokenizer.convert_tokens_to_ids(messages[-1]["content"])
+        assert row["labels"][p:] == row["input_ids"][p:] and row["labels"][p] == answer  # the answer and <|im_end|>
+
+
+def test_prompt_completion_carries_loss_on_the_completion_only(tokenizer, tmp_path):
+    data = prompt_completions(16)
+    trainer = HOSFLSFTTrainer(
+        tiny_model(tokenizer), sft_args(tmp_path), split_layer=2, train_dataset=data, processing_class=tokenizer
+    )
+    for raw, row in zip(data, trainer.train_dataset):
+        prompt = tokenizer(raw["prompt"])["input_ids"]
+        answer = tokenizer.convert_tokens_to_ids(raw["completion"].strip())
+        assert row["labels"] == [-100] * len(prompt) + [answer, tokenizer.eos_token_id]
+        assert row["input_ids"] == prompt + [answer, tokenizer.eos_token_id]
+    # The collated batch keeps the masks (pads are -100 too) and names its client.
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch) >= {"input_ids", "attention_mask", "labels", "hosfl_client"}
+    assert ((batch["labels"] != -100).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("make_data", [conversations, prompt_completions], ids=["conversational", "prompt-completion"])
+def test_sft_round_is_hosfl_and_replays_bit_identically(make_data, tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    model = tiny_model(tokenizer)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = sft_args(tmp_path, max_steps=5)
+    trainer = HOSFLSFTTrainer(
+        model, args, split_layer=2, train_dataset=make_data(40), processing_class=tokenizer, peft_config=lora
+    )
+    initial = copy.deepcopy(trainer.split.model)
+    client_names = [n for n, _ in trainer.split.client_parameters()]
+    assert client_names and all("lora_" in n for n in client_names)
+    trainer.train()
+    # One round per optimizer step; each client update is P seeds and P averaged scalars, nothing else.
+    assert len(trainer.trajectory.rounds) == 5
+    assert all(len(r.seeds) == len(r.scalars) == args.num_perturbations for r in trainer.trajectory.rounds)
+    trained = {n: p.detach().clone() for n, p in trainer.split.client_parameters()}
+    assert any(not torch.equal(trained[n], p) for n, p in initial.named_parameters() if n in trained)
+    path = tmp_path / "trajectory.json"
+    trainer.trajectory.save(path)
+    replay_trajectory(initial, Trajectory.load(path))
+    replayed = dict(initial.named_parameters())
+    for name, value in trained.items():
+        assert torch.equal(replayed[name], value), name
+    # The server part trained by backprop.
+    server = [n for n, _ in trainer.split.server_parameters()]
+    before = dict(initial.named_parameters())
+    assert any(not torch.equal(before[n], dict(trainer.split.model.named_parameters())[n]) for n in server)
+
+
+def test_evaluation_reports_perplexity_and_choice_accuracy(tokenizer, tmp_path):
+    args = sft_args(tmp_path, answer_choices=["negative", "positive"])
+    evaluation = conversations(12, offset=100)
+    trainer = HOSFLSFTTrainer(
+        tiny_model(tokenizer),
+        args,
+        split_layer=2,
+        train_dataset=conversations(24),
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    # The choice accuracy equals the one computed from the whole (unsplit) model's next-token scores.
+    model = trainer.split.model.eval()
+    correct = 0
+    for row in evaluation:
+        messages = row["messages"]
+        scores = []
+        for choice in args.answer_choices:
+            text = tokenizer.apply_chat_template(
+                [*messages[:-1], {"role": "assistant", "content": choice}], tokenize=False
+            )
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            p = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            targets = ids[0, 1:]
+            scores.append(log_probs[p - 1 :].gather(-1, targets[p - 1 :, None]).sum().item())
+        correct += args.answer_choices[max(range(2), key=scores.__getitem__)] == messages[-1]["content"]
+    assert metrics["eval_choice_accuracy"] == correct / len(evaluation)
+    assert any("eval_choice_accuracy" in entry for entry in trainer.state.log_history)
+
+
+def test_packing_and_bad_conversations_are_refused(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="packing=True is not supported"):
+        sft_args(tmp_path, packing=True)
+    bad = Dataset.from_list([{"messages": [{"role": "user", "content": "good film"}]}] * 8)
+    with pytest.raises(ValueError, match="ends with a 'user' turn"):
+        HOSFLSFTTrainer(
+            tiny_model(tokenizer), sft_args(tmp_path), split_layer=2, train_dataset=bad, processing_class=tokenizer
+        )
