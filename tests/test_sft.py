@@ -220,3 +220,30 @@ def test_packing_and_bad_conversations_are_refused(tokenizer, tmp_path):
         HOSFLSFTTrainer(
             tiny_model(tokenizer), sft_args(tmp_path), split_layer=2, train_dataset=bad, processing_class=tokenizer
         )
+
+
+def test_sft_command_learns_a_chat_task_from_a_local_folder(tokenizer, tmp_path, capsys):
+    import json
+
+    from hosfl_hf.cli import cli
+
+    checkpoint = tmp_path / "tiny"
+    tiny_model(tokenizer).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    data = tmp_path / "chats"
+    data.mkdir()
+    for split, rows in (("train", conversations(400)), ("test", conversations(48, offset=1000))):
+        rows.to_json(data / f"{split}.jsonl")
+    out = tmp_path / "out"
+    argv = ["sft", "--model_name_or_path", str(checkpoint), "--dataset_name", str(data), "--use_peft", "false"]
+    argv += ["--split_layer", "2", "--num_clients", "4", "--clients_per_round", "2", "--max_steps", "40"]
+    argv += ["--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--client_learning_rate", "1e-3"]
+    argv += ["--answer_choices", "negative", "positive", "--output_dir", str(out), "--use_cpu", "true"]
+    argv += ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "40"]
+    assert cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[sft] test before training: loss" in printed and "[sft] test choice_accuracy before:" in printed
+    metrics = json.loads((out / "all_results.json").read_text())
+    assert metrics["after_loss"] < 0.5 * metrics["before_loss"]
+    assert metrics["after_choice_accuracy"] >= 0.9 > metrics["before_choice_accuracy"] - 0.2, metrics
+    assert len(json.loads((out / "hosfl_trajectory.json").read_text())["rounds"]) == 40
