@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KNOWN_CONFIGS", "MemoryEstimate", "estimate_memory"]
+__all__ = ["KNOWN_CONFIGS", "MemoryEstimate", "estimate_memory", "parameter_memory"]
 
 # Configs of models that the memory estimate knows without the Hub (from their config.json).
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -166,3 +166,34 @@ def estimate_memory(
     parts = [client, server, adapters, activations, client_forward]
     num_parameters = sum(p.numel() for p in skeleton.parameters())
     return MemoryEstimate(num_parameters / 1e9, *(x / _GIB for x in parts), sum(parts) / _GIB)
+
+
+def parameter_memory(split: Any) -> dict[str, int]:
+    """Weight memory of the two parts, from the parameters themselves (4-bit weights count their packed bytes).
+
+    Activations, optimizer states and quantization constants are not included.
+
+    Args:
+        split ([`SplitModel`]): the split model.
+
+    Returns:
+        `dict[str, int]`: `client_weight_bytes`, `server_weight_bytes`, `client_trainable_parameters`,
+        `server_trainable_parameters` (element counts) and `client_trainable_bytes`.
+    """
+    params = dict(split.model.named_parameters(remove_duplicate=False))
+
+    def nbytes(names: Sequence[str], trainable: bool = False) -> int:
+        unique = {id(params[n]): params[n] for n in names if params[n].requires_grad or not trainable}
+        return sum(p.numel() * p.element_size() for p in unique.values())
+
+    def count(names: Sequence[str]) -> int:
+        unique = {id(params[n]): params[n] for n in names if params[n].requires_grad}
+        return sum(p.numel() for p in unique.values())
+
+    return {
+        "client_weight_bytes": nbytes(split.client_parameter_names),
+        "server_weight_bytes": nbytes(split.server_parameter_names),
+        "client_trainable_parameters": count(split.client_parameter_names),
+        "server_trainable_parameters": count(split.server_parameter_names),
+        "client_trainable_bytes": nbytes(split.client_parameter_names, trainable=True),
+    }
