@@ -175,3 +175,17 @@ def test_bad_input_fails_before_training_with_its_fix(case, overrides, message, 
     with pytest.raises(ValueError, match=message):
         cli(argv)
     assert not (tmp_path / "out" / "all_results.json").exists()
+
+
+@pytest.mark.parametrize("code", ["import hosfl_hf", "from hosfl_hf.cli import cli; cli(['--help'])"])
+def test_import_and_help_print_no_warnings(code):
+    """Optional back-ends (bitsandbytes, which peft imports when it is installed) stay quiet."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
