@@ -209,6 +209,12 @@ class HOSFLSFTTrainer(HOSFLTrainer, SFTTrainer):
         if upcast_trainable_adapters(self.split):
             self.trajectory.environment = environment(p for _, p in self.client_parameters)
 
+    def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        """[`HOSFLTrainer.create_model_card`], with the `sft` and `trl` tags."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [tag for tag in ("sft", "trl") if tag not in tags]
+        super().create_model_card(*args, tags=tags, **kwargs)
+
     def _with_completions(self, dataset: Any) -> Any:
         """Conversations become prompt-completion pairs at their last assistant turn (completion-only loss)."""
         columns = getattr(dataset, "column_names", None) or []

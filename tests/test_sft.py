@@ -247,3 +247,75 @@ def test_sft_command_learns_a_chat_task_from_a_local_folder(tokenizer, tmp_path,
     assert metrics["after_loss"] < 0.5 * metrics["before_loss"]
     assert metrics["after_choice_accuracy"] >= 0.9 > metrics["before_choice_accuracy"] - 0.2, metrics
     assert len(json.loads((out / "hosfl_trajectory.json").read_text())["rounds"]) == 40
+
+
+def test_sft_resume_from_checkpoint_is_bit_identical_and_saves_hosfl_artifacts(tokenizer, tmp_path):
+    def run(folder, **overrides):
+        args = sft_args(folder, max_steps=6, **overrides)
+        return HOSFLSFTTrainer(
+            tiny_model(tokenizer),
+            args,
+            split_layer=2,
+            train_dataset=prompt_completions(40),
+            processing_class=tokenizer,
+        )
+
+    full = run(tmp_path / "full")
+    full.train()
+    resumed_dir = tmp_path / "resumed"
+    run(resumed_dir, save_strategy="steps", save_steps=3).train()
+    checkpoint = resumed_dir / "out" / "checkpoint-3"
+    for name in ("hosfl_client_state.pt", "hosfl_trajectory.json", "hosfl_config.json", "README.md"):
+        assert (checkpoint / name).is_file(), name
+    assert "sft" in (checkpoint / "README.md").read_text()  # the trainer's tags reach the model card
+    second = run(resumed_dir, save_strategy="steps", save_steps=3)
+    second.train(resume_from_checkpoint=str(checkpoint))
+    expected = dict(full.model.named_parameters())
+    for name, value in second.model.named_parameters():
+        assert torch.equal(value, expected[name]), name
+    assert [r.scalars for r in second.trajectory.rounds] == [r.scalars for r in full.trajectory.rounds]
+
+
+def test_sft_with_4bit_client_keeps_float32_adapters(tokenizer, tmp_path):
+    """TRL casts the adapters of a quantized model to bf16; the zeroth-order client update needs them in float32."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from hosfl_hf import client_4bit_config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,  # bitsandbytes' CPU kernels pack 64 inputs per block
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    quantization = client_4bit_config(AutoConfig.from_pretrained(tmp_path / "base"), 2)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=quantization, device_map="cpu", dtype=torch.float32
+        )
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    except Exception as error:  # pragma: no cover - a CPU build without 4-bit kernels
+        pytest.skip(f"bitsandbytes cannot run 4-bit layers on this CPU: {error}")
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = HOSFLSFTTrainer(
+        model,
+        sft_args(tmp_path, max_steps=2),
+        split_layer=2,
+        train_dataset=conversations(16),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    client = trainer.split.client_parameters()
+    assert client and {p.dtype for _, p in client} == {torch.float32}
+    assert trainer.trajectory.environment["dtypes"] == ["float32"]
+    before = {n: p.detach().clone() for n, p in client}
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in trainer.split.client_parameters())
