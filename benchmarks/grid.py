@@ -7,7 +7,7 @@
 Each cell writes `<out>/cells/<method>_<task>_<depth>_s<seed>.json` when it finishes (depth `nosplit` for FedAvg-LoRA,
 centralized and MeZO, which serve both depths); cells whose file exists are skipped, so a stopped run keeps what it
 finished and the next run fills in the rest. Workers started side by side (`--threads 1` each) share the grid through
-lock files. Every method of a seed sees the
+file locks (`filelock`, released by the OS when a worker stops). Every method of a seed sees the
 same shards, client sampling and batches (one schedule per seed), the same LoRA initialisation, prompts and split.
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import transformers
+from filelock import FileLock, Timeout
 from peft import LoraConfig, get_peft_model
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer
@@ -82,27 +83,19 @@ def plan_cells(
     return [c for c in cells if not (cell_name(*c) in seen or seen.add(cell_name(*c)))]
 
 
-def claim(path: str) -> bool:
-    """Claims a cell for this process (a lock file holding its pid), so several workers can share one grid.
-
-    A lock left by a process that no longer runs (a stopped session) is taken over.
-    """
-    lock = path + ".lock"
+def claim(path: str) -> FileLock | None:
+    """Claims a cell for this process, so several workers can share one grid: a `filelock.FileLock` held while the
+    cell runs (`None` if another worker holds it). The OS releases it when its process ends, so the cell of a stopped
+    worker is free again."""
+    lock = FileLock(path + ".lock")
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            pid = int(open(lock).read().strip() or 0)
-            os.kill(pid, 0)
-            return False  # another live worker runs this cell
-        except (ValueError, ProcessLookupError):
-            os.replace(lock, lock + ".stale")
-            return claim(path)
-        except PermissionError:
-            return False
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return True
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    if os.path.isfile(path):  # another worker finished it meanwhile
+        lock.release()
+        return None
+    return lock
 
 
 def hosfl_args(method: str, split_layer: int, seed: int, budget: Budget, output_dir: str) -> HOSFLConfig:
@@ -265,7 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     for i, cell in enumerate(todo):
         name = cell_name(*cell)
         path = os.path.join(cells_dir, name + ".json")
-        if (args.max_cells is not None and ran >= args.max_cells) or os.path.isfile(path) or not claim(path):
+        if (args.max_cells is not None and ran >= args.max_cells) or os.path.isfile(path):
+            continue
+        lock = claim(path)
+        if lock is None:
             continue
         ran += 1
         eta = f", ETA {np.mean(durations) * (len(todo) - i) / 60:.0f} min" if durations else ""
@@ -275,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         result["cell_seconds"] = time.perf_counter() - start
         result["command"] = "python benchmarks/grid.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write_json(path, result)
-        os.remove(path + ".lock")
+        lock.release()
         durations.append(result["cell_seconds"])
         print(
             f"  {name}: accuracy {100 * result['accuracy']:.2f}% in {result['cell_seconds'] / 60:.1f} min", flush=True
