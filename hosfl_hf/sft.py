@@ -281,6 +281,11 @@ class HOSFLSFTTrainer(HOSFLTrainer, SFTTrainer):
         prepared = self._prepare_dataset(
             Dataset.from_list(rows), self.processing_class, self.args, False, None, "answer choices"
         )
+        if len(prepared) != len(rows):  # TRL drops rows whose completion was truncated away
+            raise ValueError(
+                f"{len(rows) - len(prepared)} (prompt, choice) rows have no completion token within "
+                f"max_length={self.args.max_length}: raise max_length to score every choice."
+            )
         prepared = prepared.select_columns([c for c in ("input_ids", "labels") if c in prepared.column_names])
         loader = torch.utils.data.DataLoader(
             prepared, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator
