@@ -186,6 +186,6 @@ def test_import_and_help_print_no_warnings(code):
     from conftest import subprocess_env
 
     result = subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
