@@ -1,8 +1,8 @@
 """Instruction tuning with HO-SFL, offline: SST-2 phrased as chat turns, fine-tuned from the shipped
 SmolLM2-135M-Instruct with `hosfl-hf sft` (TRL's SFT data handling: the chat template, loss on the answer only).
 
-    python examples/sst2_chat_sft.py                         # ~5 min on 2 CPU cores (docs/sft.md has the numbers)
-    python examples/sst2_chat_sft.py --max_steps 60          # any `hosfl-hf sft` flag overrides the defaults below
+    python examples/sst2_chat_sft.py                         # 10 rounds on CPU (docs/your_data.md has the numbers)
+    python examples/sst2_chat_sft.py --max_steps 40          # any `hosfl-hf sft` flag overrides the defaults below
 
 The conversations are built at run time from the local GLUE copy (`hosfl_hf.tasks.default_data_dir()`, i.e.
 `$HOSFL_DATA_DIR` or `../shared/data`) into `<output_dir>/data/{train,test}.jsonl`:
@@ -34,11 +34,11 @@ DEFAULTS = {
     "clients_per_round": 3,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 32,
-    "max_steps": 30,
+    "max_steps": 10,
     "learning_rate": 1e-3,
     "client_learning_rate": 1e-4,
     "lr_scheduler_type": "linear",
-    "warmup_steps": 3,
+    "warmup_steps": 1,
     "logging_steps": 10,
     "max_length": 128,
     "eval_limit": 100,
