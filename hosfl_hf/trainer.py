@@ -841,7 +841,10 @@ class HOSFLTrainer(Trainer):
             return
         self.trajectory = Trajectory.load(os.path.join(best, TRAJECTORY_NAME))
         if self.client_optimizer is not None and os.path.isfile(os.path.join(best, CLIENT_STATE_NAME)):
-            self.client_optimizer.load_state_dict(self._read_client_state(best)["client_optimizer"])
+            state = self._read_client_state(best)
+            self.client_optimizer.load_state_dict(state["client_optimizer"])
+            if state.get("client_mask_values"):  # masked base weights are not in a peft adapter's files
+                self.client_part.load_mask_state(state["client_mask_values"])
 
     # ------------------------------------------------------------------------------------------ hub artifacts
     def hosfl_split_config(self) -> Any:

@@ -313,3 +313,44 @@ def test_cosine_diagnostic_follows_sqrt_n_over_n_plus_d():
     wide = client_update_cosine(part, inputs, labels, list(range(10)), reference=everything)
     assert 0 < wide["phi"] < 1
     assert wide["rows"][0]["cosine_reference"] == pytest.approx(wide["rows"][0]["cosine"] * math.sqrt(wide["phi"]))
+
+
+def test_resume_with_every_lever_is_bit_identical_and_refuses_a_changed_mask(tmp_path):
+    mask = mask_for(lora_model())
+    levers = dict(client_zo_modules=["lora_B"], client_seeds="per_client", max_steps=6)
+
+    def make(folder, **extra):
+        args = tiny_args(folder, **levers, **extra)
+        return HOSFLTrainer(
+            lora_model(),
+            args,
+            split_layer=2,
+            train_dataset=counting_dataset(),
+            data_collator=stack_collator,
+            client_mask=mask,
+        )
+
+    full = make(tmp_path / "full")
+    full.train()
+    first = make(tmp_path / "resumed", save_strategy="steps", save_steps=3)
+    first.train()
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-3"
+    second = make(tmp_path / "resumed", save_strategy="steps", save_steps=3)
+    second.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = client_state(full.split), client_state(second.split)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert second.trajectory.rounds == full.trajectory.rounds
+
+    other = ClientMask({name: idx[:-1] for name, idx in mask.indices.items()})
+    args = tiny_args(tmp_path / "resumed", **levers)
+    changed = HOSFLTrainer(
+        lora_model(),
+        args,
+        split_layer=2,
+        train_dataset=counting_dataset(),
+        data_collator=stack_collator,
+        client_mask=other,
+    )
+    with pytest.raises(ValueError, match="client_mask"):
+        changed.train(resume_from_checkpoint=str(checkpoint))
