@@ -77,8 +77,10 @@ GRID_CELLS = {"frozen": "frozen_client", "splitlora": "splitlora", "paper": "hos
 CALIBRATION_SEED = 1234  # calibration batches: a fixed sample of the (public) training set
 
 
-def calibration_batches(task, tokenizer, budget: Budget, count: int, data_dir: str | None) -> list[dict]:
-    data = task.tokenize(task.load("train", data_dir, limit=count * budget.batch, seed=CALIBRATION_SEED), tokenizer)
+def calibration_batches(
+    task, tokenizer, budget: Budget, count: int, data_dir: str | None, seed: int = CALIBRATION_SEED
+) -> list[dict]:
+    data = task.tokenize(task.load("train", data_dir, limit=count * budget.batch, seed=seed), tokenizer)
     collate = task.trainer_kwargs(tokenizer)["data_collator"]
     return [collate([data[i] for i in range(b * budget.batch, (b + 1) * budget.batch)]) for b in range(count)]
 
@@ -140,7 +142,8 @@ def measure_cosine(name: str, budget: Budget, data_dir: str | None, directions: 
     blocks, modules = overrides.get("client_zo_blocks"), overrides.get("client_zo_modules")
     space = ClientSearchSpace(blocks, modules) if blocks or modules else None
     part = ClientPart(split, budget.zo_eps, "one_sided", space=space, mask=mask)
-    batch = calibration_batches(task, tokenizer, budget, 1, data_dir)[0]
+    # A batch the mask was not chosen on (a mask's share of the energy on its own calibration batches is optimistic).
+    batch = calibration_batches(task, tokenizer, budget, 1, data_dir, seed=CALIBRATION_SEED + 1)[0]
     labels = batch.pop("labels")
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     seeds = [s for c in range(max(directions)) for s in client_round_seeds(99, 0, c, 1)]
@@ -150,6 +153,7 @@ def measure_cosine(name: str, budget: Budget, data_dir: str | None, directions: 
     result["directions_per_round"] = per_round if overrides.get("client_seeds") == "per_client" else None
     result["directions_per_round"] = result["directions_per_round"] or budget.hosfl_perturbations
     result["reference"] = "all client LoRA and base weights of blocks 0..split_layer-1"
+    result["batch"] = "8 training examples sampled with seed CALIBRATION_SEED + 1 (not a calibration batch)"
     return result
 
 

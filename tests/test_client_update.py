@@ -354,3 +354,28 @@ def test_resume_with_every_lever_is_bit_identical_and_refuses_a_changed_mask(tmp
     )
     with pytest.raises(ValueError, match="client_mask"):
         changed.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_flower_run_config_carries_the_levers(tmp_path):
+    """The Flower apps build SplitClient/SplitServer from the run config: the levers reach their RoundSettings."""
+    from hosfl_hf.integrations.flower.config import build_args, resolve
+
+    mask = mask_for(lora_model())
+    mask.save(tmp_path / "mask.json")
+    config = resolve(
+        {
+            "model": "m",
+            "dataset": "d",
+            "client-seeds": "per_client",
+            "client-zo-blocks": "0, 1",
+            "client-zo-modules": "lora_B,v_proj",
+            "client-mask": str(tmp_path / "mask.json"),
+            "client-optimizer": "normalized_sgd",
+        }
+    )
+    settings, args = build_args(config)
+    assert settings.client_seeds == "per_client" and settings.scalars_per_update is None
+    assert settings.search_space == ClientSearchSpace(blocks=[0, 1], modules=["lora_B", "v_proj"])
+    assert settings.mask == mask and settings.client_optimizer == "normalized_sgd"
+    default, _ = build_args(resolve({"model": "m", "dataset": "d"}))
+    assert default.search_space is None and default.mask is None and default.scalars_per_update == 2
