@@ -157,9 +157,9 @@ def measure_cosine(name: str, budget: Budget, data_dir: str | None, directions: 
     return result
 
 
-def paired(losses: list[float], frozen: list[float]) -> float:
-    """Mean over rounds 1.. of the per-round loss difference (round 0 is the same for every method)."""
-    diffs = np.array(losses[1:]) - np.array(frozen[1 : len(losses)])
+def paired(losses: list[float], frozen: list[float], start: int = 1) -> float:
+    """Mean over rounds `start`.. of the per-round loss difference (round 0 is the same for every method)."""
+    diffs = np.array(losses[start:]) - np.array(frozen[start : len(losses)])
     return float(diffs.mean())
 
 
@@ -170,7 +170,7 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
 
     out = {}
     for name in CONFIGS:
-        if name in ("frozen", "frozen_check"):
+        if name == "frozen":  # (frozen_check vs frozen: the floor of float noise between code versions/threads)
             continue
         common = [s for s in seeds if f"{name}/s{s}" in runs and f"frozen/s{s}" in runs]
         if not common:
@@ -185,6 +185,10 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
             frozen = np.array(runs[f"frozen/s{s}"]["predictions"]) == labels
             b += int(np.sum(mine & ~frozen))
             c += int(np.sum(~mine & frozen))
+        half = len(runs[f"{name}/s{common[0]}"]["train_losses"]) // 2
+        late = [
+            paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"], half) for s in common
+        ]
         mean = float(np.mean(diffs))
         se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
         fo_mean = float(np.mean(fo)) if fo else None
@@ -193,6 +197,8 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
             "loss_diff_se": se,
             "fo_loss_diff_vs_frozen": fo_mean,
             "fraction_of_fo": mean / fo_mean if fo_mean else None,
+            "loss_diff_second_half": float(np.mean(late)),
+            "per_seed_loss_diff": diffs,
             "accuracy_mean": float(np.mean([runs[f"{name}/s{s}"]["accuracy"] for s in common])),
             "frozen_accuracy_mean": float(np.mean([runs[f"frozen/s{s}"]["accuracy"] for s in common])),
             "mcnemar_vs_frozen": {
