@@ -60,6 +60,17 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
         ),
         1e-4,
     ),
+    # ... the client learning-rate sweep's lower point.
+    "lora_b_mask_pc_lr1e-4": (
+        "hosfl",
+        dict(
+            client_zo_blocks=[0, 1, 2, 3],
+            client_zo_modules=["lora_B"],
+            client_seeds="per_client",
+            client_learning_rate=1e-4,
+        ),
+        1e-4,
+    ),
     # The same search space with the normalised step (its step length is the learning rate).
     "lora_b_mask_pc_nsgd": (
         "hosfl",
