@@ -98,9 +98,12 @@ def claim(path: str) -> FileLock | None:
     return lock
 
 
-def hosfl_args(method: str, split_layer: int, seed: int, budget: Budget, output_dir: str) -> HOSFLConfig:
+def hosfl_args(
+    method: str, split_layer: int, seed: int, budget: Budget, output_dir: str, **overrides: object
+) -> HOSFLConfig:
+    """The cell's config; `overrides` replace any of its values (the client-update study's levers)."""
     zo_everywhere = method in ZO_EVERYWHERE
-    return HOSFLConfig(
+    values = dict(
         output_dir=output_dir,
         algorithm=method,
         split_layer=split_layer,
@@ -123,9 +126,21 @@ def hosfl_args(method: str, split_layer: int, seed: int, budget: Budget, output_
         seed=seed,
         disable_tqdm=False,
     )
+    return HOSFLConfig(**{**values, **overrides})
 
 
-def run_cell(method: str, task_name: str, depth: str, seed: int, budget: Budget, data_dir: str | None) -> dict:
+def run_cell(
+    method: str,
+    task_name: str,
+    depth: str,
+    seed: int,
+    budget: Budget,
+    data_dir: str | None,
+    overrides: dict | None = None,
+    make_mask: object = None,
+) -> dict:
+    """One run. `overrides` (HOSFLConfig values) and `make_mask` (`make_mask(split_layer, task, tokenizer, seed)`
+    -> a `ClientMask`, called on a separate copy of the initial model) serve the client-update study."""
     task = get_task(task_name)
     model, tokenizer = load_model_and_tokenizer("smollm2")
     num_layers = model.config.num_hidden_layers
@@ -144,13 +159,16 @@ def run_cell(method: str, task_name: str, depth: str, seed: int, budget: Budget,
         task.load("validation", data_dir, budget.eval_limit or None), tokenizer, budget.max_length
     )
     curve_set = validation.shuffle(seed=0).select(range(min(budget.curve_eval_limit, len(validation))))
-    args = hosfl_args(method, split_layer, seed, budget, output_dir=os.path.join("/tmp", "hosfl_grid", method))
+    output_dir = os.path.join("/tmp", "hosfl_grid", method)
+    args = hosfl_args(method, split_layer, seed, budget, output_dir=output_dir, **(overrides or {}))
+    mask = make_mask(split_layer, task, tokenizer, seed) if make_mask is not None else None
     trainer = HOSFLTrainer(
         model,
         args,
         train_dataset=train,
         eval_dataset=curve_set,
         processing_class=tokenizer,
+        client_mask=mask,
         **task.trainer_kwargs(tokenizer),
     )
     start = time.perf_counter()

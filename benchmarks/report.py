@@ -273,7 +273,22 @@ def summarize(out: str, command: str) -> dict:
                         "depth": depth,
                         **p,
                     }
+    summary["client_contribution"] = client_contribution(out)
     return summary
+
+
+def client_contribution(out: str) -> dict:
+    """`task -> depth -> configuration -> client_contribution` from `benchmarks/client_update_study.py`'s JSON (the
+    study runs SST-2 at the deep split), with each configuration's measured cosine."""
+    path = os.path.join(out, "client_update_study.json")
+    if not os.path.isfile(path):
+        return {}
+    study = json.load(open(path))
+    rows = {}
+    for name, entry in study.get("client_contribution", {}).items():
+        cosine = study.get("cosine", {}).get(name)
+        rows[name] = {**entry, "cosine": cosine}
+    return {"sst2": {"deep": rows}} if rows else {}
 
 
 def fmt_acc(e: dict) -> str:
@@ -398,6 +413,27 @@ def write_markdown(summary: dict, out: str) -> None:
         for r in c["rows"]:
             lines.append(f"| {r['directions']} | {r['cosine']:.4f} | {r['expected']:.4f} |")
         lines.append("")
+    for task, depths in summary.get("client_contribution", {}).items():
+        for depth, rows in depths.items():
+            lines += [
+                f"## Client contribution, {task} {depth} split (`benchmarks/client_update_study.py`)",
+                "",
+                "Paired training-loss difference vs the frozen client on the same batches (mean over rounds 1.., mean "
+                "± SE over seeds); `fraction_of_fo` = the configuration's difference / SplitLoRA's.",
+                "",
+                "| configuration | loss diff vs frozen | SE | SplitLoRA's | fraction of FO | accuracy | McNemar p "
+                "| seeds |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for name, r in rows.items():
+                se = f"{r['loss_diff_se']:.5f}" if r["loss_diff_se"] is not None else "-"
+                fo = f"{r['fo_loss_diff_vs_frozen']:.5f}" if r["fo_loss_diff_vs_frozen"] is not None else "-"
+                frac = f"{r['fraction_of_fo']:.3f}" if r["fraction_of_fo"] is not None else "-"
+                lines.append(
+                    f"| {name} | {r['loss_diff_vs_frozen']:.5f} | {se} | {fo} | {frac} | "
+                    f"{100 * r['accuracy_mean']:.2f}% | {r['mcnemar_vs_frozen']['p_value']:.3g} | {r['seeds']} |"
+                )
+            lines.append("")
     lines += [
         "Plots: [accuracy vs samples](accuracy_vs_samples.png), [paired loss differences vs the frozen client]"
         "(paired_vs_frozen_client.png), [bytes per client](bytes_per_client.png), [client memory](client_memory.png).",

@@ -4,6 +4,7 @@ from . import _backends  # noqa: F401  (first: quiets optional back-ends before 
 from .config import HOSFLConfig
 from .hub import HOSFLSplitConfig, merge_for_inference
 from .lora import client_4bit_config, split_lora_config
+from .search_space import ClientMask, ClientSearchSpace, sensitivity_mask
 from .split import SPLIT_REGISTRY, CutActivations, SplitModel, split_model
 from .trainer import HOSFLTrainer
 from .trajectory import Trajectory, TrajectoryRound, replay_trajectory
@@ -22,6 +23,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "SPLIT_REGISTRY",
+    "ClientMask",
+    "ClientSearchSpace",
     "CutActivations",
     "HOSFLConfig",
     "HOSFLSFTConfig",
@@ -34,6 +37,7 @@ __all__ = [
     "client_4bit_config",
     "merge_for_inference",
     "replay_trajectory",
+    "sensitivity_mask",
     "split_lora_config",
     "split_model",
 ]

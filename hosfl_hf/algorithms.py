@@ -77,6 +77,7 @@ class ClientRule:
     graph = False  # the client forward keeps its autograd graph (it backpropagates lambda)
     optimizer = False  # the client part has an optimizer (every holder applies the same update)
     zeroth_order = False  # the client update is built from the round's averaged scalars
+    search_levers = False  # projected scalars per client: per-client seeds and a base-weight mask apply
 
     def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
         """One client batch after the server's backward: what the client does, and the traffic it costs."""
@@ -97,6 +98,7 @@ class ProjectedZO(ClientRule):
     cotangent = True
     optimizer = True
     zeroth_order = True
+    search_levers = True
 
     def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
         activation_bytes = step["cut"].num_bytes() + _num_bytes(step["labels"], step["cotangent"])
@@ -104,7 +106,10 @@ class ProjectedZO(ClientRule):
             trainer._count_traffic(activation_bytes, 0)
             return
         seeds = trainer._probe(step)
-        trainer._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
+        sync = _zo_sync_bytes(len(seeds))
+        if trainer.round_settings.client_seeds == "per_client":  # the other clients' scalars come down too
+            sync += 4 * len(seeds) * (trainer.current_gradient_accumulation_steps - 1)
+        trainer._count_traffic(activation_bytes, sync)
 
     def close(self, trainer, round_index, seeds, averaged):
         if averaged is None or not trainer.client_parameters:
@@ -118,6 +123,7 @@ class LossDifferenceZO(ProjectedZO):
     trainer's zeroth-order step), and applies the same update as HO-SFL's client from them."""
 
     cotangent = False
+    search_levers = False  # its scalars are loss differences of the whole split model under the round's seeds
 
     def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
         raise RuntimeError("ZO-SFL's client replies in the trainer's zeroth-order step.")

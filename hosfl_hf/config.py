@@ -10,10 +10,13 @@ from transformers import TrainingArguments
 
 from .aggregation import AGGREGATORS
 from .algorithms import ALGORITHMS as _REGISTRY
+from .zeroth_order import CLIENT_STEP_RULES
 
 __all__ = ["ALGORITHMS", "HOSFLConfig"]
 
 ALGORITHMS = tuple(_REGISTRY)  # the method names, from the registry of rules (hosfl_hf.algorithms)
+# Methods whose client probes with projected scalars (the per-client seeds and the base-weight mask apply to them).
+_PER_CLIENT_ALGORITHMS = tuple(name for name, a in _REGISTRY.items() if a.client.search_levers)
 
 
 @dataclass
@@ -69,11 +72,32 @@ class HOSFLConfig(TrainingArguments):
         zo_estimator (`str`, *optional*, defaults to `"one_sided"`):
             `"one_sided"` (one extra client forward per direction) or `"two_sided"` (two, lower bias).
         client_optimizer (`str`, *optional*, defaults to `"adamw"`):
-            Optimizer that applies the zeroth-order gradient on every holder of the client part: `"adamw"` or `"sgd"`.
+            The client's step rule, applied to the zeroth-order gradient on every holder of the client part:
+            `"adamw"`, `"sgd"` (ZO-SGD) or `"normalized_sgd"` (a step of length `client_learning_rate` along the
+            estimate, whatever its norm).
         client_learning_rate (`float`, *optional*, defaults to `1e-5`):
             Peak learning rate of the client optimizer.
         client_weight_decay (`float`, *optional*, defaults to `0.0`):
             Weight decay of the client optimizer.
+        client_lr_scheduler_type (`str`, *optional*, defaults to `None`):
+            The client's own schedule shape (any `lr_scheduler_type`); `None` follows the server's.
+        client_warmup_steps (`int`, *optional*, defaults to `None`):
+            The client schedule's warmup rounds; `None` follows the server's warmup.
+        client_zo_blocks (`list[int]`, *optional*, defaults to `None`):
+            The client's search space by block: only the trainable parameters of these client blocks (0-based) are
+            perturbed and updated; the others are frozen. `None`: every client block (the paper).
+        client_zo_modules (`list[str]`, *optional*, defaults to `None`):
+            The client's search space by name: only trainable client parameters whose name contains one of these
+            strings (e.g. `["lora_B"]`) are perturbed and updated. `None`: every name (the paper).
+        client_seeds (`str`, *optional*, defaults to `"shared"`):
+            `"shared"`: every client probes the round's `P` seeds (the paper). `"per_client"`: each client probes
+            its own `P` seeds (FedKSeed-style), so a round has `K * P` distinct directions for the same forwards; the
+            server relays the `K * P` scalars and every holder applies `(1/(K P mu)) sum_m sum_p v_mp u_mp`.
+            Needs `aggregation="mean"`.
+
+        A static sparse mask over client base weights (the other search-space lever) is chosen at set-up by
+        [`~hosfl_hf.search_space.sensitivity_mask`] and passed to the trainer as `client_mask`; see
+        `docs/concepts.md`.
         aggregation (`str`, *optional*, defaults to `"mean"`):
             How the server combines the clients' scalars, per seed: `"mean"` (the method), or the robust
             `"median"` / `"trimmed_mean"` (see `hosfl_hf.aggregation`), which bound what one client can do to the
@@ -133,10 +157,30 @@ class HOSFLConfig(TrainingArguments):
         },
     )
     client_optimizer: str = field(
-        default="adamw", metadata={"help": "Client optimizer: 'adamw' or 'sgd'.", "choices": ["adamw", "sgd"]}
+        default="adamw",
+        metadata={
+            "help": "Client step rule: 'adamw', 'sgd' or 'normalized_sgd'.",
+            "choices": list(CLIENT_STEP_RULES),
+        },
     )
     client_learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of the client optimizer."})
     client_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the client optimizer."})
+    client_lr_scheduler_type: str | None = field(
+        default=None, metadata={"help": "Schedule shape of the client learning rate (default: the server's)."}
+    )
+    client_warmup_steps: int | None = field(
+        default=None, metadata={"help": "Warmup rounds of the client schedule (default: the server's warmup)."}
+    )
+    client_zo_blocks: list[int] | None = field(
+        default=None, metadata={"help": "Client blocks (0-based) whose trainable parameters the client update covers."}
+    )
+    client_zo_modules: list[str] | None = field(
+        default=None, metadata={"help": "Name patterns (e.g. lora_B) of the client parameters the update covers."}
+    )
+    client_seeds: str = field(
+        default="shared",
+        metadata={"help": "Perturbation seeds: 'shared' or 'per_client'.", "choices": ["shared", "per_client"]},
+    )
     aggregation: str = field(
         default="mean",
         metadata={"help": "Scalar aggregation: 'mean', 'median' or 'trimmed_mean'.", "choices": list(AGGREGATORS)},
@@ -178,8 +222,31 @@ class HOSFLConfig(TrainingArguments):
             fail("zo_eps", self.zo_eps, "it must be a finite number > 0 (the paper uses 1e-3)")
         if self.zo_estimator not in ("one_sided", "two_sided"):
             fail("zo_estimator", self.zo_estimator, "use 'one_sided' or 'two_sided'")
-        if self.client_optimizer not in ("adamw", "sgd"):
-            fail("client_optimizer", self.client_optimizer, "use 'adamw' or 'sgd'")
+        if self.client_optimizer not in CLIENT_STEP_RULES:
+            fail("client_optimizer", self.client_optimizer, f"use one of {list(CLIENT_STEP_RULES)}")
+        if self.client_seeds not in ("shared", "per_client"):
+            fail("client_seeds", self.client_seeds, "use 'shared' or 'per_client'")
+        if self.client_seeds == "per_client" and self.aggregation != "mean":
+            fail(
+                "client_seeds",
+                self.client_seeds,
+                f"per-client seeds give each seed one client's scalar, so aggregation={self.aggregation!r} has "
+                "nothing to combine; use aggregation='mean' (scalar_bound still clips each client's scalars)",
+            )
+        if self.client_seeds == "per_client" and self.algorithm not in _PER_CLIENT_ALGORITHMS:
+            fail("client_seeds", self.client_seeds, f"per-client seeds apply to {list(_PER_CLIENT_ALGORITHMS)}")
+        if self.client_zo_blocks is not None and (
+            not self.client_zo_blocks or not all(isinstance(b, int) and b >= 0 for b in self.client_zo_blocks)
+        ):
+            fail("client_zo_blocks", self.client_zo_blocks, "use a non-empty list of 0-based client block indices")
+        if self.client_zo_modules is not None and (
+            not self.client_zo_modules or not all(isinstance(m, str) and m for m in self.client_zo_modules)
+        ):
+            fail("client_zo_modules", self.client_zo_modules, "use a non-empty list of parameter-name substrings")
+        if self.client_warmup_steps is not None and (
+            not isinstance(self.client_warmup_steps, int) or self.client_warmup_steps < 0
+        ):
+            fail("client_warmup_steps", self.client_warmup_steps, "it must be an integer >= 0, or None")
         for name in ("client_learning_rate", "client_weight_decay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -248,4 +315,23 @@ class HOSFLConfig(TrainingArguments):
             num_warmup_steps=self.get_warmup_steps(num_training_steps),
             num_training_steps=num_training_steps,
             scheduler_specific_kwargs=self.lr_scheduler_kwargs,
+        )
+
+    def client_schedule(self, optimizer: Any, num_training_steps: int) -> Any:
+        """The client's learning-rate schedule on `optimizer` (peak `client_learning_rate`): the server's
+        (`schedule`) unless `client_lr_scheduler_type` or `client_warmup_steps` give the client its own."""
+        if self.client_lr_scheduler_type is None and self.client_warmup_steps is None:
+            return self.schedule(optimizer, num_training_steps)
+        from transformers import get_scheduler
+
+        return get_scheduler(
+            self.client_lr_scheduler_type or self.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=(
+                self.client_warmup_steps
+                if self.client_warmup_steps is not None
+                else self.get_warmup_steps(num_training_steps)
+            ),
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=self.lr_scheduler_kwargs if self.client_lr_scheduler_type is None else {},
         )

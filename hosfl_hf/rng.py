@@ -7,6 +7,8 @@ Specification (version 2):
 
 * `mix(k_1, ..., k_n)`: `state = 0; for k in keys: state = splitmix64(state ^ splitmix64(k))` (64-bit).
 * round seeds: `torch.randint(0, 2**62, (P,), generator=cpu_generator(splitmix64(seed ^ splitmix64(round))))`.
+* per-client seeds of client `c` in round `r` (`client_seeds="per_client"`, FedKSeed-style):
+  `torch.randint(0, 2**62, (P,), generator=cpu_generator(mix(seed, 3, r, c)))`.
 * client sampling of round `r`: `torch.randperm(M, generator=cpu_generator(mix(seed, 1, r)))[:K]`.
 * batch of client `c` in round `r`: `torch.randperm(len(shard), generator=cpu_generator(mix(seed, 2, r, c)))[:B]`.
 * IID shards: `torch.randperm(N, generator=cpu_generator(mix(seed, 0)))`, dealt round-robin.
@@ -38,6 +40,7 @@ __all__ = [
     "environment",
     "mix",
     "numpy_generator",
+    "client_round_seeds",
     "round_seeds",
     "splitmix64",
 ]
@@ -96,6 +99,13 @@ def direction(param: torch.Tensor, seed: int, index: int, dtype: torch.dtype | N
 def round_seeds(base_seed: int, round_index: int, num_perturbations: int) -> list[int]:
     """The `num_perturbations` perturbation seeds the server broadcasts in round `round_index`."""
     generator = cpu_generator(splitmix64((base_seed & _MASK64) ^ splitmix64(round_index)))
+    return torch.randint(0, 2**62, (num_perturbations,), generator=generator).tolist()
+
+
+def client_round_seeds(base_seed: int, round_index: int, client: int, num_perturbations: int) -> list[int]:
+    """The `num_perturbations` perturbation seeds of client `client` in round `round_index` when every client probes
+    its own directions (`client_seeds="per_client"`): the round then has `K * P` distinct directions."""
+    generator = cpu_generator(mix(base_seed, 3, round_index, client))
     return torch.randint(0, 2**62, (num_perturbations,), generator=generator).tolist()
 
 

@@ -53,6 +53,10 @@ class HOSFLSplitConfig:
         seed (`int`): seed of the perturbation seeds (`round_seeds(seed, round, P)`).
         data_seed (`int`, *optional*): seed of the shards, client sampling and batches (`seed` when `None`).
         aggregation, aggregation_trim_fraction, scalar_bound: how the server combined the clients' scalars.
+        client_lr_scheduler_type, client_warmup_steps: the client's own schedule (`None`: the server's).
+        client_zo_blocks, client_zo_modules, client_seeds: the client's zeroth-order search space and seeds.
+        client_mask (`dict`, *optional*): the static sparse mask of client base weights
+            ([`~hosfl_hf.search_space.ClientMask`] as a dict: parameter name -> flat indices), if one was used.
         rng (`dict`): the RNG specification of the perturbation directions.
         hosfl_hf_version (`str`): version of `hosfl_hf` that wrote the file.
     """
@@ -80,6 +84,12 @@ class HOSFLSplitConfig:
     aggregation: str = "mean"
     aggregation_trim_fraction: float = 0.2
     scalar_bound: float | None = None
+    client_lr_scheduler_type: str | None = None
+    client_warmup_steps: int | None = None
+    client_zo_blocks: list[int] | None = None
+    client_zo_modules: list[str] | None = None
+    client_seeds: str = "shared"
+    client_mask: dict[str, Any] | None = None
     rng: dict[str, Any] = field(default_factory=lambda: dict(RNG_SPEC))
     hosfl_hf_version: str = field(default_factory=_package_version)
 
@@ -101,6 +111,11 @@ class HOSFLSplitConfig:
         "aggregation",
         "aggregation_trim_fraction",
         "scalar_bound",
+        "client_lr_scheduler_type",
+        "client_warmup_steps",
+        "client_zo_blocks",
+        "client_zo_modules",
+        "client_seeds",
     )
 
     def to_dict(self) -> dict[str, Any]:

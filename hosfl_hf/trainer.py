@@ -52,10 +52,12 @@ def _num_bytes(*tensors: torch.Tensor | None) -> int:
 # Inputs that stay on the client; everything else in a batch (besides labels) is forwarded to the server part.
 CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 CLIENT_STATE_NAME = "hosfl_client_state.pt"
+CLIENT_MASK_VALUES_NAME = "hosfl_client_mask_values.safetensors"  # the trained values of masked base weights
 CLIENT_KEY = "hosfl_client"  # the batch field naming the client that sent the batch
 # Settings a resumed run must share with its checkpoint: any change would make the saved trajectory replay wrongly
 # or change the shards, the client sampling or the seeds of the remaining rounds.
-RESUME_FIELDS = ("split_layer", "num_layers", "model_type")  # plus every training field of HOSFLSplitConfig
+# Plus every training field of HOSFLSplitConfig.
+RESUME_FIELDS = ("split_layer", "num_layers", "model_type", "client_mask")
 
 
 @dataclass
@@ -99,6 +101,9 @@ class HOSFLTrainer(Trainer):
         compute_loss_func (`Callable`, *optional*):
             `compute_loss_func(outputs, labels)` returning the mean loss of one batch (e.g. a verbalizer loss from
             `hosfl_hf.tasks`); by default the model's own causal-LM loss is used.
+        client_mask ([`~hosfl_hf.search_space.ClientMask`], `dict` or path, *optional*):
+            A static sparse mask of client base weights the zeroth-order update also covers (chosen at set-up, e.g.
+            by [`~hosfl_hf.search_space.sensitivity_mask`]); recorded in `hosfl_config.json` and the trajectory.
         peft_config (`peft.PeftConfig` or `tuple[LoraConfig | None, LoraConfig | None]`, *optional*):
             Adapters to add before the split: one config for the whole model (each adapter belongs to the part that
             runs it), or `(client_config, server_config)` to set each part apart (merged by
@@ -127,6 +132,7 @@ class HOSFLTrainer(Trainer):
         callbacks: list | None = None,
         compute_loss_func: Callable | None = None,
         peft_config: Any = None,
+        client_mask: Any = None,
         **kwargs: Any,
     ):
         if args is None:
@@ -193,20 +199,34 @@ class HOSFLTrainer(Trainer):
         self.add_callback(_RoundCallback(self))
 
         # What every holder of the client part agrees on (shards, aggregation rule, ...): the protocol's settings.
-        self.round_settings = RoundSettings.from_args(args, split_layer)
+        if isinstance(client_mask, (str, os.PathLike)):
+            from .search_space import ClientMask
+
+            client_mask = ClientMask.load(client_mask)
+        if client_mask is not None and not self.algorithm.client.search_levers:
+            levers = [name for name, a in ALGORITHMS.items() if a.client.search_levers]
+            raise ValueError(
+                f"client_mask is for methods whose client probes projected scalars ({levers}), not "
+                f"algorithm={args.algorithm!r}."
+            )
+        self.round_settings = RoundSettings.from_args(args, split_layer, client_mask)
         self.shards = self._partition(train_dataset) if train_dataset is not None else None
-        self.client_parameters = self.split.client_parameters()
+        # The client part's computation (search space, precision, forward, probes, update): the protocol's ClientPart,
+        # here over the one copy of the client part that the in-process holders share.
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        settings = self.round_settings
+        self.client_part = ClientPart(
+            self.split, args.zo_eps, args.zo_estimator, dtype, space=settings.search_space, mask=settings.mask
+        )
+        self.estimator = self.client_part.estimator
+        # What the client optimizer steps (a masked base tensor: its vector of masked values).
+        self.client_parameters = self.client_part.update_parameters
         if not self.client_parameters:
             warnings.warn(
                 "The client part has no trainable parameters: only the server trains (split learning with a frozen "
                 "client). Add client LoRA adapters or unfreeze client blocks for HO-SFL.",
                 stacklevel=2,
             )
-        # The client part's computation (precision, forward, probes, update): the protocol's ClientPart, here over
-        # the one copy of the client part that the in-process holders share.
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        self.client_part = ClientPart(self.split, args.zo_eps, args.zo_estimator, dtype)
-        self.estimator = self.client_part.estimator
         # ZO-SFL / MeZO perturb every trainable parameter (client first, then server: the pinned RNG order).
         self.all_estimator = ZerothOrderEstimator(
             self.client_parameters + self.split.server_parameters(), args.zo_eps, "two_sided", module=self.split.model
@@ -214,11 +234,14 @@ class HOSFLTrainer(Trainer):
         self._last_cut_bytes = 0
         self.trajectory = Trajectory(
             split_layer=split_layer,
-            parameter_names=[n for n, _ in self.client_parameters],
+            parameter_names=[n for n, _ in self.client_part.parameters],
             zo_eps=args.zo_eps,
             client_optimizer=args.client_optimizer,
             client_weight_decay=args.client_weight_decay,
-            environment=environment(p for _, p in self.client_parameters),
+            environment=environment(p for _, p in self.client_part.parameters),
+            client_seeds=args.client_seeds,
+            search_space=settings.search_space.to_dict() if settings.search_space is not None else None,
+            client_mask=settings.client_mask,
         )
         self.client_optimizer: torch.optim.Optimizer | None = None
         self.client_lr_scheduler: Any = None
@@ -323,7 +346,7 @@ class HOSFLTrainer(Trainer):
                 )
             for group in self.client_optimizer.param_groups:
                 group["lr"] = group["initial_lr"] = self.args.client_learning_rate
-            self.client_lr_scheduler = self.args.schedule(self.client_optimizer, num_training_steps)
+            self.client_lr_scheduler = self.args.client_schedule(self.client_optimizer, num_training_steps)
         return scheduler
 
     # ----------------------------------------------------------------------------------------------- round
@@ -488,7 +511,7 @@ class HOSFLTrainer(Trainer):
     def _probe(self, step: dict[str, Any]) -> list[int]:
         """HO-SFL's probes of one client batch: its `P` scalars go into the round's replies. Returns the seeds."""
         client, round_index, cotangent = step["client"], step["round"], step["cotangent"]
-        seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
+        seeds = self.round_settings.probe_seeds(round_index, client)
         self._check_new_reply(client, round_index)
         if not torch.isfinite(cotangent).all():
             # An fp16 loss-scale overflow (the scaler will skip the server step) or a divergence: no probe is worth
@@ -626,7 +649,10 @@ class HOSFLTrainer(Trainer):
                 reason = "non-finite lambda (fp16 loss-scale overflow)"
                 self._pending_update = _ClientUpdate(round_index, skip_reason=reason)
                 return
-            averaged = self.round_settings.aggregate(replies, round_index)
+            if rule.client.search_levers:  # shared seeds: the round's P seeds; per-client seeds: K * P of them
+                seeds, averaged = self.round_settings.update_terms(replies, round_index)
+            else:
+                averaged = self.round_settings.aggregate(replies, round_index)
             self._round_metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
             rule.server.before_step(self, seeds, averaged)
         self._pending_update = rule.client.close(self, round_index, seeds, averaged)
@@ -732,6 +758,10 @@ class HOSFLTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             self.trajectory.save(os.path.join(output_dir, TRAJECTORY_NAME))
+            if self.client_part.mask_values:  # masked base weights: not in a peft adapter's files
+                from safetensors.torch import save_file
+
+                save_file(self.client_part.mask_state(), os.path.join(output_dir, CLIENT_MASK_VALUES_NAME))
             self.hosfl_split_config().save_pretrained(output_dir)
             self.create_model_card(output_dir=output_dir)
 
@@ -746,6 +776,7 @@ class HOSFLTrainer(Trainer):
                     "zo_forward_passes": self.zo_forward_passes,
                     "skipped_rounds": self.skipped_rounds,
                     "round_base": self._round_base,
+                    "client_mask_values": self.client_part.mask_state(),
                 },
                 os.path.join(output_dir, CLIENT_STATE_NAME),
             )
@@ -758,6 +789,8 @@ class HOSFLTrainer(Trainer):
         if self.client_optimizer is not None:
             self.client_optimizer.load_state_dict(state["client_optimizer"])
             self.client_lr_scheduler.load_state_dict(state["client_lr_scheduler"])
+        if state.get("client_mask_values"):
+            self.client_part.load_mask_state(state["client_mask_values"])
         self.comm = dict(state["comm"])
         self.zo_forward_passes = state["zo_forward_passes"]
         self.skipped_rounds = state.get("skipped_rounds", 0)
@@ -808,14 +841,19 @@ class HOSFLTrainer(Trainer):
             return
         self.trajectory = Trajectory.load(os.path.join(best, TRAJECTORY_NAME))
         if self.client_optimizer is not None and os.path.isfile(os.path.join(best, CLIENT_STATE_NAME)):
-            self.client_optimizer.load_state_dict(self._read_client_state(best)["client_optimizer"])
+            state = self._read_client_state(best)
+            self.client_optimizer.load_state_dict(state["client_optimizer"])
+            if state.get("client_mask_values"):  # masked base weights are not in a peft adapter's files
+                self.client_part.load_mask_state(state["client_mask_values"])
 
     # ------------------------------------------------------------------------------------------ hub artifacts
     def hosfl_split_config(self) -> Any:
         """The split and training settings of this run ([`~hosfl_hf.hub.HOSFLSplitConfig`], `hosfl_config.json`)."""
         from .hub import HOSFLSplitConfig
 
-        return HOSFLSplitConfig.from_training_args(self.args, self.split, self._base_model_name())
+        config = HOSFLSplitConfig.from_training_args(self.args, self.split, self._base_model_name())
+        config.client_mask = self.round_settings.client_mask
+        return config
 
     def _base_model_name(self) -> str | None:
         model = self.accelerator.unwrap_model(self.model)

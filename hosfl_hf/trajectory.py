@@ -15,7 +15,7 @@ from torch import nn
 
 from .rng import RNG_SPEC, SUPPORTED_VERSIONS, check_environment
 from .split import split_model
-from .zeroth_order import apply_zo_update, build_client_optimizer
+from .zeroth_order import build_client_optimizer
 
 __all__ = ["TRAJECTORY_NAME", "Trajectory", "TrajectoryRound", "replay_trajectory"]
 
@@ -47,6 +47,12 @@ class Trajectory:
             dtypes of the client's trainable parameters); `None` in version-1 trajectories.
         rounds: the recorded rounds, in order. Round ids increase strictly; a round whose server step was skipped
             (fp16 overflow) is absent.
+        client_seeds: `"shared"` or `"per_client"` (then a round holds the `K * P` seeds and scalars of the clients
+            that replied; the update divides by their number all the same).
+        search_space: the client's [`~hosfl_hf.search_space.ClientSearchSpace`] as a dict (`None`: every trainable
+            client parameter).
+        client_mask: the static [`~hosfl_hf.search_space.ClientMask`] of client base weights as a dict, if any; the
+            masked base tensors follow the trainable parameters in `parameter_names`.
     """
 
     split_layer: int
@@ -57,6 +63,9 @@ class Trajectory:
     rng: dict[str, Any] = field(default_factory=lambda: dict(RNG_SPEC))
     environment: dict[str, Any] | None = None
     rounds: list[TrajectoryRound] = field(default_factory=list)
+    client_seeds: str = "shared"
+    search_space: dict[str, Any] | None = None
+    client_mask: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,23 +126,39 @@ def replay_trajectory(
     if start_round and trajectory.client_optimizer != "sgd":
         raise ValueError("Only SGD trajectories can be replayed from a mid-run round; replay AdamW from round 0.")
     from .lora import upcast_trainable_adapters
+    from .protocol.client import ClientPart
+    from .protocol.messages import ClientUpdate
+    from .search_space import ClientSearchSpace
 
     parts = split_model(model, trajectory.split_layer)
     upcast_trainable_adapters(parts)  # the trainer applied every update to float32 adapters
+    space = ClientSearchSpace(**trajectory.search_space) if trajectory.search_space else None
     params = dict(parts.client_parameters())
     missing = [n for n in trajectory.parameter_names if n not in params]
-    if missing or len(params) != len(trajectory.parameter_names):
+    everything = space is None and trajectory.client_mask is None
+    if everything and (missing or len(params) != len(trajectory.parameter_names)):
         raise ValueError(
             f"The model's trainable client parameters do not match the trajectory (missing: {missing[:5]}, "
             f"model has {len(params)}, trajectory {len(trajectory.parameter_names)}). Load the same architecture, "
             "adapters and split layer as the trained model."
         )
-    named = [(n, params[n]) for n in trajectory.parameter_names]
+    # The same targets, in the same order, as the trainer's client part (search space, then mask).
+    part = ClientPart(parts, trajectory.zo_eps, "one_sided", space=space, mask=trajectory.client_mask)
+    names = [n for n, _ in part.parameters]
+    if names != list(trajectory.parameter_names):
+        raise ValueError(
+            f"The model's client update targets do not match the trajectory (model: {len(names)} tensors, e.g. "
+            f"{names[:2]}; trajectory: {len(trajectory.parameter_names)}, e.g. {trajectory.parameter_names[:2]}). "
+            "Load the same architecture, adapters and split layer as the trained model."
+        )
     if check_environment_match:
-        check_environment(trajectory.environment, [p for _, p in named], "replay this trajectory")
+        check_environment(trajectory.environment, [p for _, p in part.parameters], "replay this trajectory")
     optimizer = build_client_optimizer(
-        [p for _, p in named], trajectory.client_optimizer, lr=0.0, weight_decay=trajectory.client_weight_decay
+        [p for _, p in part.update_parameters],
+        trajectory.client_optimizer,
+        lr=0.0,
+        weight_decay=trajectory.client_weight_decay,
     )
     for record in trajectory.rounds[start_round:]:
-        apply_zo_update(named, optimizer, record.seeds, record.scalars, trajectory.zo_eps, record.lr)
+        part.apply(ClientUpdate.from_trajectory_round(record), optimizer)
     return model

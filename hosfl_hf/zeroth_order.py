@@ -19,6 +19,8 @@ from torch import nn
 from .rng import RNG_SPEC, direction, direction_seed, round_seeds
 
 __all__ = [
+    "CLIENT_STEP_RULES",
+    "NormalizedSGD",
     "RNG_SPEC",
     "ZerothOrderEstimator",
     "apply_zo_update",
@@ -45,6 +47,9 @@ class ZerothOrderEstimator:
         module (`nn.Module`, *optional*):
             The model that holds `parameters`. With it, a perturbed forward needs one extra tensor of memory, not a
             copy of every trainable tensor (see [`perturbed`]).
+        masks (`dict[int, torch.Tensor]`, *optional*):
+            Position in `parameters` -> int64 flat indices: those tensors are perturbed on these coordinates only,
+            by a Gaussian vector of that length (a static sparse mask, [`hosfl_hf.search_space.ClientMask`]).
     """
 
     def __init__(
@@ -53,12 +58,14 @@ class ZerothOrderEstimator:
         eps: float,
         estimator: str = "one_sided",
         module: nn.Module | None = None,
+        masks: dict[int, torch.Tensor] | None = None,
     ):
         if estimator not in ("one_sided", "two_sided"):
             raise ValueError(f"estimator must be 'one_sided' or 'two_sided', got {estimator!r}.")
         self.parameters = list(parameters)
         self.eps = eps
         self.estimator = estimator
+        self.masks = dict(masks or {})
         self._owners = _owning_modules(module, self.parameters) if module is not None else None
         self._checked = False
 
@@ -91,6 +98,8 @@ class ZerothOrderEstimator:
             return
 
         def inside(index: int, real: torch.Tensor) -> torch.Tensor:
+            if index in self.masks:
+                return _masked_add(real, self.masks[index], seed, index, scale)
             return torch.add(real, direction(real, seed, index), alpha=scale)
 
         with self._swapped(inside, outside=None):
@@ -103,7 +112,10 @@ class ZerothOrderEstimator:
             with torch.no_grad():
                 for index, (_, param) in enumerate(self.parameters):
                     saved.append((param, param.detach().clone()))
-                    param.add_(direction(param, seed, index), alpha=scale)
+                    if index in self.masks:
+                        param.copy_(_masked_add(param, self.masks[index], seed, index, scale))
+                    else:
+                        param.add_(direction(param, seed, index), alpha=scale)
             yield
         finally:
             with torch.no_grad():
@@ -214,22 +226,68 @@ def loss_differences(
     return values, total / (2 * len(seeds))
 
 
+def _masked_add(real: torch.Tensor, indices: torch.Tensor, seed: int, index: int, scale: float) -> torch.Tensor:
+    """`real` plus `scale * u` on the masked coordinates only (`u`: the direction of a vector of `len(indices)`)."""
+    u = direction(indices, seed, index, dtype=real.dtype).to(real.device)
+    flat = real.detach().flatten().clone()
+    flat.index_add_(0, indices.to(real.device), u, alpha=scale)
+    return flat.view_as(real)
+
+
+class NormalizedSGD(torch.optim.SGD):
+    """SGD on the normalised gradient `g / ||g||` (the norm over every tensor of the optimizer): a step of length
+    `lr` whatever the scale of the estimate, which for a zeroth-order estimate grows like `sqrt(d)`.
+
+    `norm_scale`, when set, replaces `1 / ||g||` (the zeroth-order update computes the norm in a first pass over the
+    seeds and then steps one tensor at a time)."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=False)
+        self.norm_scale: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        scale = self.norm_scale
+        if scale is None:
+            norm = math.sqrt(sum(float(torch.sum(g.float() * g.float())) for g in grads))
+            scale = 1.0 / norm if norm > 0 else 0.0
+        for g in grads:
+            g.mul_(scale)
+        return super().step(closure)
+
+
+def _sgd(params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def _adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False, fused=False)
+
+
+# The client's step rules (`client_optimizer`): every implementation pinned (no foreach/fused kernels) so that every
+# holder computes the same bits.
+CLIENT_STEP_RULES: dict[str, Callable[[list, float, float], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "normalized_sgd": NormalizedSGD,
+    "adamw": _adamw,
+}
+
+
 def build_client_optimizer(
     parameters: Sequence[nn.Parameter], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """The client optimizer. Its implementation is pinned (no foreach/fused kernels) so every holder computes the
-    same bits."""
+    """The client optimizer, by its name in `CLIENT_STEP_RULES` (`"sgd"`: ZO-SGD, `"normalized_sgd"`: a step of
+    length `lr` along the estimate, `"adamw"`)."""
     params = list(parameters)
     if not params:
         raise ValueError(
             "The client part has no trainable parameters: there is nothing for the zeroth-order update to train. "
             "Unfreeze client blocks or add client LoRA adapters (e.g. LoraConfig(layers_to_transform=...))."
         )
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, foreach=False)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False, fused=False)
-    raise ValueError(f"client_optimizer must be 'sgd' or 'adamw', got {name!r}.")
+    if name not in CLIENT_STEP_RULES:
+        raise ValueError(f"client_optimizer must be one of {list(CLIENT_STEP_RULES)}, got {name!r}.")
+    return CLIENT_STEP_RULES[name](params, lr, weight_decay)
 
 
 def _check_scalars(seeds: Sequence[int], scalars: Sequence[float]) -> None:
@@ -273,6 +331,10 @@ def apply_zo_update(
 ) -> None:
     """Applies `g = (1 / (P eps)) sum_p scalars[p] u_p` through `optimizer`, one parameter tensor at a time.
 
+    With per-client seeds the round carries `K * P` seeds and scalars (each client's own), and `g` is the documented
+    `(1 / (K P eps)) sum_m sum_p v_mp u_mp`. A masked tensor is stepped through its vector of masked values (the
+    caller writes them back into the base weight).
+
     The gradient of each tensor is rebuilt from the seeds, used for one optimizer step of that tensor and freed, so
     no vector of all client parameters (or gradients) is ever materialized.
 
@@ -282,11 +344,19 @@ def apply_zo_update(
     _check_scalars(seeds, scalars)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    normalized = isinstance(optimizer, NormalizedSGD)
     with torch.no_grad():
-        for param, grad in zo_gradients(parameters, seeds, scalars, eps):
-            param.grad = grad.to(param.dtype)
-            optimizer.step()
-            param.grad = None
+        if normalized:  # first pass: the norm of the whole estimate, rebuilt tensor by tensor
+            squares = sum(float(torch.sum(g * g)) for _, g in zo_gradients(parameters, seeds, scalars, eps))
+            optimizer.norm_scale = 1.0 / math.sqrt(squares) if squares > 0 else 0.0
+        try:
+            for param, grad in zo_gradients(parameters, seeds, scalars, eps):
+                param.grad = grad.to(param.dtype)
+                optimizer.step()
+                param.grad = None
+        finally:
+            if normalized:
+                optimizer.norm_scale = None
 
 
 def _owning_modules(

@@ -281,3 +281,35 @@ def test_write_plots_writes_every_figure(tmp_path):
     names = {os.path.basename(p) for p in written}
     assert {"accuracy_vs_samples.png", "paired_vs_frozen_client.png", "bytes_per_client.png"} <= names
     assert all(os.path.getsize(p) > 1000 for p in written)
+
+
+def test_client_update_study_summary(tmp_path):
+    """The study's client_contribution: paired loss differences vs the frozen client over rounds 1.., SE over seeds,
+    SplitLoRA's difference and the fraction, McNemar counts; the report files it under sst2/deep."""
+    import client_update_study as study
+
+    labels = [0, 1, 0, 1]
+
+    def run(losses, predictions):
+        return {"train_losses": losses, "predictions": predictions, "labels": labels, "accuracy": 0.5, "rounds": 3}
+
+    runs = {
+        "frozen/s0": run([1.0, 0.9, 0.8], [0, 0, 0, 0]),
+        "frozen/s1": run([1.0, 0.8, 0.7], [0, 0, 0, 0]),
+        "splitlora/s0": run([1.0, 0.7, 0.6], [0, 1, 0, 1]),
+        "splitlora/s1": run([1.0, 0.6, 0.5], [0, 1, 0, 0]),
+        "lora_b_pc/s0": run([1.0, 0.88, 0.78], [0, 1, 0, 0]),
+        "lora_b_pc/s1": run([1.0, 0.78, 0.70], [1, 0, 0, 0]),
+    }
+    summary = study.summarize(runs, [0, 1])
+    entry = summary["lora_b_pc"]
+    assert entry["loss_diff_vs_frozen"] == pytest.approx(np.mean([-0.02, -0.01]))
+    assert entry["loss_diff_se"] == pytest.approx(np.std([-0.02, -0.01], ddof=1) / np.sqrt(2))
+    assert entry["fo_loss_diff_vs_frozen"] == pytest.approx(-0.2)
+    assert entry["fraction_of_fo"] == pytest.approx(0.015 / 0.2)
+    assert entry["mcnemar_vs_frozen"]["only_this_right"] == 1 and entry["mcnemar_vs_frozen"]["only_frozen_right"] == 1
+    assert entry["seeds"] == [0, 1]
+    with open(tmp_path / "client_update_study.json", "w") as f:
+        json.dump({"client_contribution": summary, "cosine": {"lora_b_pc": {"d": 5}}}, f)
+    filed = report.client_contribution(str(tmp_path))
+    assert filed["sst2"]["deep"]["lora_b_pc"]["cosine"] == {"d": 5}

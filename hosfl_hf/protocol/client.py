@@ -17,6 +17,7 @@ from torch import nn
 from ..federation import FederatedRoundSampler
 from ..lora import upcast_trainable_adapters
 from ..rng import check_environment, environment
+from ..search_space import ClientMask, ClientSearchSpace, client_update_targets
 from ..split import split_model
 from ..zeroth_order import ZerothOrderEstimator, apply_zo_update, build_client_optimizer
 from .messages import CatchUp, ClientCheckpoint, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
@@ -36,14 +37,63 @@ class ClientPart:
         split ([`SplitModel`]): the split model (only its client part is used).
         zo_eps, zo_estimator: the perturbation scale and estimator.
         autocast_dtype (`torch.dtype`, *optional*): the client's compute precision (autocast), `None` for the weights'.
+        space ([`ClientSearchSpace`], *optional*): the trainable client parameters the update covers (the others
+            are frozen); `None` for all of them.
+        mask ([`ClientMask`], *optional*): a static sparse mask of client base weights the update also covers.
+
+    Attributes:
+        parameters: the tensors the directions perturb, in pinned order (selected trainable parameters, then the
+            masked base weights).
+        update_parameters: what the client optimizer steps, aligned with `parameters`: a trainable parameter itself,
+            or the float32 vector of a masked tensor's masked values (written back into the base weight after each
+            update).
     """
 
-    def __init__(self, split: Any, zo_eps: float, zo_estimator: str, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        split: Any,
+        zo_eps: float,
+        zo_estimator: str,
+        autocast_dtype: torch.dtype | None = None,
+        space: ClientSearchSpace | None = None,
+        mask: ClientMask | None = None,
+    ):
         self.split = split
-        self.parameters = split.client_parameters()
+        self.parameters, self.masks = client_update_targets(split, space, mask)
         self.zo_eps = zo_eps
         self.autocast_dtype = autocast_dtype
-        self.estimator = ZerothOrderEstimator(self.parameters, zo_eps, zo_estimator, module=split.model)
+        self.estimator = ZerothOrderEstimator(
+            self.parameters, zo_eps, zo_estimator, module=split.model, masks=self.masks
+        )
+        self.mask_values = {
+            position: nn.Parameter(self.parameters[position][1].detach().flatten()[idx].float().clone())
+            for position, idx in self.masks.items()
+        }
+        self.update_parameters = [
+            (name, self.mask_values.get(position, param)) for position, (name, param) in enumerate(self.parameters)
+        ]
+
+    def write_mask_values(self) -> None:
+        """Copies the masked values into the base weights (after an update, or after loading them)."""
+        with torch.no_grad():
+            for position, values in self.mask_values.items():
+                param = self.parameters[position][1]
+                param.view(-1)[self.masks[position].to(param.device)] = values.to(param.dtype).to(param.device)
+
+    def mask_state(self) -> dict[str, torch.Tensor]:
+        """The masked values by base-weight name (what a checkpoint must keep besides the trainable weights)."""
+        return {self.parameters[pos][0]: values.detach().clone() for pos, values in self.mask_values.items()}
+
+    def load_mask_state(self, state: dict[str, torch.Tensor]) -> None:
+        names = {self.parameters[pos][0]: pos for pos in self.mask_values}
+        if sorted(state) != sorted(names):
+            raise ValueError(
+                f"Saved masked values for {sorted(state)[:3]}, but this client part masks {sorted(names)[:3]}."
+            )
+        with torch.no_grad():
+            for name, values in state.items():
+                self.mask_values[names[name]].copy_(values)
+        self.write_mask_values()
 
     @contextlib.contextmanager
     def precision(self) -> Iterator[None]:
@@ -71,7 +121,8 @@ class ClientPart:
 
     def apply(self, update: ClientUpdate, optimizer: torch.optim.Optimizer) -> None:
         """Applies one round's update, rebuilt from its seeds and averaged scalars, through `optimizer`."""
-        apply_zo_update(self.parameters, optimizer, update.seeds, update.scalars, self.zo_eps, update.lr)
+        apply_zo_update(self.update_parameters, optimizer, update.seeds, update.scalars, self.zo_eps, update.lr)
+        self.write_mask_values()
 
 
 class SplitClient:
@@ -97,12 +148,20 @@ class SplitClient:
         upcast_trainable_adapters(split)
         _drop_server_modules(split)
         self.split = split
-        self.part = ClientPart(split, settings.zo_eps, settings.zo_estimator, settings.autocast_dtype)
-        self.parameters = self.part.parameters
+        self.part = ClientPart(
+            split,
+            settings.zo_eps,
+            settings.zo_estimator,
+            settings.autocast_dtype,
+            space=settings.search_space,
+            mask=settings.mask,
+        )
+        # What the optimizer steps (trainable parameters; a masked base tensor's vector of masked values).
+        self.parameters = self.part.update_parameters
         self.optimizer = build_client_optimizer(
             [p for _, p in self.parameters], settings.client_optimizer, 0.0, settings.client_weight_decay
         )
-        self.environment = environment(p for _, p in self.parameters)
+        self.environment = environment(p for _, p in self.part.parameters)
         self.last_round = -1
         self.sampler = None
         if dataset is not None:
@@ -153,7 +212,10 @@ class SplitClient:
         else:
             reference = self.part.forward(inputs).hidden_states
         self._reference = None
-        scalars = self.part.probe(inputs, reference, cotangent.cotangent, plan.seeds)
+        seeds = plan.seeds
+        if self.settings.client_seeds == "per_client":  # this client's own seeds (pure function of ids)
+            seeds = self.settings.probe_seeds(plan.round, self.client_id)
+        scalars = self.part.probe(inputs, reference, cotangent.cotangent, seeds)
         return ProbeReply(round=plan.round, client=self.client_id, scalars=scalars)
 
     def apply(self, update: ClientUpdate) -> None:
@@ -220,13 +282,14 @@ class SplitClient:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_environment(state.get("environment"), [p for _, p in self.parameters], "load this client state")
+        check_environment(state.get("environment"), [p for _, p in self.part.parameters], "load this client state")
         names = [n for n, _ in self.parameters]
         if sorted(state["parameters"]) != sorted(names):
             raise ValueError("The saved client state holds other trainable parameters than this client part.")
         with torch.no_grad():
             for name, param in self.parameters:
                 param.copy_(state["parameters"][name])
+        self.part.write_mask_values()
         self.optimizer.load_state_dict(state["optimizer"])
         self.last_round = int(state["last_round"])
 

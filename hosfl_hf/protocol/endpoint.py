@@ -26,7 +26,7 @@ Payload = Mapping[str, Any]
 
 def _forward(client: SplitClient, payload: Payload) -> dict[str, Any]:
     p = client.settings.num_perturbations
-    history = decode(payload["catchup"], CatchUp, num_perturbations=p)
+    history = decode(payload["catchup"], CatchUp, num_perturbations=client.settings.scalars_per_update)
     if history.checkpoint is None and client.last_round < history.after:
         return {"behind": client.last_round}  # it lost rounds (a restart from nothing): no cut, the server resends
     client.catch_up(history)
@@ -41,12 +41,13 @@ def _probe(client: SplitClient, payload: Payload) -> dict[str, Any]:
 
 
 def _update(client: SplitClient, payload: Payload) -> dict[str, Any]:
-    client.apply(decode(payload["update"], ClientUpdate, num_perturbations=client.settings.num_perturbations))
+    # P scalars per update, or K * P (one set per replying client) with per-client seeds.
+    client.apply(decode(payload["update"], ClientUpdate, num_perturbations=client.settings.scalars_per_update))
     return {"last_round": client.last_round}
 
 
 def _catchup(client: SplitClient, payload: Payload) -> dict[str, Any]:
-    client.catch_up(decode(payload["catchup"], CatchUp, num_perturbations=client.settings.num_perturbations))
+    client.catch_up(decode(payload["catchup"], CatchUp, num_perturbations=client.settings.scalars_per_update))
     return {"last_round": client.last_round, "digest": weights_digest(client.parameters)}
 
 

@@ -421,7 +421,8 @@ class FederatedRun:
         path = os.path.join(folder, "snapshot.bin")
         if os.path.isfile(path):
             with open(path, "rb") as f:
-                self.snapshot = decode(f.read(), CatchUp, num_perturbations=self.settings.num_perturbations).checkpoint
+                per_update = self.settings.scalars_per_update
+                self.snapshot = decode(f.read(), CatchUp, num_perturbations=per_update).checkpoint
         self.next_round = int(state["next_round"])
         self.applied = {int(c): r for c, r in state["applied"].items()}
         self.counters.update(state["counters"])

@@ -16,6 +16,7 @@ from transformers import Trainer
 from ..federation import sample_clients
 from ..lora import upcast_trainable_adapters
 from ..rng import environment, mix, round_seeds
+from ..search_space import client_update_targets
 from ..split import CutActivations, split_model
 from ..trajectory import TRAJECTORY_NAME, Trajectory
 from .messages import ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
@@ -49,14 +50,19 @@ class SplitServer:
         self.settings, self.args, self.loss_func = settings, args, loss_func
         split = split_model(model, settings.split_layer)
         upcast_trainable_adapters(split)
-        client_trainable = split.client_parameters()
+        # The client update's targets (search space, then mask), as every holder of the client part has them.
+        client_targets, _ = client_update_targets(split, settings.search_space, settings.mask)
+        space = settings.search_space
         self.trajectory = Trajectory(
             split_layer=settings.split_layer,
-            parameter_names=[n for n, _ in client_trainable],
+            parameter_names=[n for n, _ in client_targets],
             zo_eps=settings.zo_eps,
             client_optimizer=settings.client_optimizer,
             client_weight_decay=settings.client_weight_decay,
-            environment=environment(p for _, p in client_trainable),
+            environment=environment(p for _, p in client_targets),
+            client_seeds=settings.client_seeds,
+            search_space=space.to_dict() if space is not None else None,
+            client_mask=settings.client_mask,
         )
         for block in list(split.layers)[: settings.split_layer]:
             block.to("meta")  # the client's blocks: skipped by the server's forward
@@ -69,7 +75,8 @@ class SplitServer:
         self.lr_scheduler = args.schedule(self.optimizer, steps)
         # The client schedule: the server's shape at peak client_learning_rate, stepped once per applied round.
         self._client_lr = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.client_learning_rate)
-        self.client_lr_scheduler = args.schedule(self._client_lr, steps)
+        client_schedule = getattr(args, "client_schedule", args.schedule)  # the client's own schedule, if set
+        self.client_lr_scheduler = client_schedule(self._client_lr, steps)
 
         self._round_cuts: dict[int, ClientForward] = {}  # this round's accepted cuts, in backward order
         self._round_losses: dict[int, float] = {}
@@ -144,7 +151,8 @@ class SplitServer:
         missing = set(replies) - set(self._round_cuts)
         if missing:
             raise ValueError(f"Replies from clients {sorted(missing)} whose cut the server did not accept.")
-        averaged = self.settings.aggregate({c: r.scalars for c, r in replies.items()}, plan.round)
+        # Shared seeds: the plan's seeds and the per-seed aggregate; per-client seeds: every replying client's own.
+        seeds, averaged = self.settings.update_terms({c: r.scalars for c, r in replies.items()}, plan.round)
         finishers = [c for c in self._grads_from if c in replies]
         if finishers != self._grads_from or len(finishers) != self.settings.clients_per_round:
             self.optimizer.zero_grad(set_to_none=True)
@@ -157,7 +165,7 @@ class SplitServer:
         self.optimizer.zero_grad(set_to_none=True)
         self._round_cuts, self._round_losses, self._grads_from = {}, {}, []
         update = ClientUpdate(
-            round=plan.round, seeds=plan.seeds, scalars=averaged, lr=self.client_lr_scheduler.get_last_lr()[0]
+            round=plan.round, seeds=seeds, scalars=averaged, lr=self.client_lr_scheduler.get_last_lr()[0]
         )
         self._client_lr.step()  # no gradient: only keeps the scheduler's step-order check quiet
         self.client_lr_scheduler.step()

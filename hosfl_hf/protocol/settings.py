@@ -37,6 +37,72 @@ class RoundSettings:
     aggregation: str = "mean"
     aggregation_trim_fraction: float = 0.2
     scalar_bound: float | None = None
+    client_zo_blocks: list[int] | None = None
+    client_zo_modules: list[str] | None = None
+    client_seeds: str = "shared"
+    client_mask: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.client_seeds not in ("shared", "per_client"):
+            raise ValueError(f"client_seeds={self.client_seeds!r} is invalid: use 'shared' or 'per_client'.")
+        if self.client_seeds == "per_client" and self.aggregation != "mean":
+            raise ValueError(
+                f"client_seeds='per_client' with aggregation={self.aggregation!r}: each seed has one client's scalar, "
+                "so there is nothing to take a median or trimmed mean of; use aggregation='mean' (and scalar_bound to "
+                "clip each client's scalars), or client_seeds='shared'."
+            )
+
+    @property
+    def search_space(self) -> Any:
+        """The client's [`ClientSearchSpace`] (`None`: every trainable client parameter)."""
+        from ..search_space import ClientSearchSpace
+
+        if self.client_zo_blocks is None and self.client_zo_modules is None:
+            return None
+        return ClientSearchSpace(self.client_zo_blocks, self.client_zo_modules)
+
+    @property
+    def mask(self) -> Any:
+        """The static [`ClientMask`] of client base weights, if any."""
+        from ..search_space import ClientMask
+
+        return ClientMask.from_dict(self.client_mask) if self.client_mask is not None else None
+
+    @property
+    def scalars_per_update(self) -> int | None:
+        """How many seeds and scalars a round's update carries: `P` with shared seeds; with per-client seeds `P` per
+        client that replied (`None`: not fixed)."""
+        return self.num_perturbations if self.client_seeds == "shared" else None
+
+    def probe_seeds(self, round_index: int, client: int) -> list[int]:
+        """The perturbation seeds client `client` probes in round `round_index`: the round's shared seeds, or its
+        own (`client_seeds="per_client"`)."""
+        from ..rng import client_round_seeds, round_seeds
+
+        if self.client_seeds == "per_client":
+            return client_round_seeds(self.seed, round_index, client, self.num_perturbations)
+        return round_seeds(self.seed, round_index, self.num_perturbations)
+
+    def update_terms(self, client_scalars: Any, round_index: int) -> tuple[list[int], list[float]]:
+        """The seeds and scalars of the round's client update, from every replying client's scalars.
+
+        Shared seeds: the round's `P` seeds and the per-seed aggregate. Per-client seeds: the `K * P` seeds and
+        scalars of the clients that replied, in increasing client id (each clipped to `scalar_bound` if set), so
+        the update is `(1 / (K P mu)) sum_m sum_p v_mp u_mp`.
+        """
+        from ..aggregation import aggregate_scalars
+
+        if self.client_seeds == "shared":
+            return self.probe_seeds(round_index, 0), self.aggregate(client_scalars, round_index)
+        seeds: list[int] = []
+        scalars: list[float] = []
+        for client in sorted(client_scalars):
+            # The checks and the clipping of the aggregation, for one client's scalars.
+            scalars += aggregate_scalars(
+                {client: client_scalars[client]}, self.num_perturbations, "mean", 0.0, self.scalar_bound, round_index
+            )
+            seeds += self.probe_seeds(round_index, client)
+        return seeds, scalars
 
     def aggregate(self, client_scalars: Any, round_index: int | None = None) -> list[float]:
         """The round's per-seed aggregate of the clients' scalars, by this run's rule."""
@@ -52,9 +118,12 @@ class RoundSettings:
         )
 
     @classmethod
-    def from_args(cls, args: Any, split_layer: int | None = None) -> RoundSettings:
-        """The settings of an [`HOSFLConfig`] (`split_layer` overrides `args.split_layer`)."""
+    def from_args(cls, args: Any, split_layer: int | None = None, client_mask: Any = None) -> RoundSettings:
+        """The settings of an [`HOSFLConfig`] (`split_layer` overrides `args.split_layer`; `client_mask`, a
+        [`ClientMask`] or its dict, is the static mask chosen at set-up)."""
         values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if client_mask is not None:
+            values["client_mask"] = client_mask if isinstance(client_mask, dict) else client_mask.to_dict()
         values["split_layer"] = split_layer if split_layer is not None else args.split_layer
         values["batch_size"] = args.per_device_train_batch_size
         values["mixed_precision"] = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"

@@ -39,6 +39,10 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "learning-rate": 3e-3,
     "client-learning-rate": 1e-3,
     "client-optimizer": "adamw",
+    "client-seeds": "shared",  # or "per_client": each client probes its own seeds (K * P directions per round)
+    "client-zo-blocks": "",  # e.g. "0,1,2,3": only these client blocks' trainable parameters are updated
+    "client-zo-modules": "",  # e.g. "lora_B": only parameters whose name contains one of these (comma-separated)
+    "client-mask": "",  # a ClientMask JSON file (hosfl_hf.search_space.sensitivity_mask), the same on every node
     "lr-scheduler-type": "linear",
     "max-grad-norm": 1.0,
     "lora-r": 0,  # > 0: LoRA adapters of this rank on every linear layer of both parts (seeded by `seed`)
@@ -79,6 +83,9 @@ def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
         learning_rate=float(config["learning-rate"]),
         client_learning_rate=float(config["client-learning-rate"]),
         client_optimizer=str(config["client-optimizer"]),
+        client_seeds=str(config["client-seeds"]),
+        client_zo_blocks=[int(b) for b in str(config["client-zo-blocks"]).split(",") if b.strip()] or None,
+        client_zo_modules=[m.strip() for m in str(config["client-zo-modules"]).split(",") if m.strip()] or None,
         lr_scheduler_type=str(config["lr-scheduler-type"]),
         max_grad_norm=float(config["max-grad-norm"]),
         max_steps=int(config["num-rounds"]),
@@ -88,7 +95,12 @@ def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
         save_strategy="no",
         disable_tqdm=True,
     )
-    return RoundSettings.from_args(args), args
+    mask = None
+    if config["client-mask"]:
+        from ...search_space import ClientMask
+
+        mask = ClientMask.load(str(config["client-mask"]))
+    return RoundSettings.from_args(args, client_mask=mask), args
 
 
 _MODELS: dict[tuple, torch.nn.Module] = {}

@@ -1,0 +1,304 @@
+"""Does the client's zeroth-order update count? The client-update study of issue #17, resumable.
+
+    python benchmarks/client_update_study.py --seeds 0 1 2 --rounds 60 --threads 1
+    python benchmarks/client_update_study.py --configs paper lora_b_pc --seeds 0 1 2 3 4 --rounds 250   # a GPU
+
+Deep split (client = blocks 0-19 of the shipped SmolLM2-135M), rounds of 3 clients x 8 examples, the grid's budget
+and harness (`benchmarks/grid.py`): every configuration of a seed sees the same shards, client sampling, batches,
+LoRA initialisation and split, so its per-round training losses pair with the frozen client's on the same batches.
+The paired difference (configuration - frozen client), averaged over rounds 1.. (round 0 is identical for all),
+is the client's contribution; SplitLoRA's is the first-order reference.
+
+Each finished run is written to `<out>/client_update_study.json` at once (a stopped study keeps what it finished and
+the next call runs the rest). Runs that `benchmarks/grid.py` already made with the same budget (frozen client,
+SplitLoRA, the paper's HO-SFL) are read from `<out>/cells` instead of being run again, after checking that their
+first-round loss is the study's. `--cosine` first measures, per configuration, the cosine of the client's estimate
+with the true client gradient (`hosfl_hf.diagnostics.client_update_cosine`) on one calibration batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from grid import Budget, cell_name, run_cell, split_for, write_json  # noqa: E402
+
+# name -> (method, HOSFLConfig overrides, mask density or None). Client blocks 0-3 hold ~55% of the LoRA-B energy.
+CONFIGS: dict[str, tuple[str, dict, float | None]] = {
+    "frozen": ("frozen_client", {}, None),
+    # The frozen client run again by this code: equal losses show that the grid's cells pair with this code's runs.
+    "frozen_check": ("frozen_client", {}, None),
+    "splitlora": ("splitlora", {}, None),
+    "paper": ("hosfl", {}, None),
+    # The pilot's best lever set: LoRA-B of blocks 0-3 (d = 24,576), per-client seeds (K*P = 6 directions), AdamW.
+    "lora_b_pc": (
+        "hosfl",
+        dict(
+            client_zo_blocks=[0, 1, 2, 3],
+            client_zo_modules=["lora_B"],
+            client_seeds="per_client",
+            client_learning_rate=3e-3,
+        ),
+        None,
+    ),
+    # ... plus a static mask of the top 0.01% client base weights (~7k) by gradient sensitivity on calibration data.
+    "lora_b_mask_pc": (
+        "hosfl",
+        dict(
+            client_zo_blocks=[0, 1, 2, 3],
+            client_zo_modules=["lora_B"],
+            client_seeds="per_client",
+            client_learning_rate=1e-3,
+        ),
+        1e-4,
+    ),
+    # ... the client learning-rate sweep's lower point.
+    "lora_b_mask_pc_lr1e-4": (
+        "hosfl",
+        dict(
+            client_zo_blocks=[0, 1, 2, 3],
+            client_zo_modules=["lora_B"],
+            client_seeds="per_client",
+            client_learning_rate=1e-4,
+        ),
+        1e-4,
+    ),
+    # The same search space with the normalised step (its step length is the learning rate).
+    "lora_b_mask_pc_nsgd": (
+        "hosfl",
+        dict(
+            client_zo_blocks=[0, 1, 2, 3],
+            client_zo_modules=["lora_B"],
+            client_seeds="per_client",
+            client_optimizer="normalized_sgd",
+            client_learning_rate=1e-2,
+        ),
+        1e-4,
+    ),
+}
+GRID_CELLS = {"frozen": "frozen_client", "splitlora": "splitlora", "paper": "hosfl"}
+CALIBRATION_SEED = 1234  # calibration batches: a fixed sample of the (public) training set
+
+
+def calibration_batches(
+    task, tokenizer, budget: Budget, count: int, data_dir: str | None, seed: int = CALIBRATION_SEED
+) -> list[dict]:
+    data = task.tokenize(task.load("train", data_dir, limit=count * budget.batch, seed=seed), tokenizer)
+    collate = task.trainer_kwargs(tokenizer)["data_collator"]
+    return [collate([data[i] for i in range(b * budget.batch, (b + 1) * budget.batch)]) for b in range(count)]
+
+
+def peft_model(budget: Budget, seed: int):
+    """The grid's model for `seed`: the shipped SmolLM2 with its seeded LoRA (q, v) on every block."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from hosfl_hf.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("smollm2")
+    transformers.set_seed(seed)
+    lora = LoraConfig(
+        r=budget.lora_r,
+        lora_alpha=budget.lora_alpha,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), tokenizer
+
+
+def mask_maker(density: float, budget: Budget, data_dir: str | None, batches: int):
+    """Computes the static mask once per (run) at set-up, on a separate copy of the initial model."""
+
+    def make(split_layer: int, task, tokenizer, seed: int):
+        from hosfl_hf import split_model
+        from hosfl_hf.search_space import sensitivity_mask
+
+        model, _ = peft_model(budget, seed)
+        calibration = calibration_batches(task, tokenizer, budget, batches, data_dir)
+        loss = task.trainer_kwargs(tokenizer)["compute_loss_func"]
+        for batch in calibration:
+            batch.pop("logits_to_keep", None)
+        return sensitivity_mask(split_model(model, split_layer), calibration, density, loss_func=loss)
+
+    return make
+
+
+def measure_cosine(name: str, budget: Budget, data_dir: str | None, directions: list[int], batches: int) -> dict:
+    """The cosine of the configuration's estimate with the true client gradient on one calibration batch, against
+    the full client gradient (all client LoRA weights and all client base weights of the blocks)."""
+    from hosfl_hf import split_model
+    from hosfl_hf.diagnostics import client_update_cosine
+    from hosfl_hf.protocol.client import ClientPart
+    from hosfl_hf.rng import client_round_seeds
+    from hosfl_hf.search_space import ClientSearchSpace
+    from hosfl_hf.tasks import get_task
+
+    method, overrides, density = CONFIGS[name]
+    task = get_task("sst2")
+    model, tokenizer = peft_model(budget, 0)
+    split_layer = split_for("deep", model.config.num_hidden_layers)
+    mask = mask_maker(density, budget, data_dir, batches)(split_layer, task, tokenizer, 0) if density else None
+    split = split_model(model, split_layer)
+    names = set(split.client_parameter_names)
+    reference = [(n, p) for n, p in split.model.named_parameters() if n in names and ".layers." in n]
+    blocks, modules = overrides.get("client_zo_blocks"), overrides.get("client_zo_modules")
+    space = ClientSearchSpace(blocks, modules) if blocks or modules else None
+    part = ClientPart(split, budget.zo_eps, "one_sided", space=space, mask=mask)
+    # A batch the mask was not chosen on (a mask's share of the energy on its own calibration batches is optimistic).
+    batch = calibration_batches(task, tokenizer, budget, 1, data_dir, seed=CALIBRATION_SEED + 1)[0]
+    labels = batch.pop("labels")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    seeds = [s for c in range(max(directions)) for s in client_round_seeds(99, 0, c, 1)]
+    loss = task.trainer_kwargs(tokenizer)["compute_loss_func"]
+    result = client_update_cosine(part, inputs, labels, seeds, loss, reference=reference, checkpoints=directions)
+    per_round = budget.clients_per_round * budget.hosfl_perturbations
+    result["directions_per_round"] = per_round if overrides.get("client_seeds") == "per_client" else None
+    result["directions_per_round"] = result["directions_per_round"] or budget.hosfl_perturbations
+    result["reference"] = "all client LoRA and base weights of blocks 0..split_layer-1"
+    result["batch"] = "8 training examples sampled with seed CALIBRATION_SEED + 1 (not a calibration batch)"
+    return result
+
+
+def paired(losses: list[float], frozen: list[float], start: int = 1) -> float:
+    """Mean over rounds `start`.. of the per-round loss difference (round 0 is the same for every method)."""
+    diffs = np.array(losses[start:]) - np.array(frozen[start : len(losses)])
+    return float(diffs.mean())
+
+
+def summarize(runs: dict, seeds: list[int]) -> dict:
+    """Per configuration: the paired loss difference vs the frozen client (mean, SE over seeds), SplitLoRA's, the
+    fraction, accuracy, and the exact McNemar test vs the frozen client on the full validation set (pooled)."""
+    from scipy.stats import binomtest
+
+    out = {}
+    for name in CONFIGS:
+        if name == "frozen":  # (frozen_check vs frozen: the floor of float noise between code versions/threads)
+            continue
+        common = [s for s in seeds if f"{name}/s{s}" in runs and f"frozen/s{s}" in runs]
+        if not common:
+            continue
+        diffs = [paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in common]
+        fo_seeds = [s for s in common if f"splitlora/s{s}" in runs]
+        fo = [paired(runs[f"splitlora/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in fo_seeds]
+        b = c = 0  # McNemar: this configuration right and the frozen client wrong, and the reverse
+        for s in common:
+            labels = np.array(runs[f"frozen/s{s}"]["labels"])
+            mine = np.array(runs[f"{name}/s{s}"]["predictions"]) == labels
+            frozen = np.array(runs[f"frozen/s{s}"]["predictions"]) == labels
+            b += int(np.sum(mine & ~frozen))
+            c += int(np.sum(~mine & frozen))
+        half = len(runs[f"{name}/s{common[0]}"]["train_losses"]) // 2
+        late = [
+            paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"], half) for s in common
+        ]
+        mean = float(np.mean(diffs))
+        se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
+        fo_mean = float(np.mean(fo)) if fo else None
+        out[name] = {
+            "loss_diff_vs_frozen": mean,
+            "loss_diff_se": se,
+            "fo_loss_diff_vs_frozen": fo_mean,
+            "fraction_of_fo": mean / fo_mean if fo_mean else None,
+            "loss_diff_second_half": float(np.mean(late)),
+            "per_seed_loss_diff": diffs,
+            "accuracy_mean": float(np.mean([runs[f"{name}/s{s}"]["accuracy"] for s in common])),
+            "frozen_accuracy_mean": float(np.mean([runs[f"frozen/s{s}"]["accuracy"] for s in common])),
+            "mcnemar_vs_frozen": {
+                "only_this_right": b,
+                "only_frozen_right": c,
+                "p_value": float(binomtest(b, b + c).pvalue) if b + c else 1.0,
+            },
+            "seeds": common,
+            "rounds": runs[f"{name}/s{common[0]}"]["rounds"],
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--calibration_batches", type=int, default=4)
+    parser.add_argument("--cosine", nargs="*", type=int, default=None, help="Directions N to report the cosine at.")
+    parser.add_argument("--no_runs", action="store_true", help="Only the cosine measurements (and the summary).")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # The grid's budget, curves off (the study compares training losses and the final full-validation accuracy).
+    budget = Budget(rounds=args.rounds)
+    path = os.path.join(args.out, "client_update_study.json")
+    study = json.load(open(path)) if os.path.isfile(path) else {}
+    study.setdefault("runs", {})
+    study.setdefault("cosine", {})
+    study["budget"] = budget.__dict__
+    study["command"] = "python benchmarks/client_update_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def save() -> None:
+        study["client_contribution"] = summarize(study["runs"], sorted({int(k.split("/s")[1]) for k in study["runs"]}))
+        write_json(path, study)
+
+    if args.cosine is not None:
+        for name in args.configs:
+            if name in study["cosine"] or CONFIGS[name][0] != "hosfl":
+                continue
+            start = time.perf_counter()
+            study["cosine"][name] = measure_cosine(
+                name, budget, args.data_dir, args.cosine or [2, 6, 64], args.calibration_batches
+            )
+            print(f"cosine {name}: {study['cosine'][name]['rows']} ({time.perf_counter() - start:.0f} s)", flush=True)
+            save()
+    if args.no_runs:
+        save()
+        return
+
+    cells = os.path.join(args.out, "cells")
+    todo = [(name, seed) for seed in args.seeds for name in args.configs]
+    for name, seed in todo:
+        key = f"{name}/s{seed}"
+        if key in study["runs"]:
+            continue
+        method, overrides, density = CONFIGS[name]
+        cell = os.path.join(cells, cell_name(GRID_CELLS.get(name, "-"), "sst2", "deep", seed) + ".json")
+        if name in GRID_CELLS and os.path.isfile(cell):
+            result = json.load(open(cell))
+            if result["budget"]["rounds"] == budget.rounds:
+                result["source"] = f"benchmarks/grid.py cell {os.path.basename(cell)}"
+                study["runs"][key] = result
+                print(f"{key}: from {cell}", flush=True)
+                save()
+                continue
+        print(f"{key}: running {method} {overrides} mask={density}", flush=True)
+        start = time.perf_counter()
+        make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches) if density else None
+        overrides = {**overrides, "eval_strategy": "no"}
+        result = run_cell(method, "sst2", "deep", seed, budget, args.data_dir, overrides, make_mask)
+        result.update(config=name, overrides=CONFIGS[name][1], mask_density=density)
+        result["run_seconds"] = time.perf_counter() - start
+        # Pairing needs the same batches: round 0 (before any update) must give every configuration the same loss.
+        frozen = study["runs"].get(f"frozen/s{seed}")
+        if frozen is not None and abs(frozen["train_losses"][0] - result["train_losses"][0]) > 1e-4:
+            raise RuntimeError(
+                f"{key}: round-0 loss {result['train_losses'][0]} differs from the frozen client's "
+                f"{frozen['train_losses'][0]}: the runs do not share batches, so they cannot be paired."
+            )
+        study["runs"][key] = result
+        save()
+        print(f"{key}: accuracy {100 * result['accuracy']:.2f}% in {result['run_seconds'] / 60:.1f} min", flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The client's zeroth-order search space: which client tensors the seeded directions perturb and the update changes.
+
+Two ways to shrink it (the cosine of a `N`-direction estimate with the gradient it estimates is about
+`sqrt(N / (N + d))` for `d` coordinates, so a smaller space where the gradient lives learns faster):
+
+* [`ClientSearchSpace`]: keep only the trainable client parameters of some blocks and/or whose names contain one
+  of some patterns (e.g. LoRA-B of blocks 0-3: `ClientSearchSpace(blocks=[0, 1, 2, 3], modules=["lora_B"])`).
+  The others are frozen (`requires_grad=False`) for the whole run, for every method.
+* [`ClientMask`]: a static sparse mask over the client's *base* weights, chosen once at set-up by gradient
+  sensitivity on public calibration data ([`sensitivity_mask`]: one backprop per calibration batch, before
+  training; clients never backpropagate during training). The mask's indices are part of `hosfl_config.json` and
+  of the trajectory, so replay rebuilds the same update.
+
+The targets of the update ([`client_update_targets`]) are, in the pinned order of the RNG specification, the
+selected trainable parameters (in `named_parameters` order) followed by the masked base tensors (in the mask's
+order); a masked tensor's direction is a Gaussian vector over its masked coordinates only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ClientMask",
+    "ClientSearchSpace",
+    "apply_search_space",
+    "client_update_targets",
+    "sensitivity_mask",
+]
+
+
+@dataclass(frozen=True)
+class ClientSearchSpace:
+    """Which trainable client parameters the client update covers.
+
+    Args:
+        blocks (`list[int]`, *optional*): client decoder blocks (0-based) whose parameters stay trainable; `None`
+            keeps every client block and the embeddings.
+        modules (`list[str]`, *optional*): keep a parameter only if its name contains one of these strings (e.g.
+            `["lora_B"]`, `["v_proj.lora_B", "q_proj.lora_B"]`); `None` keeps every name.
+    """
+
+    blocks: tuple[int, ...] | None = None
+    modules: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        if self.modules is not None:
+            object.__setattr__(self, "modules", tuple(str(m) for m in self.modules))
+
+    @property
+    def is_full(self) -> bool:
+        return self.blocks is None and self.modules is None
+
+    def keeps(self, name: str, block: int | None) -> bool:
+        if self.blocks is not None and block not in self.blocks:
+            return False
+        return self.modules is None or any(pattern in name for pattern in self.modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "blocks": list(self.blocks) if self.blocks is not None else None,
+            "modules": list(self.modules) if self.modules is not None else None,
+        }
+
+
+@dataclass
+class ClientMask:
+    """A static sparse mask over client base weights: parameter name -> sorted flat indices of the updated
+    coordinates.
+
+    Args:
+        indices (`dict[str, list[int]]`): for each masked base tensor (full `named_parameters` name), the sorted
+            indices into its flattened values.
+        density (`float`, *optional*): the fraction of candidate coordinates kept.
+        source (`str`, *optional*): how the mask was chosen (recorded, not used).
+    """
+
+    indices: dict[str, list[int]]
+    density: float | None = None
+    source: str | None = None
+
+    def __post_init__(self):
+        clean = {}
+        for name, idx in self.indices.items():
+            values = sorted(int(i) for i in idx)
+            if not values or len(set(values)) != len(values) or values[0] < 0:
+                raise ValueError(
+                    f"ClientMask indices of {name!r} must be distinct non-negative integers ({len(values)} given)."
+                )
+            clean[name] = values
+        if not clean:
+            raise ValueError("ClientMask needs at least one masked tensor.")
+        self.indices = clean
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.indices.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | ClientMask) -> ClientMask:
+        if isinstance(data, ClientMask):
+            return data
+        return cls(**{k: data[k] for k in ("indices", "density", "source") if k in data})
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ClientMask:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _block_of(split: Any) -> dict[int, int]:
+    """id(parameter) -> index of the client block that holds it."""
+    return {id(p): i for i in range(split.split_layer) for p in split.layers[i].parameters()}
+
+
+def apply_search_space(split: Any, space: ClientSearchSpace | None) -> list[tuple[str, nn.Parameter]]:
+    """Freezes the trainable client parameters outside `space` and returns the selected ones, in pinned order.
+
+    Raises:
+        `ValueError`: if `space` selects nothing while the client has trainable parameters.
+    """
+    params = split.client_parameters()
+    if space is None or space.is_full:
+        return params
+    blocks = _block_of(split)
+    kept = [(n, p) for n, p in params if space.keeps(n, blocks.get(id(p)))]
+    if params and not kept:
+        raise ValueError(
+            f"The client search space {space.to_dict()} selects none of the {len(params)} trainable client "
+            f"parameters (e.g. {params[0][0]!r}): check client_zo_blocks (0-based client blocks) and "
+            "client_zo_modules (substrings of parameter names such as 'lora_B')."
+        )
+    keep = {id(p) for _, p in kept}
+    for _, p in params:
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    return kept
+
+
+def client_update_targets(
+    split: Any, space: ClientSearchSpace | None = None, mask: ClientMask | Mapping | None = None
+) -> tuple[list[tuple[str, nn.Parameter]], dict[int, torch.Tensor]]:
+    """The tensors of the client update in pinned order, and the flat indices of the masked ones.
+
+    Returns:
+        `(named, masks)`: `named` lists the selected trainable parameters, then the masked base tensors; `masks`
+        maps a position in `named` to its int64 flat indices (the position of a trainable parameter is absent).
+    """
+    named = apply_search_space(split, space)
+    masks: dict[int, torch.Tensor] = {}
+    if mask is not None:
+        mask = ClientMask.from_dict(mask)
+        everything = dict(split.model.named_parameters())
+        client = {id(p) for m in split.client_modules() for p in m.parameters(recurse=False)}
+        for name, idx in mask.indices.items():
+            param = everything.get(name)
+            if param is None or id(param) not in client:
+                raise ValueError(
+                    f"The client mask names {name!r}, which is not a parameter of the client part: compute the mask "
+                    "on the same architecture, adapters and split layer."
+                )
+            if param.requires_grad:
+                raise ValueError(f"{name!r} is both trainable and masked; a mask covers frozen base weights only.")
+            if idx[-1] >= param.numel():
+                raise ValueError(f"Mask index {idx[-1]} out of range for {name!r} ({param.numel()} values).")
+            masks[len(named)] = torch.tensor(idx, dtype=torch.int64)
+            named.append((name, param))
+    return named, masks
+
+
+def sensitivity_mask(
+    split: Any,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    density: float,
+    loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    space: ClientSearchSpace | None = None,
+) -> ClientMask:
+    """A static mask of the client base weights with the largest squared gradient on calibration data.
+
+    Backpropagates the full model's loss on each calibration batch (set-up only: this is not part of training and
+    needs public calibration data and the pre-trained weights, e.g. on the server), sums the squared gradients of
+    every client base weight inside the client blocks (not LoRA adapters; not the embeddings, which are often tied to
+    the server's LM head), and keeps the top `density` fraction of all candidate coordinates.
+
+    Args:
+        split ([`SplitModel`]): the split model at its initial weights.
+        batches: calibration batches with `input_ids` (and `attention_mask`) and `labels`.
+        density (`float`): fraction of the candidate coordinates to keep, in `(0, 1]` (e.g. `1e-4`).
+        loss_func (`Callable`, *optional*): `loss_func(outputs, labels)`; default: the model's causal-LM loss.
+        space ([`ClientSearchSpace`], *optional*): restricts the candidates to these blocks / name patterns.
+
+    Returns:
+        [`ClientMask`]
+    """
+    from dataclasses import replace
+
+    if not 0 < density <= 1:
+        raise ValueError(f"density={density} must be in (0, 1] (e.g. 1e-4 keeps 0.01% of the client base weights).")
+    space = space or ClientSearchSpace()
+    names = {id(p): n for n, p in split.model.named_parameters()}
+    candidates: list[tuple[str, nn.Parameter]] = []
+    for block in range(split.split_layer):
+        if space.blocks is not None and block not in space.blocks:
+            continue
+        for param in split.layers[block].parameters():
+            name = names[id(param)]
+            if "lora_" in name or not param.is_floating_point():
+                continue
+            if space.modules is None or any(pattern in name for pattern in space.modules):
+                candidates.append((name, param))
+    if not candidates:
+        raise ValueError(f"No client base weight matches the search space {space.to_dict()}.")
+    trainable = [p for p in split.model.parameters() if p.requires_grad]
+    scores = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in candidates}
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        for _, p in candidates:
+            p.requires_grad_(True)
+        for batch in batches:
+            batch = dict(batch)
+            labels = batch.pop("labels")
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+            z = split.client(**inputs, grad=True)
+            leaf = z.hidden_states
+            outputs = split.server(replace(z, hidden_states=leaf), labels=None if loss_func else labels)
+            loss = loss_func(outputs, labels) if loss_func is not None else outputs.loss
+            loss.backward()
+            for name, p in candidates:
+                scores[name] += p.grad.detach().float().cpu().pow(2)
+                p.grad = None
+    finally:
+        for _, p in candidates:
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+    total = sum(s.numel() for s in scores.values())
+    keep = max(1, int(round(density * total)))
+    # Top-k per tensor, then the global top-k among those: never a vector of every candidate score.
+    best = []
+    for position, (name, _) in enumerate(candidates):
+        flat = scores[name].flatten()
+        values, idx = torch.topk(flat, min(keep, flat.numel()))
+        best.append((values, idx, torch.full_like(idx, position)))
+    values = torch.cat([b[0] for b in best])
+    top = torch.topk(values, keep).indices
+    flat_idx = torch.cat([b[1] for b in best])[top]
+    owner = torch.cat([b[2] for b in best])[top]
+    indices: dict[str, list[int]] = {}
+    for position, (name, _) in enumerate(candidates):
+        chosen = flat_idx[owner == position]
+        if chosen.numel():
+            indices[name] = sorted(chosen.tolist())
+    return ClientMask(indices=indices, density=density, source="gradient sensitivity (sum of squared gradients)")

@@ -1,0 +1,381 @@
+"""The client update's options (#17): search space (blocks, name patterns, a static mask of base weights chosen by
+gradient sensitivity), per-client seeds, step rules and the client's own schedule. Each must train through the
+trainer and the protocol alike, be recorded, and replay bit for bit."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
+from peft import LoraConfig
+
+from hosfl_hf import HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
+from hosfl_hf.diagnostics import client_update_cosine
+from hosfl_hf.protocol import CatchUp, RoundSettings, SplitClient, SplitServer, run_rounds
+from hosfl_hf.protocol.client import ClientPart
+from hosfl_hf.rng import client_round_seeds, direction
+from hosfl_hf.search_space import ClientMask, ClientSearchSpace, client_update_targets, sensitivity_mask
+from hosfl_hf.zeroth_order import NormalizedSGD, apply_zo_update, build_client_optimizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LORA = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def calibration_batches(n=2, size=4):
+    data = counting_dataset(n * size, seed=5)
+    return [stack_collator([data[i] for i in range(b * size, (b + 1) * size)]) for b in range(n)]
+
+
+def mask_for(model, split_layer=2, density=0.05):
+    return sensitivity_mask(split_model(model, split_layer), calibration_batches(), density)
+
+
+def lora_model():
+    from peft import get_peft_model
+
+    torch.manual_seed(3)
+    return get_peft_model(tiny_llama(), copy.deepcopy(LORA))
+
+
+def trained(tmp_path, model, mask=None, **overrides):
+    args = tiny_args(tmp_path, max_steps=5, **overrides)
+    trainer = HOSFLTrainer(
+        model, args, split_layer=2, train_dataset=counting_dataset(), data_collator=stack_collator, client_mask=mask
+    )
+    trainer.train()
+    return trainer
+
+
+def client_state(split):
+    """Every client tensor (trainable or not) of a split model, by name."""
+    names = set(split.client_parameter_names)
+    return {n: p.detach().clone() for n, p in split.model.named_parameters() if n in names}
+
+
+# ------------------------------------------------------------------------------------ trainer + replay, per option
+OPTIONS = {
+    "lora_b_blocks": dict(client_zo_blocks=[0], client_zo_modules=["lora_B"]),
+    "per_client_seeds": dict(client_seeds="per_client"),
+    "normalized_sgd": dict(client_optimizer="normalized_sgd", client_learning_rate=1e-2),
+    "sgd_own_schedule": dict(client_optimizer="sgd", client_lr_scheduler_type="constant", client_warmup_steps=0),
+    "combined": dict(
+        client_zo_blocks=[0, 1], client_zo_modules=["lora_B"], client_seeds="per_client", client_optimizer="sgd"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS) + ["mask", "mask_combined"])
+def test_every_option_replays_bit_identically(tmp_path, name):
+    """The saved trajectory + hosfl_config.json rebuild the trained client part exactly (trainable weights and
+    masked base weights), from the initial model."""
+    overrides = dict(OPTIONS.get(name, {}))
+    mask = None
+    if name.startswith("mask"):
+        mask = mask_for(lora_model())
+        if name == "mask_combined":
+            overrides.update(client_seeds="per_client", client_zo_modules=["lora_B"], client_optimizer="adamw")
+    initial = lora_model()
+    trainer = trained(tmp_path, lora_model(), mask=mask, **overrides)
+    trainer.save_model(str(tmp_path / "saved"))
+    after = client_state(trainer.split)
+    before = client_state(split_model(initial, 2))
+    changed = [n for n in after if not torch.equal(after[n], before[n])]
+    assert changed, "the client update changed nothing"
+
+    config = HOSFLSplitConfig.from_pretrained(tmp_path / "saved")
+    for key, value in overrides.items():
+        assert getattr(config, key) == value, key
+    trajectory = Trajectory.load(tmp_path / "saved")
+    assert config.client_mask == (mask.to_dict() if mask is not None else None)
+    assert trajectory.client_mask == config.client_mask
+    replay_trajectory(initial, trajectory)
+    replayed = client_state(split_model(initial, 2))
+    for n in after:
+        assert torch.equal(replayed[n], after[n]), n
+
+    # Only the search space moved: names outside it (and base coordinates outside the mask) are untouched.
+    targets = set(trajectory.parameter_names)
+    assert set(changed) <= targets
+    if mask is not None:
+        for pname, idx in mask.indices.items():
+            outside = torch.ones(after[pname].numel(), dtype=torch.bool)
+            outside[idx] = False
+            assert torch.equal(after[pname].flatten()[outside], before[pname].flatten()[outside])
+            assert not torch.equal(after[pname].flatten()[idx], before[pname].flatten()[idx])
+
+
+def test_lora_b_search_space_freezes_the_rest(tmp_path):
+    trainer = trained(tmp_path, lora_model(), client_zo_blocks=[1], client_zo_modules=["lora_B"])
+    names = trainer.trajectory.parameter_names
+    assert names and all("layers.1." in n and "lora_B" in n for n in names)
+    assert trainer.trajectory.search_space == {"blocks": [1], "modules": ["lora_B"]}
+    assert [n for n, _ in trainer.client_parameters] == names
+
+
+def test_search_space_selecting_nothing_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="selects none"):
+        trained(tmp_path, lora_model(), client_zo_modules=["no_such_module"])
+
+
+# ----------------------------------------------------------------------------------------- per-client seeds
+def test_per_client_seeds_give_k_times_p_distinct_directions(tmp_path):
+    trainer = trained(tmp_path, lora_model(), client_seeds="per_client", num_perturbations=3)
+    k, p = trainer.args.clients_per_round, 3
+    for record in trainer.trajectory.rounds:
+        assert len(record.seeds) == len(set(record.seeds)) == k * p == len(record.scalars)
+    shared = trained(tmp_path / "shared", lora_model(), num_perturbations=3)
+    assert all(len(r.seeds) == p for r in shared.trajectory.rounds)
+    # The same seed derivation on every holder: client c's seeds of round r.
+    settings = trainer.round_settings
+    assert settings.probe_seeds(4, 2) == client_round_seeds(settings.seed, 4, 2, p) != settings.probe_seeds(4, 1)
+
+
+def test_per_client_update_is_the_documented_average():
+    """theta' = theta - lr (1/(K P mu)) sum_m sum_p v_mp u_mp with ZO-SGD, in float64 against the library."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(5, 3))
+    start = param.detach().clone().double()
+    k, p, mu, lr = 3, 2, 1e-3, 0.1
+    seeds = [s for client in range(k) for s in client_round_seeds(11, 0, client, p)]
+    scalars = [float(v) for v in torch.randn(k * p).tolist()]
+    optimizer = build_client_optimizer([param], "sgd", lr, 0.0)
+    apply_zo_update([("w", param)], optimizer, seeds, scalars, mu, lr)
+    grad = sum(v * direction(param, s, 0, dtype=torch.float64) for s, v in zip(seeds, scalars)) / (k * p * mu)
+    torch.testing.assert_close(param.detach().double(), start - lr * grad, rtol=1e-5, atol=1e-6)
+
+
+def test_per_client_seeds_need_the_mean(tmp_path):
+    with pytest.raises(ValueError, match="aggregation='mean'"):
+        tiny_args(tmp_path, client_seeds="per_client", aggregation="median")
+    with pytest.raises(ValueError, match="per-client seeds apply"):
+        tiny_args(tmp_path, client_seeds="per_client", algorithm="zo_sfl")
+
+
+# ------------------------------------------------------------------------------------------------- the mask
+def test_sensitivity_mask_keeps_the_largest_squared_gradients():
+    model = tiny_llama()
+    split = split_model(model, 2)
+    mask = sensitivity_mask(split, calibration_batches(), density=0.02)
+    # The scores, recomputed independently: the kept coordinates dominate every other candidate.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    candidates = {n: p for n, p in model.named_parameters() if ".layers.0." in n or ".layers.1." in n}
+    for p in candidates.values():
+        p.requires_grad_(True)
+    scores = {n: torch.zeros_like(p) for n, p in candidates.items()}
+    for batch in calibration_batches():
+        model.zero_grad()
+        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        for n, p in candidates.items():
+            scores[n] += p.grad.pow(2)
+    kept = torch.cat([scores[n].flatten()[idx] for n, idx in mask.indices.items()])
+    total = sum(s.numel() for s in scores.values())
+    assert kept.numel() == round(0.02 * total)
+    rest = []
+    for n, s in scores.items():
+        flat = s.flatten().clone()
+        if n in mask.indices:
+            flat[mask.indices[n]] = -1
+        rest.append(flat)
+    assert kept.min() >= torch.cat(rest).max() * (1 - 1e-4)
+
+
+def test_mask_indices_round_trip(tmp_path):
+    mask = mask_for(tiny_llama())
+    mask.save(tmp_path / "mask.json")
+    assert ClientMask.load(tmp_path / "mask.json") == mask
+    assert ClientMask.from_dict(json.loads(json.dumps(mask.to_dict()))) == mask
+    settings = RoundSettings.from_args(tiny_args(tmp_path), split_layer=2, client_mask=mask)
+    assert RoundSettings.from_dict(json.loads(json.dumps(settings.to_dict()))).mask == mask
+    trainer = trained(tmp_path, tiny_llama(), mask=str(tmp_path / "mask.json"), client_zo_modules=["embed"])
+    trainer.save_model(str(tmp_path / "saved"))
+    assert ClientMask.from_dict(HOSFLSplitConfig.from_pretrained(tmp_path / "saved").client_mask) == mask
+    assert ClientMask.from_dict(Trajectory.load(tmp_path / "saved").client_mask) == mask
+
+
+def test_masked_perturbation_touches_only_masked_coordinates():
+    model = tiny_llama()
+    split = split_model(model, 2)
+    mask = mask_for(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    part = ClientPart(split, 1e-3, "one_sided", mask=mask)
+    position, (name, param) = next((i, t) for i, t in enumerate(part.parameters) if i in part.masks)
+    seen = {}
+    module = dict(model.named_modules())[name.rsplit(".", 1)[0]]
+    before = param.detach().clone()
+    with part.estimator.perturbed(seed=5, scale=0.5):
+        # Registered after the estimator's hooks: runs while the perturbed tensor is swapped in.
+        handle = module.register_forward_pre_hook(lambda m, a: seen.update(w=m.weight.detach().clone()))
+        split.client(input_ids=calibration_batches(1)[0]["input_ids"])
+    handle.remove()
+    delta = (seen["w"] - before).flatten()
+    idx = part.masks[position]
+    assert torch.equal(param, before)  # restored exactly
+    assert torch.count_nonzero(delta) == idx.numel() and torch.all(delta[idx] != 0)
+    u = direction(torch.empty(idx.numel()), 5, position)
+    torch.testing.assert_close(delta[idx], 0.5 * u)
+
+
+def test_mask_over_trainable_weights_is_refused():
+    model = tiny_llama()
+    mask = mask_for(model)
+    with pytest.raises(ValueError, match="both trainable and masked"):
+        client_update_targets(split_model(model, 2), None, mask)  # tiny_llama's base weights are all trainable
+
+
+# ------------------------------------------------------------------------------------------------ step rules
+def test_normalized_step_has_length_lr():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(7))
+    start = torch.cat([a.detach().flatten(), b.detach()]).clone()
+    optimizer = build_client_optimizer([a, b], "normalized_sgd", 0.05, 0.0)
+    assert isinstance(optimizer, NormalizedSGD)
+    apply_zo_update([("a", a), ("b", b)], optimizer, [1, 2, 3], [0.3, -2.0, 5.0], 1e-3, 0.05)
+    step = torch.cat([a.detach().flatten(), b.detach()]) - start
+    assert float(step.norm()) == pytest.approx(0.05, rel=1e-5)
+    # First-order use (e.g. SplitLoRA's client): the norm over every gradient present.
+    a.grad, b.grad = torch.ones_like(a), torch.zeros_like(b)
+    before = a.detach().clone()
+    optimizer.step()
+    assert float((a.detach() - before).norm()) == pytest.approx(0.05, rel=1e-5)
+
+
+def test_client_schedule_is_its_own(tmp_path):
+    args = tiny_args(tmp_path, lr_scheduler_type="linear", warmup_steps=2, client_lr_scheduler_type="constant")
+    trainer = trained(tmp_path, lora_model(), **{k: getattr(args, k) for k in ("client_lr_scheduler_type",)})
+    assert {r.lr for r in trainer.trajectory.rounds} == {trainer.args.client_learning_rate}
+    default = trained(tmp_path / "d", lora_model())
+    assert len({r.lr for r in default.trajectory.rounds}) > 1  # the server's linear decay
+
+
+# -------------------------------------------------------------------------------------------------- protocol
+def test_protocol_equals_the_trainer_with_every_lever(tmp_path):
+    """Search space + mask + per-client seeds + normalised step: the protocol's clients and trajectory are
+    bit-identical to the trainer's."""
+    rounds = 4
+    mask = mask_for(lora_model())
+    levers = dict(
+        client_zo_modules=["lora_B"], client_seeds="per_client", client_optimizer="normalized_sgd", max_steps=rounds
+    )
+    args = tiny_args(tmp_path, **levers)
+    trainer = HOSFLTrainer(
+        lora_model(),
+        args,
+        split_layer=2,
+        train_dataset=counting_dataset(),
+        data_collator=stack_collator,
+        client_mask=mask,
+    )
+    trainer.train()
+    settings = RoundSettings.from_args(args, split_layer=2, client_mask=mask)
+    server = SplitServer(lora_model(), settings, args)
+    clients = {c: SplitClient(lora_model(), c, settings, counting_dataset(), stack_collator) for c in range(4)}
+    run_rounds(server, clients, range(rounds))
+    assert server.trajectory.rounds == trainer.trajectory.rounds
+    assert server.trajectory.parameter_names == trainer.trajectory.parameter_names
+    expected = client_state(trainer.split)
+    history = CatchUp(server.history(-1))
+    for client in clients.values():
+        client.catch_up(history)
+        got = {n: p for n, p in client.split.model.named_parameters() if n in expected}
+        for n, value in expected.items():
+            assert torch.equal(got[n], value), (client.client_id, n)
+    # A client's saved state carries its masked values: a fresh client loads back to the same weights.
+    client = clients[0]
+    client.save(tmp_path / "state")
+    fresh = SplitClient(lora_model(), 0, settings, counting_dataset(), stack_collator)
+    assert fresh.load(tmp_path / "state")
+    for n, value in expected.items():
+        assert torch.equal(dict(fresh.split.model.named_parameters())[n], value), n
+
+
+# ------------------------------------------------------------------------------------------------ diagnostic
+def test_cosine_diagnostic_follows_sqrt_n_over_n_plus_d():
+    model = lora_model()
+    split = split_model(model, 2)
+    part = ClientPart(split, 1e-4, "two_sided", space=ClientSearchSpace(blocks=[1], modules=["v_proj.lora_B"]))
+    batch = calibration_batches(1)[0]
+    inputs, labels = {"input_ids": batch["input_ids"]}, batch["labels"]
+    result = client_update_cosine(part, inputs, labels, list(range(400)), checkpoints=[10, 400])
+    d = result["d"]
+    assert d == 16 * 2  # v_proj's LoRA-B of one block: out 16 (2 KV heads x 8) x r 2
+    assert result["phi"] == pytest.approx(1.0)
+    for row in result["rows"]:
+        assert row["expected"] == pytest.approx(math.sqrt(row["directions"] / (row["directions"] + d)))
+    final = result["rows"][-1]
+    assert final["cosine"] > 0.9 and abs(final["cosine"] - final["expected"]) < 0.05
+    # Against a larger reference space the cosine scales by sqrt(phi).
+    everything = [(n, p) for n, p in model.named_parameters() if "lora_" in n and (".0." in n or ".1." in n)]
+    wide = client_update_cosine(part, inputs, labels, list(range(10)), reference=everything)
+    assert 0 < wide["phi"] < 1
+    assert wide["rows"][0]["cosine_reference"] == pytest.approx(wide["rows"][0]["cosine"] * math.sqrt(wide["phi"]))
+
+
+def test_resume_with_every_lever_is_bit_identical_and_refuses_a_changed_mask(tmp_path):
+    mask = mask_for(lora_model())
+    levers = dict(client_zo_modules=["lora_B"], client_seeds="per_client", max_steps=6)
+
+    def make(folder, **extra):
+        args = tiny_args(folder, **levers, **extra)
+        return HOSFLTrainer(
+            lora_model(),
+            args,
+            split_layer=2,
+            train_dataset=counting_dataset(),
+            data_collator=stack_collator,
+            client_mask=mask,
+        )
+
+    full = make(tmp_path / "full")
+    full.train()
+    first = make(tmp_path / "resumed", save_strategy="steps", save_steps=3)
+    first.train()
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-3"
+    second = make(tmp_path / "resumed", save_strategy="steps", save_steps=3)
+    second.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = client_state(full.split), client_state(second.split)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert second.trajectory.rounds == full.trajectory.rounds
+
+    other = ClientMask({name: idx[:-1] for name, idx in mask.indices.items()})
+    args = tiny_args(tmp_path / "resumed", **levers)
+    changed = HOSFLTrainer(
+        lora_model(),
+        args,
+        split_layer=2,
+        train_dataset=counting_dataset(),
+        data_collator=stack_collator,
+        client_mask=other,
+    )
+    with pytest.raises(ValueError, match="client_mask"):
+        changed.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_flower_run_config_carries_the_levers(tmp_path):
+    """The Flower apps build SplitClient/SplitServer from the run config: the levers reach their RoundSettings."""
+    from hosfl_hf.integrations.flower.config import build_args, resolve
+
+    mask = mask_for(lora_model())
+    mask.save(tmp_path / "mask.json")
+    config = resolve(
+        {
+            "model": "m",
+            "dataset": "d",
+            "client-seeds": "per_client",
+            "client-zo-blocks": "0, 1",
+            "client-zo-modules": "lora_B,v_proj",
+            "client-mask": str(tmp_path / "mask.json"),
+            "client-optimizer": "normalized_sgd",
+        }
+    )
+    settings, args = build_args(config)
+    assert settings.client_seeds == "per_client" and settings.scalars_per_update is None
+    assert settings.search_space == ClientSearchSpace(blocks=[0, 1], modules=["lora_B", "v_proj"])
+    assert settings.mask == mask and settings.client_optimizer == "normalized_sgd"
+    default, _ = build_args(resolve({"model": "m", "dataset": "d"}))
+    assert default.search_space is None and default.mask is None and default.scalars_per_update == 2
