@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from grid import Budget, cell_name, run_cell, split_for, write_json  # noqa: E402
+from report import mcnemar_exact_p  # noqa: E402
 
 # name -> (method, HOSFLConfig overrides, mask density or None). Client blocks 0-3 hold ~55% of the LoRA-B energy.
 CONFIGS: dict[str, tuple[str, dict, float | None]] = {
@@ -177,8 +178,6 @@ def paired(losses: list[float], frozen: list[float], start: int = 1) -> float:
 def summarize(runs: dict, seeds: list[int]) -> dict:
     """Per configuration: the paired loss difference vs the frozen client (mean, SE over seeds), SplitLoRA's, the
     fraction, accuracy, and the exact McNemar test vs the frozen client on the full validation set (pooled)."""
-    from scipy.stats import binomtest
-
     out = {}
     for name in CONFIGS:
         if name == "frozen":  # (frozen_check vs frozen: the floor of float noise between code versions/threads)
@@ -215,7 +214,7 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
             "mcnemar_vs_frozen": {
                 "only_this_right": b,
                 "only_frozen_right": c,
-                "p_value": float(binomtest(b, b + c).pvalue) if b + c else 1.0,
+                "p_value": mcnemar_exact_p(b, c),
             },
             "seeds": common,
             "rounds": runs[f"{name}/s{common[0]}"]["rounds"],

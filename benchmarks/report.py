@@ -72,12 +72,16 @@ def mcnemar_p(a: list[int], b: list[int], labels: list[int]) -> tuple[int, int, 
     a_right = np.array(a) == np.array(labels)
     b_right = np.array(b) == np.array(labels)
     n01, n10 = int(np.sum(a_right & ~b_right)), int(np.sum(~a_right & b_right))
+    return n01, n10, mcnemar_exact_p(n01, n10)
+
+
+def mcnemar_exact_p(n01: int, n10: int) -> float:
+    """Two-sided exact McNemar p-value of the discordant counts (binomial test of n01 out of n01 + n10 at 1/2)."""
     n = n01 + n10
     if n == 0:
-        return n01, n10, 1.0
+        return 1.0
     k = min(n01, n10)
-    p = 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return n01, n10, min(1.0, p)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def standard_error_over_seeds(per_seed_means: list[float]) -> float | None:

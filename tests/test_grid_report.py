@@ -24,15 +24,35 @@ def test_plan_runs_no_split_methods_once_per_task_and_seed():
     assert names.index("mezo_sst2_nosplit_s1") < names.index("hosfl_sst2_shallow_s0")
 
 
-def test_claim_is_exclusive_and_takes_over_stale_locks(tmp_path):
+_PROBE = """
+import sys
+from filelock import FileLock, Timeout
+try:
+    FileLock(sys.argv[1]).acquire(timeout=0)  # never released: the OS frees it when this process exits
+    print("acquired")
+except Timeout:
+    print("refused")
+"""
+
+
+def test_claim_is_exclusive_and_freed_when_its_worker_stops(tmp_path):
     path = str(tmp_path / "cell.json")
-    assert grid.claim(path)
-    assert not grid.claim(path)  # held by this (live) process
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    with open(path + ".lock", "w") as f:
-        f.write(dead.stdout.strip())  # a worker that has exited
-    assert grid.claim(path)
-    assert open(path + ".lock").read() == str(os.getpid())
+
+    def other_worker():
+        probe = [sys.executable, "-c", _PROBE, path + ".lock"]
+        return subprocess.run(probe, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+
+    lock = grid.claim(path)
+    assert lock
+    assert other_worker() == "refused"  # held by this (live) worker
+    lock.release()
+    assert other_worker() == "acquired"  # ... and that worker exited without releasing it
+    lock = grid.claim(path)  # the OS freed the stopped worker's lock
+    assert lock
+    lock.release()
+    with open(path, "w") as f:
+        f.write("{}")
+    assert grid.claim(path) is None  # a finished cell is never claimed again
 
 
 def _cell(method, task, depth, seed, accuracy, losses):
