@@ -43,8 +43,9 @@ def counting_dataset(n: int = 200, seed: int = 0) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def tiny_args(tmp_path, **overrides):
-    """An HOSFLConfig for tiny-model runs: 4 clients, 2 per round, batch 4, CPU, no saving or reporting."""
+def tiny_args(tmp_path, config_class=None, **overrides):
+    """An HOSFLConfig (or `config_class`, e.g. HOSFLSFTConfig) for tiny-model runs: 4 clients, 2 per round, batch 4,
+    CPU, no saving or reporting."""
     from hosfl_hf import HOSFLConfig
 
     values = dict(
@@ -62,7 +63,7 @@ def tiny_args(tmp_path, **overrides):
         seed=7,
         disable_tqdm=True,
     )
-    return HOSFLConfig(**{**values, **overrides})
+    return (config_class or HOSFLConfig)(**{**values, **overrides})
 
 
 def stack_collator(features):

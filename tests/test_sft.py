@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_args
 from datasets import Dataset
 
 pytest.importorskip("trl")
@@ -90,24 +91,8 @@ def prompt_completions(n: int, offset: int = 0) -> Dataset:
 
 
 def sft_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=16,
-        learning_rate=3e-3,
-        client_learning_rate=1e-3,
-        num_clients=4,
-        clients_per_round=2,
-        logging_steps=3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        max_length=64,
-    )
-    return HOSFLSFTConfig(**{**values, **overrides})
+    values = dict(max_steps=6, per_device_eval_batch_size=16, logging_steps=3, max_length=64)
+    return tiny_args(tmp_path, HOSFLSFTConfig, **{**values, **overrides})
 
 
 def test_conversations_carry_loss_on_the_last_assistant_turn_only(tokenizer, tmp_path):
