@@ -2,7 +2,7 @@
 
 from . import _backends  # noqa: F401  (first: quiets optional back-ends before they are imported)
 from .config import HOSFLConfig
-from .hub import HOSFLSplitConfig, merge_for_inference
+from .hub import HOSFLSplitConfig, load_client_mask_values, merge_for_inference
 from .lora import client_4bit_config, split_lora_config
 from .search_space import ClientMask, ClientSearchSpace, sensitivity_mask
 from .split import SPLIT_REGISTRY, CutActivations, SplitModel, split_model
@@ -35,6 +35,7 @@ __all__ = [
     "Trajectory",
     "TrajectoryRound",
     "client_4bit_config",
+    "load_client_mask_values",
     "merge_for_inference",
     "replay_trajectory",
     "sensitivity_mask",

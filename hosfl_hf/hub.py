@@ -6,10 +6,13 @@ A folder written by `HOSFLTrainer.save_model(folder)` holds what `transformers` 
 * `hosfl_config.json`: [`HOSFLSplitConfig`] (`hosfl_hf.split_config`), how the model was split and trained (split
   layer, zeroth-order and federation settings, RNG specification);
 * `hosfl_trajectory.json`: the client trajectory (seeds and averaged scalars of every round);
+* `hosfl_client_mask_values.safetensors` (a run with a static mask of client base weights, `client_mask`): the
+  trained values of the masked base weights, which a peft adapter's files do not hold ([`load_client_mask_values`]);
 * `README.md`: a model card (`hosfl_hf.model_card`) with the base model, tags, citation, final metrics and
   communication/memory figures.
 
-[`push_to_hub`] uploads such a folder; [`merge_for_inference`] turns it (or a `PeftModel`) into a plain model.
+[`push_to_hub`] uploads such a folder; [`merge_for_inference`] turns it (or a `PeftModel`) into a plain model, masked
+base-weight values included.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from .memory import parameter_memory
 from .model_card import CITATION, HOSFL_TAGS, build_model_card, final_metrics
-from .split_config import ADAPTER_CONFIG_NAME, HOSFL_CONFIG_NAME, HOSFLSplitConfig
+from .split_config import ADAPTER_CONFIG_NAME, CLIENT_MASK_VALUES_NAME, HOSFL_CONFIG_NAME, HOSFLSplitConfig
 
 __all__ = [
     "CITATION",
@@ -34,6 +37,7 @@ __all__ = [
     "HOSFLSplitConfig",
     "build_model_card",
     "final_metrics",
+    "load_client_mask_values",
     "merge_for_inference",
     "parameter_memory",
     "push_to_hub",
@@ -41,12 +45,89 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------- merging
-def _is_adapter_folder(path: str, revision: str | None = None, token: str | bool | None = None) -> bool:
+def _has_file(path: str, name: str, revision: str | None = None, token: str | bool | None = None) -> bool:
     if os.path.isdir(path):
-        return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME))
+        return os.path.isfile(os.path.join(path, name))
     from huggingface_hub import file_exists
 
-    return file_exists(path, ADAPTER_CONFIG_NAME, revision=revision, token=token)
+    return file_exists(path, name, revision=revision, token=token)
+
+
+def _is_adapter_folder(path: str, revision: str | None = None, token: str | bool | None = None) -> bool:
+    return _has_file(path, ADAPTER_CONFIG_NAME, revision, token)
+
+
+def load_client_mask_values(
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> list[str]:
+    """Writes the trained values of masked client base weights, saved by an HO-SFL run with a `client_mask`, into
+    `model`.
+
+    Such a run also trains a static sparse set of client base weights ([`~hosfl_hf.search_space.ClientMask`]). A peft
+    adapter's files hold only the adapters, so `save_model` writes those values to
+    `hosfl_client_mask_values.safetensors` and their indices to `hosfl_config.json`; loading the adapters alone
+    (`PeftModel.from_pretrained`) would silently drop them. [`merge_for_inference`] calls this for you.
+
+    Args:
+        model (`nn.Module`):
+            The model the run trained, loaded the same way: for a LoRA run, the `PeftModel` with the folder's adapters
+            (the saved names are those of its parameters, e.g. `model.layers.0.mlp.down_proj.weight`).
+        model_id (`str` or `os.PathLike`):
+            A folder saved by `HOSFLTrainer.save_model`, or a Hub repo pushed from one.
+        revision, token: of the Hub repository, when `model_id` is a repo id.
+
+    Returns:
+        `list[str]`: the names of the base weights written (empty when the run used no mask).
+
+    Raises:
+        `ValueError`: when the saved values do not fit `model` (a missing weight, or a shape that differs).
+    """
+    from safetensors.torch import load_file
+
+    from .search_space import ClientMask
+    from .split import unwrap_causal_lm
+
+    path = str(model_id)
+    hub = {"revision": revision, "token": token}
+    if not _has_file(path, CLIENT_MASK_VALUES_NAME, **hub):
+        return []
+    if os.path.isdir(path):
+        values_file = os.path.join(path, CLIENT_MASK_VALUES_NAME)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        values_file = hf_hub_download(path, CLIENT_MASK_VALUES_NAME, **hub)
+    recorded = HOSFLSplitConfig.from_pretrained(path, **hub).client_mask
+    if recorded is None:
+        raise ValueError(f"{path} has {CLIENT_MASK_VALUES_NAME} but its {HOSFL_CONFIG_NAME} records no client_mask.")
+    indices = ClientMask.from_dict(recorded).indices
+    values = load_file(values_file)
+    params = dict(unwrap_causal_lm(model).named_parameters())
+    missing = sorted(set(values) - set(params))
+    if missing:
+        raise ValueError(
+            f"The model has no parameters {missing[:3]} (of {len(missing)}) that {path} holds masked values for. Load "
+            "the model as the run trained it (for a LoRA run: PeftModel.from_pretrained(base, folder)) first."
+        )
+    writes = []
+    for name, vector in values.items():  # check every tensor before writing any
+        index = torch.as_tensor(indices.get(name, []), dtype=torch.long)
+        param = params[name]
+        if vector.shape != index.shape or (index.numel() and int(index.max()) >= param.numel()):
+            raise ValueError(
+                f"Masked values of {name} ({tuple(vector.shape)}) do not fit this model's weight "
+                f"{tuple(param.shape)} and the {index.numel()} recorded indices: it is not the base model the run "
+                "trained, or the folder's files come from different runs."
+            )
+        writes.append((param, index, vector))
+    with torch.no_grad():
+        for param, index, vector in writes:
+            param.view(-1)[index.to(param.device)] = vector.to(device=param.device, dtype=param.dtype)
+    return sorted(values)
 
 
 def merge_for_inference(
@@ -62,7 +143,8 @@ def merge_for_inference(
     """A plain `transformers` model for inference: the adapters of an HO-SFL run merged into the base weights.
 
     A `PeftModel` given here is merged in place (peft's `merge_and_unload`): its base model becomes the result, so
-    pass a copy (or the saved folder) to keep training the adapter model.
+    pass a copy (or the saved folder) to keep training the adapter model. An adapter folder of a run with a
+    `client_mask` also gets its trained masked base-weight values ([`load_client_mask_values`]).
 
     Args:
         model_or_path (`PeftModel`, `PreTrainedModel`, `str` or `os.PathLike`):
@@ -95,6 +177,7 @@ def merge_for_inference(
                 raise ValueError(f"{path}/{ADAPTER_CONFIG_NAME} names no base model: pass base_model=<model or name>.")
             base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **model_kwargs)
         model = PeftModel.from_pretrained(base_model, path, **hub)
+        load_client_mask_values(model, path, **hub)
     if isinstance(model, PeftModel):
         if getattr(model.get_base_model(), "is_loaded_in_4bit", False) or getattr(
             model.get_base_model(), "is_loaded_in_8bit", False

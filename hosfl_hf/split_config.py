@@ -13,10 +13,12 @@ from typing import Any
 
 from .rng import RNG_SPEC
 
-__all__ = ["ADAPTER_CONFIG_NAME", "HOSFL_CONFIG_NAME", "HOSFLSplitConfig"]
+__all__ = ["ADAPTER_CONFIG_NAME", "CLIENT_MASK_VALUES_NAME", "HOSFL_CONFIG_NAME", "HOSFLSplitConfig"]
 
 HOSFL_CONFIG_NAME = "hosfl_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+# The trained values of masked client base weights (a peft adapter's files do not hold base weights).
+CLIENT_MASK_VALUES_NAME = "hosfl_client_mask_values.safetensors"
 
 
 def _package_version() -> str:

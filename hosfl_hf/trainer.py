@@ -30,6 +30,7 @@ from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeRepl
 from .protocol.settings import RoundSettings
 from .rng import environment, round_seeds
 from .split import CutActivations, split_model
+from .split_config import CLIENT_MASK_VALUES_NAME
 from .trajectory import TRAJECTORY_NAME, Trajectory
 from .zeroth_order import (
     ZerothOrderEstimator,
@@ -52,7 +53,6 @@ def _num_bytes(*tensors: torch.Tensor | None) -> int:
 # Inputs that stay on the client; everything else in a batch (besides labels) is forwarded to the server part.
 CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 CLIENT_STATE_NAME = "hosfl_client_state.pt"
-CLIENT_MASK_VALUES_NAME = "hosfl_client_mask_values.safetensors"  # the trained values of masked base weights
 CLIENT_KEY = "hosfl_client"  # the batch field naming the client that sent the batch
 # Settings a resumed run must share with its checkpoint: any change would make the saved trajectory replay wrongly
 # or change the shards, the client sampling or the seeds of the remaining rounds.

@@ -379,3 +379,38 @@ def test_flower_run_config_carries_the_levers(tmp_path):
     assert settings.mask == mask and settings.client_optimizer == "normalized_sgd"
     default, _ = build_args(resolve({"model": "m", "dataset": "d"}))
     assert default.search_space is None and default.mask is None and default.scalars_per_update == 2
+
+
+def test_merge_for_inference_keeps_the_trained_masked_base_weights(tmp_path):
+    """A LoRA run with a mask trains base weights the adapter files do not hold: loading the folder must bring them
+    back (merge_for_inference / load_client_mask_values), exactly; the adapters alone give another model."""
+    from peft import PeftModel
+
+    from hosfl_hf import load_client_mask_values, merge_for_inference
+
+    mask = mask_for(lora_model())
+    trainer = trained(tmp_path, lora_model(), mask=mask)
+    trainer.save_model(str(tmp_path / "saved"))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        reference = copy.deepcopy(trainer.model).merge_and_unload()(ids).logits
+        merged = merge_for_inference(tmp_path / "saved", base_model=tiny_llama())(ids).logits
+        adapters_only = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved").merge_and_unload()(ids).logits
+    assert torch.equal(merged, reference)
+    assert not torch.equal(adapters_only, reference)
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
+    assert load_client_mask_values(loaded, tmp_path / "saved") == sorted(mask.indices)
+    assert load_client_mask_values(lora_model(), tmp_path) == []  # a folder without masked values
+    # Values that do not fit the model are refused, naming the weight, never written.
+    from safetensors.torch import load_file, save_file
+
+    values_file = tmp_path / "saved" / "hosfl_client_mask_values.safetensors"
+    values = load_file(values_file)
+    name = sorted(values)[0]
+    save_file({**values, name: values[name][:-1].contiguous()}, values_file)
+    with pytest.raises(ValueError, match=f"Masked values of {name}.*not the base model"):
+        load_client_mask_values(loaded, tmp_path / "saved")
+    save_file({"model.no_such.weight": values[name]}, values_file)
+    with pytest.raises(ValueError, match=r"no parameters \['model.no_such.weight'\]"):
+        load_client_mask_values(loaded, tmp_path / "saved")
