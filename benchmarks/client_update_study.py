@@ -1,7 +1,7 @@
 """Does the client's zeroth-order update count? The client-update study of issue #17, resumable.
 
     python benchmarks/client_update_study.py --seeds 0 1 2 --rounds 60 --threads 1
-    python benchmarks/client_update_study.py --configs paper lora_b_pc --seeds 0 1 2 3 4 --rounds 250   # a GPU
+    python benchmarks/client_update_study.py --task rte --rounds 250 --client_lrs 1e-4 1e-3 3e-3 --threads 1
 
 Deep split (client = blocks 0-19 of the shipped SmolLM2-135M), rounds of 3 clients x 8 examples, the grid's budget
 and harness (`benchmarks/grid.py`): every configuration of a seed sees the same shards, client sampling, batches,
@@ -9,10 +9,15 @@ LoRA initialisation and split, so its per-round training losses pair with the fr
 The paired difference (configuration - frozen client), averaged over rounds 1.. (round 0 is identical for all),
 is the client's contribution; SplitLoRA's is the first-order reference.
 
-Each finished run is written to `<out>/client_update_study.json` at once (a stopped study keeps what it finished and
-the next call runs the rest). Runs that `benchmarks/grid.py` already made with the same budget (frozen client,
-SplitLoRA, the paper's HO-SFL) are read from `<out>/cells` instead of being run again, after checking that their
-first-round loss is the study's. `--cosine` first measures, per configuration, the cosine of the client's estimate
+Each finished run is written at once to the study's file (a stopped study keeps what it finished and the next call
+runs the rest): `<out>/client_update_study.json` for the SST-2 pilot of 60 rounds, else
+`<out>/client_update_study_<task>_r<rounds>.json`. Workers started side by side (`--threads 1` each, on a CPU or a GPU)
+share a study: each run is claimed with a file lock and the file is updated under another. `--client_lrs` runs every
+configuration but the frozen client at each client learning rate (`<config>@lr<lr>`; SplitLoRA's client included:
+the same sweep budget); the first-order reference of the fractions is SplitLoRA's best learning rate. Runs that
+`benchmarks/grid.py` already made with the same budget (frozen client, SplitLoRA, the paper's HO-SFL at the grid's
+learning rates) are read from `<out>/cells` instead of being run again, after checking that their first-round loss is
+the study's. `--cosine` first measures, per configuration, the cosine of the client's estimate
 with the true client gradient (`hosfl_hf.diagnostics.client_update_cosine`) on one calibration batch.
 """
 
@@ -27,6 +32,7 @@ import time
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 sys.path.insert(0, os.path.dirname(__file__))
 from grid import Budget, cell_name, run_cell, split_for, write_json  # noqa: E402
@@ -133,7 +139,9 @@ def mask_maker(density: float, budget: Budget, data_dir: str | None, batches: in
     return make
 
 
-def measure_cosine(name: str, budget: Budget, data_dir: str | None, directions: list[int], batches: int) -> dict:
+def measure_cosine(
+    name: str, budget: Budget, data_dir: str | None, directions: list[int], batches: int, task_name: str = "sst2"
+) -> dict:
     """The cosine of the configuration's estimate with the true client gradient on one calibration batch, against
     the full client gradient (all client LoRA weights and all client base weights of the blocks)."""
     from hosfl_hf import split_model
@@ -144,7 +152,7 @@ def measure_cosine(name: str, budget: Budget, data_dir: str | None, directions: 
     from hosfl_hf.tasks import get_task
 
     method, overrides, density = CONFIGS[name]
-    task = get_task("sst2")
+    task = get_task(task_name)
     model, tokenizer = peft_model(budget, 0)
     split_layer = split_for("deep", model.config.num_hidden_layers)
     mask = mask_maker(density, budget, data_dir, batches)(split_layer, task, tokenizer, 0) if density else None
@@ -175,19 +183,44 @@ def paired(losses: list[float], frozen: list[float], start: int = 1) -> float:
     return float(diffs.mean())
 
 
+def base_config(name: str) -> str:
+    """`lora_b_pc@lr0.001` -> `lora_b_pc` (a run of the learning-rate sweep)."""
+    return name.split("@lr")[0]
+
+
+def run_key(name: str, seed: int, lr: float | None = None) -> str:
+    return f"{name}@lr{lr:g}/s{seed}" if lr is not None else f"{name}/s{seed}"
+
+
+def best_first_order(runs: dict, seeds: list[int]) -> tuple[str | None, dict[int, float]]:
+    """SplitLoRA's run (default or swept learning rate) with the lowest mean paired difference vs the frozen client
+    over its seeds, and its per-seed differences: the first-order reference of every fraction (its best client)."""
+    best, best_mean = None, math.inf
+    for name in sorted({k.rsplit("/s", 1)[0] for k in runs if base_config(k.rsplit("/s", 1)[0]) == "splitlora"}):
+        per_seed = {
+            s: paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"])
+            for s in seeds
+            if f"{name}/s{s}" in runs and f"frozen/s{s}" in runs
+        }
+        if per_seed and np.mean(list(per_seed.values())) < best_mean:
+            best, best_mean, chosen = name, float(np.mean(list(per_seed.values()))), per_seed
+    return best, (chosen if best is not None else {})
+
+
 def summarize(runs: dict, seeds: list[int]) -> dict:
     """Per configuration: the paired loss difference vs the frozen client (mean, SE over seeds), SplitLoRA's, the
     fraction, accuracy, and the exact McNemar test vs the frozen client on the full validation set (pooled)."""
     out = {}
-    for name in CONFIGS:
+    names = sorted({key.rsplit("/s", 1)[0] for key in runs}, key=lambda n: (list(CONFIGS).index(base_config(n)), n))
+    fo_reference, fo_by_seed = best_first_order(runs, seeds)
+    for name in names:
         if name == "frozen":  # (frozen_check vs frozen: the floor of float noise between code versions/threads)
             continue
         common = [s for s in seeds if f"{name}/s{s}" in runs and f"frozen/s{s}" in runs]
         if not common:
             continue
         diffs = [paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in common]
-        fo_seeds = [s for s in common if f"splitlora/s{s}" in runs]
-        fo = [paired(runs[f"splitlora/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in fo_seeds]
+        fo = [fo_by_seed[s] for s in common if s in fo_by_seed]
         b = c = 0  # McNemar: this configuration right and the frozen client wrong, and the reverse
         for s in common:
             labels = np.array(runs[f"frozen/s{s}"]["labels"])
@@ -206,6 +239,7 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
             "loss_diff_vs_frozen": mean,
             "loss_diff_se": se,
             "fo_loss_diff_vs_frozen": fo_mean,
+            "fo_reference": fo_reference,
             "fraction_of_fo": mean / fo_mean if fo_mean else None,
             "loss_diff_second_half": float(np.mean(late)),
             "per_seed_loss_diff": diffs,
@@ -222,11 +256,46 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
     return out
 
 
+def study_path(out: str, task: str, rounds: int) -> str:
+    """The SST-2 pilot of 60 rounds keeps its file; every other (task, rounds) study has its own."""
+    if (task, rounds) == ("sst2", 60):
+        return os.path.join(out, "client_update_study.json")
+    return os.path.join(out, f"client_update_study_{task}_r{rounds}.json")
+
+
+def update_study(path: str, change) -> dict:
+    """Read-modify-write of the study file under its lock (workers side by side), written atomically."""
+    with FileLock(path + ".lock"):
+        study = json.load(open(path)) if os.path.isfile(path) else {}
+        study.setdefault("runs", {})
+        study.setdefault("cosine", {})
+        change(study)
+        seeds = sorted({int(k.rsplit("/s", 1)[1]) for k in study["runs"]})
+        study["client_contribution"] = summarize(study["runs"], seeds)
+        write_json(path, study)
+    return study
+
+
+def plan_runs(
+    configs: list[str], seeds: list[int], client_lrs: list[float] | None
+) -> list[tuple[str, int, float | None]]:
+    """(configuration, seed, client learning rate or None for the configuration's own), seed by seed so that a
+    stopped study has complete seeds; the frozen client has no client learning rate."""
+    todo = []
+    for seed in seeds:
+        for name in configs:
+            lrs = [None] if not client_lrs or CONFIGS[name][0] == "frozen_client" else client_lrs
+            todo += [(name, seed, lr) for lr in lrs]
+    return todo
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--task", default="sst2", choices=["sst2", "rte"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--client_lrs", nargs="+", type=float, default=None, help="Client learning-rate sweep.")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -238,65 +307,72 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     # The grid's budget, curves off (the study compares training losses and the final full-validation accuracy).
     budget = Budget(rounds=args.rounds)
-    path = os.path.join(args.out, "client_update_study.json")
-    study = json.load(open(path)) if os.path.isfile(path) else {}
-    study.setdefault("runs", {})
-    study.setdefault("cosine", {})
-    study["budget"] = budget.__dict__
-    study["command"] = "python benchmarks/client_update_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = study_path(args.out, args.task, args.rounds)
+    command = "python benchmarks/client_update_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
-    def save() -> None:
-        study["client_contribution"] = summarize(study["runs"], sorted({int(k.split("/s")[1]) for k in study["runs"]}))
-        write_json(path, study)
+    def header(study: dict) -> None:
+        study.update(task=args.task, depth="deep", budget=budget.__dict__, command=command)
 
+    update_study(path, header)
     if args.cosine is not None:
+        done = json.load(open(path))["cosine"]
         for name in args.configs:
-            if name in study["cosine"] or CONFIGS[name][0] != "hosfl":
+            if name in done or CONFIGS[name][0] != "hosfl":
                 continue
             start = time.perf_counter()
-            study["cosine"][name] = measure_cosine(
-                name, budget, args.data_dir, args.cosine or [2, 6, 64], args.calibration_batches
+            row = measure_cosine(
+                name, budget, args.data_dir, args.cosine or [2, 6, 64], args.calibration_batches, args.task
             )
-            print(f"cosine {name}: {study['cosine'][name]['rows']} ({time.perf_counter() - start:.0f} s)", flush=True)
-            save()
+            print(f"cosine {name}: {row['rows']} ({time.perf_counter() - start:.0f} s)", flush=True)
+            update_study(path, lambda study, name=name, row=row: study["cosine"].__setitem__(name, row))
     if args.no_runs:
-        save()
         return
 
     cells = os.path.join(args.out, "cells")
-    todo = [(name, seed) for seed in args.seeds for name in args.configs]
-    for name, seed in todo:
-        key = f"{name}/s{seed}"
-        if key in study["runs"]:
+    for name, seed, lr in plan_runs(args.configs, args.seeds, args.client_lrs):
+        key = run_key(name, seed, lr)
+        if key in json.load(open(path))["runs"]:
             continue
-        method, overrides, density = CONFIGS[name]
-        cell = os.path.join(cells, cell_name(GRID_CELLS.get(name, "-"), "sst2", "deep", seed) + ".json")
-        if name in GRID_CELLS and os.path.isfile(cell):
-            result = json.load(open(cell))
-            if result["budget"]["rounds"] == budget.rounds:
-                result["source"] = f"benchmarks/grid.py cell {os.path.basename(cell)}"
-                study["runs"][key] = result
-                print(f"{key}: from {cell}", flush=True)
-                save()
+        claim = FileLock(f"{path}.{key.replace('/', '_')}.lock")
+        try:
+            claim.acquire(timeout=0)
+        except Timeout:
+            continue  # another worker runs it
+        try:
+            if key in json.load(open(path))["runs"]:  # finished meanwhile
                 continue
-        print(f"{key}: running {method} {overrides} mask={density}", flush=True)
-        start = time.perf_counter()
-        make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches) if density else None
-        overrides = {**overrides, "eval_strategy": "no"}
-        result = run_cell(method, "sst2", "deep", seed, budget, args.data_dir, overrides, make_mask)
-        result.update(config=name, overrides=CONFIGS[name][1], mask_density=density)
-        result["run_seconds"] = time.perf_counter() - start
-        # Pairing needs the same batches: round 0 (before any update) must give every configuration the same loss.
-        frozen = study["runs"].get(f"frozen/s{seed}")
-        if frozen is not None and abs(frozen["train_losses"][0] - result["train_losses"][0]) > 1e-4:
-            raise RuntimeError(
-                f"{key}: round-0 loss {result['train_losses'][0]} differs from the frozen client's "
-                f"{frozen['train_losses'][0]}: the runs do not share batches, so they cannot be paired."
+            method, overrides, density = CONFIGS[name]
+            cell = os.path.join(cells, cell_name(GRID_CELLS.get(name, "-"), args.task, "deep", seed) + ".json")
+            if name in GRID_CELLS and lr is None and os.path.isfile(cell):
+                result = json.load(open(cell))
+                if result["budget"]["rounds"] == budget.rounds:
+                    result["source"] = f"benchmarks/grid.py cell {os.path.basename(cell)}"
+                    update_study(path, lambda study, key=key, result=result: study["runs"].__setitem__(key, result))
+                    print(f"{key}: from {cell}", flush=True)
+                    continue
+            overrides = {**overrides, "eval_strategy": "no"}
+            if lr is not None:
+                overrides["client_learning_rate"] = lr
+            print(f"{key}: running {method} {overrides} mask={density}", flush=True)
+            start = time.perf_counter()
+            make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches) if density else None
+            result = run_cell(method, args.task, "deep", seed, budget, args.data_dir, overrides, make_mask)
+            result.update(config=name, overrides=overrides, mask_density=density, client_lr_swept=lr)
+            result["run_seconds"] = time.perf_counter() - start
+            # Pairing needs the same batches: round 0 (before any update) must give every configuration the same
+            # loss.
+            frozen = json.load(open(path))["runs"].get(f"frozen/s{seed}")
+            if frozen is not None and abs(frozen["train_losses"][0] - result["train_losses"][0]) > 1e-4:
+                raise RuntimeError(
+                    f"{key}: round-0 loss {result['train_losses'][0]} differs from the frozen client's "
+                    f"{frozen['train_losses'][0]}: the runs do not share batches, so they cannot be paired."
+                )
+            update_study(path, lambda study, key=key, result=result: study["runs"].__setitem__(key, result))
+            print(
+                f"{key}: accuracy {100 * result['accuracy']:.2f}% in {result['run_seconds'] / 60:.1f} min", flush=True
             )
-        study["runs"][key] = result
-        save()
-        print(f"{key}: accuracy {100 * result['accuracy']:.2f}% in {result['run_seconds'] / 60:.1f} min", flush=True)
-    save()
+        finally:
+            claim.release()
 
 
 if __name__ == "__main__":

@@ -282,17 +282,19 @@ def summarize(out: str, command: str) -> dict:
 
 
 def client_contribution(out: str) -> dict:
-    """`task -> depth -> configuration -> client_contribution` from `benchmarks/client_update_study.py`'s JSON (the
-    study runs SST-2 at the deep split), with each configuration's measured cosine."""
-    path = os.path.join(out, "client_update_study.json")
-    if not os.path.isfile(path):
-        return {}
-    study = json.load(open(path))
-    rows = {}
-    for name, entry in study.get("client_contribution", {}).items():
-        cosine = study.get("cosine", {}).get(name)
-        rows[name] = {**entry, "cosine": cosine}
-    return {"sst2": {"deep": rows}} if rows else {}
+    """`task -> depth -> configuration -> client_contribution` from `benchmarks/client_update_study.py`'s files (the
+    studies run at the deep split), with each configuration's measured cosine. The SST-2 pilot of 60 rounds keeps its
+    configuration names; a study of another length files them as `<configuration>/r<rounds>`."""
+    filed: dict = {}
+    for path in sorted(glob.glob(os.path.join(out, "client_update_study*.json"))):
+        study = json.load(open(path))
+        task, depth = study.get("task", "sst2"), study.get("depth", "deep")
+        rounds = study.get("budget", {}).get("rounds", 60)
+        suffix = "" if os.path.basename(path) == "client_update_study.json" else f"/r{rounds}"
+        for name, entry in study.get("client_contribution", {}).items():
+            cosine = study.get("cosine", {}).get(name)
+            filed.setdefault(task, {}).setdefault(depth, {})[name + suffix] = {**entry, "cosine": cosine}
+    return filed
 
 
 def fmt_acc(e: dict) -> str:
@@ -423,7 +425,9 @@ def write_markdown(summary: dict, out: str) -> None:
                 f"## Client contribution, {task} {depth} split (`benchmarks/client_update_study.py`)",
                 "",
                 "Paired training-loss difference vs the frozen client on the same batches (mean over rounds 1.., mean "
-                "± SE over seeds); `fraction_of_fo` = the configuration's difference / SplitLoRA's.",
+                "± SE over seeds); `fraction_of_fo` = the configuration's difference / SplitLoRA's (its best client "
+                "learning rate where SplitLoRA's was swept: `<configuration>@lr<lr>`; `/r<rounds>`: a study of that "
+                "many rounds).",
                 "",
                 "| configuration | loss diff vs frozen | SE | SplitLoRA's | fraction of FO | accuracy | McNemar p "
                 "| seeds |",

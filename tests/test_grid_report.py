@@ -333,3 +333,62 @@ def test_client_update_study_summary(tmp_path):
         json.dump({"client_contribution": summary, "cosine": {"lora_b_pc": {"d": 5}}}, f)
     filed = report.client_contribution(str(tmp_path))
     assert filed["sst2"]["deep"]["lora_b_pc"]["cosine"] == {"d": 5}
+
+    # A learning-rate sweep: SplitLoRA's best client learning rate is the first-order reference of every fraction.
+    swept = {
+        "frozen/s0": runs["frozen/s0"],
+        "splitlora@lr0.001/s0": run([1.0, 0.85, 0.75], [0, 1, 0, 1]),  # -0.05
+        "splitlora@lr0.01/s0": run([1.0, 0.8, 0.7], [0, 1, 0, 1]),  # -0.1: the best
+        "lora_b_pc@lr0.001/s0": run([1.0, 0.89, 0.79], [0, 0, 0, 0]),  # -0.01
+    }
+    summary = study.summarize(swept, [0])
+    assert summary["lora_b_pc@lr0.001"]["fo_reference"] == "splitlora@lr0.01"
+    assert summary["lora_b_pc@lr0.001"]["fraction_of_fo"] == pytest.approx(0.1)
+    assert summary["lora_b_pc@lr0.001"]["loss_diff_se"] is None  # one seed: no SE
+    assert study.plan_runs(["frozen", "paper"], [0, 1], [1e-4, 1e-3]) == [
+        ("frozen", 0, None),
+        ("paper", 0, 1e-4),
+        ("paper", 0, 1e-3),
+        ("frozen", 1, None),
+        ("paper", 1, 1e-4),
+        ("paper", 1, 1e-3),
+    ]
+    assert study.run_key("paper", 1, 1e-3) == "paper@lr0.001/s1"
+    path = study.study_path(str(tmp_path), "rte", 250)
+    assert path.endswith("client_update_study_rte_r250.json")
+    with open(path, "w") as f:
+        json.dump({"task": "rte", "depth": "deep", "budget": {"rounds": 250}, "client_contribution": summary}, f)
+    filed = report.client_contribution(str(tmp_path))
+    assert set(filed["rte"]["deep"]) == {"splitlora@lr0.001/r250", "splitlora@lr0.01/r250", "lora_b_pc@lr0.001/r250"}
+    assert set(filed["sst2"]["deep"]) == set(study.summarize(runs, [0, 1]))  # the pilot's names unchanged
+
+
+def test_client_update_study_sweeps_resumes_and_skips_claimed_runs(tmp_path, monkeypatch):
+    """main() runs each (configuration, seed, client lr) once, files it under its key, skips a run another worker
+    holds the lock of, and a second call runs only what is missing."""
+    import client_update_study as study
+    from filelock import FileLock
+
+    calls = []
+
+    def fake_run_cell(method, task, depth, seed, budget, data_dir, overrides, make_mask):
+        calls.append((method, task, seed, overrides.get("client_learning_rate")))
+        loss = 1.0 - 0.01 * len(calls)
+        return {"train_losses": [1.0, loss], "predictions": [0], "labels": [0], "accuracy": 1.0, "rounds": 2}
+
+    monkeypatch.setattr(study, "run_cell", fake_run_cell)
+    argv = ["--task", "rte", "--rounds", "2", "--seeds", "0", "--out", str(tmp_path), "--configs", "frozen", "paper"]
+    path = study.study_path(str(tmp_path), "rte", 2)
+    held = FileLock(f"{path}.paper@lr0.001_s0.lock")
+    held.acquire()
+    try:
+        study.main(argv + ["--client_lrs", "1e-4", "1e-3"])
+    finally:
+        held.release()
+    assert calls == [("frozen_client", "rte", 0, None), ("hosfl", "rte", 0, 1e-4)]
+    runs = json.load(open(path))["runs"]
+    assert set(runs) == {"frozen/s0", "paper@lr0.0001/s0"}
+    study.main(argv + ["--client_lrs", "1e-4", "1e-3"])
+    assert calls[2:] == [("hosfl", "rte", 0, 1e-3)]
+    saved = json.load(open(path))
+    assert saved["task"] == "rte" and set(saved["client_contribution"]) == {"paper@lr0.0001", "paper@lr0.001"}
