@@ -4,7 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import signal  # noqa: E402
 import socket  # noqa: E402
+import threading  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -103,3 +105,15 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes, also on a machine with GPUs
     return env
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # A CI timeout stops the run with SIGTERM, which by default kills pytest before any teardown: the SuperLink,
+    # SuperNodes and workers that tests started would be left running. As a KeyboardInterrupt it unwinds like Ctrl-C:
+    # `finally` blocks and fixture teardowns stop what they started, by pid.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
