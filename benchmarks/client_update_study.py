@@ -160,7 +160,7 @@ def measure_cosine(
     names = set(split.client_parameter_names)
     reference = [(n, p) for n, p in split.model.named_parameters() if n in names and ".layers." in n]
     blocks, modules = overrides.get("client_zo_blocks"), overrides.get("client_zo_modules")
-    space = ClientSearchSpace(blocks, modules) if blocks or modules else None
+    space = ClientSearchSpace(blocks, modules) if blocks is not None or modules is not None else None
     part = ClientPart(split, budget.zo_eps, "one_sided", space=space, mask=mask)
     # A batch the mask was not chosen on (a mask's share of the energy on its own calibration batches is optimistic).
     batch = calibration_batches(task, tokenizer, budget, 1, data_dir, seed=CALIBRATION_SEED + 1)[0]

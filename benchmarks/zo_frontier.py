@@ -101,7 +101,7 @@ def gradients(split, batch: dict, names: list[str], params: dict, loss_func) -> 
         for n, p in split.model.named_parameters():
             p.grad = None
             p.requires_grad_(flags[n])
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def zo_estimate(space: dict[str, torch.Tensor | None], grads: dict, n: int, seed: int) -> dict:

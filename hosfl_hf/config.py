@@ -88,7 +88,8 @@ class HOSFLConfig(TrainingArguments):
             perturbed and updated; the others are frozen. `None`: every client block (the paper).
         client_zo_modules (`list[str]`, *optional*, defaults to `None`):
             The client's search space by name: only trainable client parameters whose name contains one of these
-            strings (e.g. `["lora_B"]`) are perturbed and updated. `None`: every name (the paper).
+            strings (e.g. `["lora_B"]`) are perturbed and updated. `None`: every name (the paper). `[]`: none of
+            them (with a `client_mask`: the masked base weights alone are the client update).
         client_seeds (`str`, *optional*, defaults to `"shared"`):
             `"shared"`: every client probes the round's `P` seeds (the paper). `"per_client"`: each client probes
             its own `P` seeds (FedKSeed-style), so a round has `K * P` distinct directions for the same forwards; the
@@ -239,10 +240,8 @@ class HOSFLConfig(TrainingArguments):
             not self.client_zo_blocks or not all(isinstance(b, int) and b >= 0 for b in self.client_zo_blocks)
         ):
             fail("client_zo_blocks", self.client_zo_blocks, "use a non-empty list of 0-based client block indices")
-        if self.client_zo_modules is not None and (
-            not self.client_zo_modules or not all(isinstance(m, str) and m for m in self.client_zo_modules)
-        ):
-            fail("client_zo_modules", self.client_zo_modules, "use a non-empty list of parameter-name substrings")
+        if self.client_zo_modules is not None and not all(isinstance(m, str) and m for m in self.client_zo_modules):
+            fail("client_zo_modules", self.client_zo_modules, "use a list of non-empty parameter-name substrings")
         if self.client_warmup_steps is not None and (
             not isinstance(self.client_warmup_steps, int) or self.client_warmup_steps < 0
         ):

@@ -129,18 +129,21 @@ def _block_of(split: Any) -> dict[int, int]:
     return {id(p): i for i in range(split.split_layer) for p in split.layers[i].parameters()}
 
 
-def apply_search_space(split: Any, space: ClientSearchSpace | None) -> list[tuple[str, nn.Parameter]]:
+def apply_search_space(
+    split: Any, space: ClientSearchSpace | None, allow_empty: bool = False
+) -> list[tuple[str, nn.Parameter]]:
     """Freezes the trainable client parameters outside `space` and returns the selected ones, in pinned order.
 
     Raises:
-        `ValueError`: if `space` selects nothing while the client has trainable parameters.
+        `ValueError`: if `space` selects nothing while the client has trainable parameters, unless `allow_empty`
+        (a static mask then holds the whole client update).
     """
     params = split.client_parameters()
     if space is None or space.is_full:
         return params
     blocks = _block_of(split)
     kept = [(n, p) for n, p in params if space.keeps(n, blocks.get(id(p)))]
-    if params and not kept:
+    if params and not kept and not allow_empty:
         raise ValueError(
             f"The client search space {space.to_dict()} selects none of the {len(params)} trainable client "
             f"parameters (e.g. {params[0][0]!r}): check client_zo_blocks (0-based client blocks) and "
@@ -162,7 +165,8 @@ def client_update_targets(
         `(named, masks)`: `named` lists the selected trainable parameters, then the masked base tensors; `masks`
         maps a position in `named` to its int64 flat indices (the position of a trainable parameter is absent).
     """
-    named = apply_search_space(split, space)
+    # With a mask, a space that selects no trainable tensor is a mask-only client update (its adapters stay frozen).
+    named = apply_search_space(split, space, allow_empty=mask is not None)
     masks: dict[int, torch.Tensor] = {}
     if mask is not None:
         mask = ClientMask.from_dict(mask)

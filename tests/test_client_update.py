@@ -67,7 +67,7 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIONS) + ["mask", "mask_combined"])
+@pytest.mark.parametrize("name", sorted(OPTIONS) + ["mask", "mask_combined", "mask_only"])
 def test_every_option_replays_bit_identically(tmp_path, name):
     """The saved trajectory + hosfl_config.json rebuild the trained client part exactly (trainable weights and
     masked base weights), from the initial model."""
@@ -77,6 +77,8 @@ def test_every_option_replays_bit_identically(tmp_path, name):
         mask = mask_for(lora_model())
         if name == "mask_combined":
             overrides.update(client_seeds="per_client", client_zo_modules=["lora_B"], client_optimizer="adamw")
+        if name == "mask_only":  # no adapter in the search space: the masked base weights are the whole update
+            overrides.update(client_zo_modules=[], client_optimizer="sgd", client_learning_rate=1e-2)
     initial = lora_model()
     trainer = trained(tmp_path, lora_model(), mask=mask, **overrides)
     trainer.save_model(str(tmp_path / "saved"))
