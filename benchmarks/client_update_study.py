@@ -67,6 +67,13 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
         ),
         1e-4,
     ),
+    # The mask alone (adapters frozen, `client_zo_modules=[]`): d = 7,080 instead of 31,656, without LoRA-B's AdamW
+    # random walk.
+    "mask_pc": (
+        "hosfl",
+        dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3),
+        1e-4,
+    ),
     # ... the client learning-rate sweep's lower point.
     "lora_b_mask_pc_lr1e-4": (
         "hosfl",
