@@ -189,3 +189,45 @@ def test_import_and_help_print_no_warnings(code):
         [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder, tmp_path):
+    """--client_mask_density chooses a mask at set-up and --client_mask_only makes it the whole client update: the
+    saved config and trajectory record it, only masked base tensors are in the client update, and their trained
+    values are saved beside the adapters."""
+    from hosfl_hf import HOSFLSplitConfig, Trajectory
+    from hosfl_hf.search_space import ClientMask
+
+    out = tmp_path / "out"
+    argv = flags(
+        model_path,
+        toy_folder,
+        out,
+        verbalizers=[" no", " yes"],
+        use_peft="true",
+        max_steps=3,
+        client_mask_density=0.05,
+        client_mask_only="true",
+        save_strategy="no",
+    )
+    assert cli(argv) == 0
+    config = HOSFLSplitConfig.from_pretrained(out)
+    mask = ClientMask.from_dict(config.client_mask)
+    assert mask.density == 0.05 and mask.size > 0
+    assert config.client_zo_modules == []
+    trajectory = Trajectory.load(out)
+    assert sorted(trajectory.parameter_names) == sorted(mask.indices)  # no adapter: the mask alone
+    assert (out / "hosfl_client_mask_values.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"client_mask_only": "true"}, "client_mask_only needs a mask"),
+        ({"client_mask_density": 2.0}, r"must be in \(0, 1\]"),
+        ({"client_mask": "m.json", "client_mask_density": 1e-4}, "not both"),
+    ],
+)
+def test_cli_mask_flags_are_checked(overrides, message, model_path, toy_folder, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        cli(flags(model_path, toy_folder, tmp_path / "out", verbalizers=[" no", " yes"], **overrides))

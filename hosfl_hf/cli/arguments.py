@@ -47,6 +47,15 @@ class ScriptArguments:
         prompt (`str`, defaults to `"default"`): `"default"` (the task's prompt in `hosfl_hf.tasks`) or `"mezo"`
             (SST-2 only: MeZO's `"<sentence> It was"` with `" terrible"` / `" great"`).
         evaluate_before (`bool`, defaults to `True`): also evaluate before training.
+        client_mask (`str`, *optional*): a static mask of client base weights saved by `ClientMask.save`, which the
+            client update also covers.
+        client_mask_density (`float`, *optional*): compute that mask at set-up instead: the `client_mask_density`
+            fraction of client base weights with the largest squared gradient (`sensitivity_mask`) on
+            `client_mask_batches` batches of the training set (one backprop each, before training, not by the
+            clients; with private data, compute it on public data and pass `client_mask`).
+        client_mask_batches (`int`, defaults to `4`): calibration batches of `per_device_train_batch_size` examples.
+        client_mask_only (`bool`, defaults to `False`): the mask is the whole client update (`client_zo_modules=[]`:
+            the client's adapters stay frozen); the setting that makes the client count in docs/benchmarks.md.
     """
 
     task: str | None = field(
@@ -101,6 +110,29 @@ class ScriptArguments:
         },
     )
     evaluate_before: bool = field(default=True, metadata={"help": "Evaluate before training too."})
+    client_mask: str | None = field(
+        default=None, metadata={"help": "A saved ClientMask (JSON) of client base weights the client update covers."}
+    )
+    client_mask_density: float | None = field(
+        default=None,
+        metadata={"help": "Compute a sensitivity mask of this fraction of client base weights at set-up (e.g. 1e-4)."},
+    )
+    client_mask_batches: int = field(
+        default=4, metadata={"help": "Training batches the sensitivity mask is chosen on."}
+    )
+    client_mask_only: bool = field(
+        default=False, metadata={"help": "The mask is the whole client update (the client's adapters stay frozen)."}
+    )
+
+    def __post_init__(self):
+        if self.client_mask is not None and self.client_mask_density is not None:
+            raise ValueError("Pass client_mask (a saved mask) or client_mask_density (compute one), not both.")
+        if self.client_mask_density is not None and not 0 < self.client_mask_density <= 1:
+            raise ValueError(f"client_mask_density={self.client_mask_density} must be in (0, 1], e.g. 1e-4.")
+        if self.client_mask_batches < 1:
+            raise ValueError(f"client_mask_batches={self.client_mask_batches} must be at least 1.")
+        if self.client_mask_only and self.client_mask is None and self.client_mask_density is None:
+            raise ValueError("client_mask_only needs a mask: pass client_mask or client_mask_density.")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from ..config import HOSFLConfig
 from .arguments import ModelArguments, ScriptArguments
 
-__all__ = ["build_task", "default_split_layer", "get_peft_config", "load_model", "load_splits", "main"]
+__all__ = ["build_task", "client_mask", "default_split_layer", "get_peft_config", "load_model", "load_splits", "main"]
 
 
 def _torch_dtype(name: str) -> Any:
@@ -150,6 +150,44 @@ def get_peft_config(model_args: ModelArguments) -> Any:
     return {"both": lora, "client": (lora, None), "server": (None, lora)}[model_args.lora_parts]
 
 
+def client_mask(
+    script_args: ScriptArguments, model: Any, peft_config: Any, train: Any, trainer_kwargs: dict, args
+) -> Any:
+    """The run's [`~hosfl_hf.search_space.ClientMask`]: loaded from `client_mask`, or chosen by gradient sensitivity
+    on the first `client_mask_batches` batches of the shuffled training set (seeded by `args.seed`), on a copy of the
+    model with the run's adapters (the mask names the adapter model's parameters; its LoRA-B starts at zero, so the
+    base weights' gradients do not depend on the adapters' initialisation). `None` without a mask."""
+    import copy
+
+    from ..lora import get_split_peft_model
+    from ..search_space import ClientMask, sensitivity_mask
+    from ..split import split_model
+
+    if script_args.client_mask is not None:
+        return ClientMask.load(script_args.client_mask)
+    if script_args.client_mask_density is None:
+        return None
+    calibration = copy.deepcopy(model)
+    if peft_config is not None:
+        with torch.random.fork_rng(devices=[]):  # peft's init draws from the global RNG; leave the caller's as it was
+            calibration = get_split_peft_model(calibration, peft_config, args.split_layer)
+    size = args.per_device_train_batch_size
+    count = min(script_args.client_mask_batches * size, len(train))
+    rows = train.shuffle(seed=args.seed).select(range(count))
+    collate = trainer_kwargs["data_collator"]
+    batches = []
+    for start in range(0, count, size):
+        batch = collate([rows[i] for i in range(start, min(start + size, count))])
+        batch.pop("logits_to_keep", None)
+        batches.append(batch)
+    split = split_model(calibration, args.split_layer)
+    mask = sensitivity_mask(
+        split, batches, script_args.client_mask_density, loss_func=trainer_kwargs.get("compute_loss_func")
+    )
+    del calibration, split
+    return mask
+
+
 def default_split_layer(config: Any) -> int:
     """A quarter of the decoder blocks on the client (at least one): 10 of OPT-13B's 40, 7 of SmolLM2's 30."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -177,13 +215,18 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     train = task.tokenize(raw_train, tokenizer, script_args.max_length)
     evaluation = task.tokenize(raw_eval, tokenizer, script_args.max_length)
     test = task.tokenize(raw_test, tokenizer, script_args.max_length) if raw_test is not None else None
+    peft_config = get_peft_config(model_args)
+    mask = client_mask(script_args, model, peft_config, train, task.trainer_kwargs(tokenizer), training_args)
+    if script_args.client_mask_only:
+        training_args.client_zo_modules = []
     trainer = HOSFLTrainer(
         model,
         training_args,
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config,
+        client_mask=mask,
         **task.trainer_kwargs(tokenizer),
     )
     # (name, dataset, metric prefix before training, metric prefix after training)
