@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from grid import Budget, cell_name, run_cell, split_for, write_json  # noqa: E402
 from report import mcnemar_exact_p  # noqa: E402
 
+# The pilot's search space: LoRA-B of blocks 0-3 (d = 24,576), per-client seeds (K*P = 6 directions).
+LORA_B_PC = dict(client_zo_blocks=[0, 1, 2, 3], client_zo_modules=["lora_B"], client_seeds="per_client")
 # name -> (method, HOSFLConfig overrides, mask density or None). Client blocks 0-3 hold ~55% of the LoRA-B energy.
 CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     "frozen": ("frozen_client", {}, None),
@@ -45,58 +47,21 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     "frozen_check": ("frozen_client", {}, None),
     "splitlora": ("splitlora", {}, None),
     "paper": ("hosfl", {}, None),
-    # The pilot's best lever set: LoRA-B of blocks 0-3 (d = 24,576), per-client seeds (K*P = 6 directions), AdamW.
-    "lora_b_pc": (
-        "hosfl",
-        dict(
-            client_zo_blocks=[0, 1, 2, 3],
-            client_zo_modules=["lora_B"],
-            client_seeds="per_client",
-            client_learning_rate=3e-3,
-        ),
-        None,
-    ),
+    # The pilot's best lever set: that space with AdamW.
+    "lora_b_pc": ("hosfl", dict(LORA_B_PC, client_learning_rate=3e-3), None),
     # ... plus a static mask of the top 0.01% client base weights (~7k) by gradient sensitivity on calibration data.
-    "lora_b_mask_pc": (
+    "lora_b_mask_pc": ("hosfl", dict(LORA_B_PC, client_learning_rate=1e-3), 1e-4),
+    # ... the client learning-rate sweep's lower point.
+    "lora_b_mask_pc_lr1e-4": ("hosfl", dict(LORA_B_PC, client_learning_rate=1e-4), 1e-4),
+    # The same search space with the normalised step (its step length is the learning rate).
+    "lora_b_mask_pc_nsgd": (
         "hosfl",
-        dict(
-            client_zo_blocks=[0, 1, 2, 3],
-            client_zo_modules=["lora_B"],
-            client_seeds="per_client",
-            client_learning_rate=1e-3,
-        ),
+        dict(LORA_B_PC, client_optimizer="normalized_sgd", client_learning_rate=1e-2),
         1e-4,
     ),
     # The mask alone (adapters frozen, `client_zo_modules=[]`): d = 7,080 instead of 31,656, without LoRA-B's AdamW
     # random walk.
-    "mask_pc": (
-        "hosfl",
-        dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3),
-        1e-4,
-    ),
-    # ... the client learning-rate sweep's lower point.
-    "lora_b_mask_pc_lr1e-4": (
-        "hosfl",
-        dict(
-            client_zo_blocks=[0, 1, 2, 3],
-            client_zo_modules=["lora_B"],
-            client_seeds="per_client",
-            client_learning_rate=1e-4,
-        ),
-        1e-4,
-    ),
-    # The same search space with the normalised step (its step length is the learning rate).
-    "lora_b_mask_pc_nsgd": (
-        "hosfl",
-        dict(
-            client_zo_blocks=[0, 1, 2, 3],
-            client_zo_modules=["lora_B"],
-            client_seeds="per_client",
-            client_optimizer="normalized_sgd",
-            client_learning_rate=1e-2,
-        ),
-        1e-4,
-    ),
+    "mask_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-4),
 }
 GRID_CELLS = {"frozen": "frozen_client", "splitlora": "splitlora", "paper": "hosfl"}
 CALIBRATION_SEED = 1234  # calibration batches: a fixed sample of the (public) training set

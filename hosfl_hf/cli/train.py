@@ -181,11 +181,9 @@ def client_mask(
         batch.pop("logits_to_keep", None)
         batches.append(batch)
     split = split_model(calibration, args.split_layer)
-    mask = sensitivity_mask(
+    return sensitivity_mask(
         split, batches, script_args.client_mask_density, loss_func=trainer_kwargs.get("compute_loss_func")
     )
-    del calibration, split
-    return mask
 
 
 def default_split_layer(config: Any) -> int:
@@ -216,7 +214,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     evaluation = task.tokenize(raw_eval, tokenizer, script_args.max_length)
     test = task.tokenize(raw_test, tokenizer, script_args.max_length) if raw_test is not None else None
     peft_config = get_peft_config(model_args)
-    mask = client_mask(script_args, model, peft_config, train, task.trainer_kwargs(tokenizer), training_args)
+    trainer_kwargs = task.trainer_kwargs(tokenizer)
+    mask = client_mask(script_args, model, peft_config, train, trainer_kwargs, training_args)
     if script_args.client_mask_only:
         training_args.client_zo_modules = []
     trainer = HOSFLTrainer(
@@ -227,7 +226,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         processing_class=tokenizer,
         peft_config=peft_config,
         client_mask=mask,
-        **task.trainer_kwargs(tokenizer),
+        **trainer_kwargs,
     )
     # (name, dataset, metric prefix before training, metric prefix after training)
     sets = [("dev" if test is not None else task.test_split, evaluation, "before", "after")]
