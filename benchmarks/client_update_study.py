@@ -62,6 +62,12 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     # The mask alone (adapters frozen, `client_zo_modules=[]`): d = 7,080 instead of 31,656, without LoRA-B's AdamW
     # random walk.
     "mask_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-4),
+    # Ceilings, not methods (their clients backpropagate): the same masked weights trained by SplitLoRA's first-order
+    # client (adapters frozen). What any zeroth-order estimator in that search space could reach at best: if it is
+    # far above mask_pc, better directions can close the gap; if not, the search space is the limit.
+    "fo_mask": ("splitlora", dict(client_learning_rate=1e-3), 1e-4),
+    "fo_mask_lr1e-2": ("splitlora", dict(client_learning_rate=1e-2), 1e-4),
+    "fo_mask_1e-3": ("splitlora", dict(client_learning_rate=1e-3), 1e-3),
 }
 GRID_CELLS = {"frozen": "frozen_client", "splitlora": "splitlora", "paper": "hosfl"}
 CALIBRATION_SEED = 1234  # calibration batches: a fixed sample of the (public) training set
@@ -109,6 +115,30 @@ def mask_maker(density: float, budget: Budget, data_dir: str | None, batches: in
         return sensitivity_mask(split_model(model, split_layer), calibration, density, loss_func=loss)
 
     return make
+
+
+def first_order_on_mask(make):
+    """Makes a run's first-order client train exactly the masked base weights of `make(split_layer, task, tokenizer,
+    seed)`: the client's adapters are frozen, each masked base tensor is trainable with its gradient zeroed outside
+    the mask (with zero weight decay, AdamW leaves a coordinate whose gradient is always zero exactly where it was)."""
+
+    def prepare(model, split_layer: int, task, tokenizer, seed: int) -> None:
+        mask = make(split_layer, task, tokenizer, seed)
+        params = dict(model.named_parameters())
+        prefix = ".layers."
+        for name, param in params.items():
+            if prefix in name and int(name.split(prefix)[1].split(".")[0]) < split_layer:
+                param.requires_grad_(False)
+        for name, indices in mask.indices.items():
+            # Mask names are the split model's (peft's inner model); `model` may be the PeftModel around it.
+            (param,) = [p for n, p in params.items() if n == name or n.endswith("." + name)]
+            keep = torch.zeros(param.numel(), dtype=param.dtype)
+            keep[torch.tensor(indices)] = 1
+            keep = keep.view_as(param)
+            param.requires_grad_(True)
+            param.register_hook(lambda grad, keep=keep: grad * keep)
+
+    return prepare
 
 
 def measure_cosine(
@@ -327,8 +357,14 @@ def main(argv: list[str] | None = None) -> None:
                 overrides["client_learning_rate"] = lr
             print(f"{key}: running {method} {overrides} mask={density}", flush=True)
             start = time.perf_counter()
-            make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches) if density else None
-            result = run_cell(method, args.task, "deep", seed, budget, args.data_dir, overrides, make_mask)
+            make_mask = prepare = None
+            if density and method == "splitlora":  # a first-order ceiling of the masked search space
+                prepare = first_order_on_mask(mask_maker(density, budget, args.data_dir, args.calibration_batches))
+            elif density:
+                make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches)
+            result = run_cell(
+                method, args.task, "deep", seed, budget, args.data_dir, overrides, make_mask, prepare_model=prepare
+            )
             result.update(config=name, overrides=overrides, mask_density=density, client_lr_swept=lr)
             result["run_seconds"] = time.perf_counter() - start
             # Pairing needs the same batches: round 0 (before any update) must give every configuration the same

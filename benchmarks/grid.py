@@ -138,9 +138,12 @@ def run_cell(
     data_dir: str | None,
     overrides: dict | None = None,
     make_mask: object = None,
+    prepare_model: object = None,
 ) -> dict:
-    """One run. `overrides` (HOSFLConfig values) and `make_mask` (`make_mask(split_layer, task, tokenizer, seed)`
-    -> a `ClientMask`, called on a separate copy of the initial model) serve the client-update study."""
+    """One run. `overrides` (HOSFLConfig values), `make_mask` (`make_mask(split_layer, task, tokenizer, seed)`
+    -> a `ClientMask`, called on a separate copy of the initial model) and `prepare_model` (`prepare_model(model,
+    split_layer, task, tokenizer, seed)`, called on the run's model before the trainer is built) serve the
+    client-update study."""
     task = get_task(task_name)
     model, tokenizer = load_model_and_tokenizer("smollm2")
     num_layers = model.config.num_hidden_layers
@@ -162,6 +165,8 @@ def run_cell(
     output_dir = os.path.join("/tmp", "hosfl_grid", method)
     args = hosfl_args(method, split_layer, seed, budget, output_dir=output_dir, **(overrides or {}))
     mask = make_mask(split_layer, task, tokenizer, seed) if make_mask is not None else None
+    if prepare_model is not None:
+        prepare_model(model, split_layer, task, tokenizer, seed)
     trainer = HOSFLTrainer(
         model,
         args,

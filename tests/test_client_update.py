@@ -416,3 +416,27 @@ def test_merge_for_inference_keeps_the_trained_masked_base_weights(tmp_path):
     save_file({"model.no_such.weight": values[name]}, values_file)
     with pytest.raises(ValueError, match=r"no parameters \['model.no_such.weight'\]"):
         load_client_mask_values(loaded, tmp_path / "saved")
+
+
+def test_first_order_ceiling_trains_exactly_the_masked_weights(tmp_path):
+    """The study's first-order ceiling of a masked search space (`fo_mask`): SplitLoRA's client moves the masked base
+    coordinates and nothing else of the client (its adapters stay at their init), while the server trains."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    from client_update_study import first_order_on_mask
+
+    model = lora_model()
+    name = "model.layers.1.self_attn.v_proj.base_layer.weight"  # the split model's name, as sensitivity_mask gives
+    mask = ClientMask({name: [0, 5, 17]})
+    first_order_on_mask(lambda *args: mask)(model, 2, None, None, 0)
+    split = split_model(model, 2)
+    before = client_state(split)
+    server = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and n not in before}
+    trained(tmp_path, model, algorithm="splitlora", client_learning_rate=1e-2)
+    after = client_state(split)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {name}
+    moved = (before[name] != after[name]).flatten().nonzero().flatten().tolist()
+    assert moved == [0, 5, 17]
+    assert any(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in server.items())

@@ -371,7 +371,7 @@ def test_client_update_study_sweeps_resumes_and_skips_claimed_runs(tmp_path, mon
 
     calls = []
 
-    def fake_run_cell(method, task, depth, seed, budget, data_dir, overrides, make_mask):
+    def fake_run_cell(method, task, depth, seed, budget, data_dir, overrides, make_mask=None, prepare_model=None):
         calls.append((method, task, seed, overrides.get("client_learning_rate")))
         loss = 1.0 - 0.01 * len(calls)
         return {"train_losses": [1.0, loss], "predictions": [0], "labels": [0], "accuracy": 1.0, "rounds": 2}
