@@ -62,12 +62,21 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     # The mask alone (adapters frozen, `client_zo_modules=[]`): d = 7,080 instead of 31,656, without LoRA-B's AdamW
     # random walk.
     "mask_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-4),
+    # More directions per round (P = 8 per client: N = 24; 9 client forwards per round instead of 3).
+    "mask_pc_p8": (
+        "hosfl",
+        dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3, num_perturbations=8),
+        1e-4,
+    ),
+    # A ten times smaller mask (708 weights): better-aligned directions in a smaller space.
+    "mask5_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-5),
     # Ceilings, not methods (their clients backpropagate): the same masked weights trained by SplitLoRA's first-order
     # client (adapters frozen). What any zeroth-order estimator in that search space could reach at best: if it is
     # far above mask_pc, better directions can close the gap; if not, the search space is the limit.
     "fo_mask": ("splitlora", dict(client_learning_rate=1e-3), 1e-4),
     "fo_mask_lr1e-2": ("splitlora", dict(client_learning_rate=1e-2), 1e-4),
     "fo_mask_1e-3": ("splitlora", dict(client_learning_rate=1e-3), 1e-3),
+    "fo_mask5": ("splitlora", dict(client_learning_rate=1e-3), 1e-5),
 }
 GRID_CELLS = {"frozen": "frozen_client", "splitlora": "splitlora", "paper": "hosfl"}
 CALIBRATION_SEED = 1234  # calibration batches: a fixed sample of the (public) training set
