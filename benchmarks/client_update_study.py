@@ -132,20 +132,19 @@ def first_order_on_mask(make):
     the mask (with zero weight decay, AdamW leaves a coordinate whose gradient is always zero exactly where it was)."""
 
     def prepare(model, split_layer: int, task, tokenizer, seed: int) -> None:
+        from hosfl_hf import split_model
+
         mask = make(split_layer, task, tokenizer, seed)
-        params = dict(model.named_parameters())
-        prefix = ".layers."
-        for name, param in params.items():
-            if prefix in name and int(name.split(prefix)[1].split(".")[0]) < split_layer:
-                param.requires_grad_(False)
+        split = split_model(model, split_layer)  # the mask's names are the split model's
+        for _, param in split.client_parameters():
+            param.requires_grad_(False)
+        params = dict(split.model.named_parameters())
         for name, indices in mask.indices.items():
-            # Mask names are the split model's (peft's inner model); `model` may be the PeftModel around it.
-            (param,) = [p for n, p in params.items() if n == name or n.endswith("." + name)]
-            keep = torch.zeros(param.numel(), dtype=param.dtype)
+            keep = torch.zeros(params[name].numel(), dtype=params[name].dtype)
             keep[torch.tensor(indices)] = 1
-            keep = keep.view_as(param)
-            param.requires_grad_(True)
-            param.register_hook(lambda grad, keep=keep: grad * keep)
+            keep = keep.view_as(params[name])
+            params[name].requires_grad_(True)
+            params[name].register_hook(lambda grad, keep=keep: grad * keep)
 
     return prepare
 
@@ -366,11 +365,10 @@ def main(argv: list[str] | None = None) -> None:
                 overrides["client_learning_rate"] = lr
             print(f"{key}: running {method} {overrides} mask={density}", flush=True)
             start = time.perf_counter()
-            make_mask = prepare = None
-            if density and method == "splitlora":  # a first-order ceiling of the masked search space
-                prepare = first_order_on_mask(mask_maker(density, budget, args.data_dir, args.calibration_batches))
-            elif density:
-                make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches)
+            make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches) if density else None
+            prepare = None
+            if make_mask is not None and method == "splitlora":  # a first-order ceiling of the masked search space
+                make_mask, prepare = None, first_order_on_mask(make_mask)
             result = run_cell(
                 method, args.task, "deep", seed, budget, args.data_dir, overrides, make_mask, prepare_model=prepare
             )

@@ -5,6 +5,8 @@ trainer and the protocol alike, be recorded, and replay bit for bit."""
 import copy
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -421,9 +423,7 @@ def test_merge_for_inference_keeps_the_trained_masked_base_weights(tmp_path):
 def test_first_order_ceiling_trains_exactly_the_masked_weights(tmp_path):
     """The study's first-order ceiling of a masked search space (`fo_mask`): SplitLoRA's client moves the masked base
     coordinates and nothing else of the client (its adapters stay at their init), while the server trains."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from client_update_study import first_order_on_mask
 
     model = lora_model()
