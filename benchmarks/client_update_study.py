@@ -70,6 +70,14 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     ),
     # A ten times smaller mask (708 weights): better-aligned directions in a smaller space.
     "mask5_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-5),
+    # The same mask with directions scaled by each coordinate's calibration gradient RMS (`direction_scales=
+    # "gradient_rms"`): a preconditioned estimate that spends the round's few directions where the gradient is large.
+    "maskw_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-4),
+    "maskw_pc_p8": (
+        "hosfl",
+        dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=3e-3, num_perturbations=8),
+        1e-4,
+    ),
     # Ceilings, not methods (their clients backpropagate): the same masked weights trained by SplitLoRA's first-order
     # client (adapters frozen). What any zeroth-order estimator in that search space could reach at best: if it is
     # far above mask_pc, better directions can close the gap; if not, the search space is the limit.
@@ -78,6 +86,8 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     "fo_mask_1e-3": ("splitlora", dict(client_learning_rate=1e-3), 1e-3),
     "fo_mask5": ("splitlora", dict(client_learning_rate=1e-3), 1e-5),
 }
+# Configurations whose mask scales its directions (`sensitivity_mask(direction_scales=...)`); the others: isotropic.
+DIRECTION_SCALES = {"maskw_pc": "gradient_rms", "maskw_pc_p8": "gradient_rms"}
 GRID_CELLS = {"frozen": "frozen_client", "splitlora": "splitlora", "paper": "hosfl"}
 CALIBRATION_SEED = 1234  # calibration batches: a fixed sample of the (public) training set
 
@@ -109,7 +119,7 @@ def peft_model(budget: Budget, seed: int):
     return get_peft_model(model, lora), tokenizer
 
 
-def mask_maker(density: float, budget: Budget, data_dir: str | None, batches: int):
+def mask_maker(density: float, budget: Budget, data_dir: str | None, batches: int, direction_scales: str = "uniform"):
     """Computes the static mask once per (run) at set-up, on a separate copy of the initial model."""
 
     def make(split_layer: int, task, tokenizer, seed: int):
@@ -121,7 +131,8 @@ def mask_maker(density: float, budget: Budget, data_dir: str | None, batches: in
         loss = task.trainer_kwargs(tokenizer)["compute_loss_func"]
         for batch in calibration:
             batch.pop("logits_to_keep", None)
-        return sensitivity_mask(split_model(model, split_layer), calibration, density, loss_func=loss)
+        split = split_model(model, split_layer)
+        return sensitivity_mask(split, calibration, density, loss_func=loss, direction_scales=direction_scales)
 
     return make
 
@@ -165,7 +176,8 @@ def measure_cosine(
     task = get_task(task_name)
     model, tokenizer = peft_model(budget, 0)
     split_layer = split_for("deep", model.config.num_hidden_layers)
-    mask = mask_maker(density, budget, data_dir, batches)(split_layer, task, tokenizer, 0) if density else None
+    scales = DIRECTION_SCALES.get(name, "uniform")
+    mask = mask_maker(density, budget, data_dir, batches, scales)(split_layer, task, tokenizer, 0) if density else None
     split = split_model(model, split_layer)
     names = set(split.client_parameter_names)
     reference = [(n, p) for n, p in split.model.named_parameters() if n in names and ".layers." in n]
@@ -365,7 +377,10 @@ def main(argv: list[str] | None = None) -> None:
                 overrides["client_learning_rate"] = lr
             print(f"{key}: running {method} {overrides} mask={density}", flush=True)
             start = time.perf_counter()
-            make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches) if density else None
+            scales = DIRECTION_SCALES.get(name, "uniform")
+            make_mask = None
+            if density:
+                make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches, scales)
             prepare = None
             if make_mask is not None and method == "splitlora":  # a first-order ceiling of the masked search space
                 make_mask, prepare = None, first_order_on_mask(make_mask)
@@ -373,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
                 method, args.task, "deep", seed, budget, args.data_dir, overrides, make_mask, prepare_model=prepare
             )
             result.update(config=name, overrides=overrides, mask_density=density, client_lr_swept=lr)
+            result["mask_direction_scales"] = scales
             result["run_seconds"] = time.perf_counter() - start
             # Pairing needs the same batches: round 0 (before any update) must give every configuration the same
             # loss.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .zeroth_order import direction
+from .zeroth_order import direction, scale_direction
 
 __all__ = ["client_update_cosine"]
 
@@ -91,8 +91,8 @@ def client_update_cosine(
     for n, (seed, v) in enumerate(zip(seeds, scalars), start=1):
         u = torch.cat(
             [
-                direction(part.update_parameters[i][1], seed, i, dtype=torch.float32).flatten()
-                for i in range(len(targets))
+                scale_direction(direction(values, seed, i, dtype=torch.float32), part.scales.get(i)).flatten()
+                for i, (_, values) in enumerate(part.update_parameters[: len(targets)])
             ]
         )
         estimate += (v / part.zo_eps) * u

@@ -50,6 +50,9 @@ class ZerothOrderEstimator:
         masks (`dict[int, torch.Tensor]`, *optional*):
             Position in `parameters` -> int64 flat indices: those tensors are perturbed on these coordinates only,
             by a Gaussian vector of that length (a static sparse mask, [`hosfl_hf.search_space.ClientMask`]).
+        scales (`dict[int, torch.Tensor]`, *optional*):
+            Position in `parameters` -> float32 standard deviations aligned with `masks[position]`: the direction
+            there is `scales * u` (the mask's `scales`).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class ZerothOrderEstimator:
         estimator: str = "one_sided",
         module: nn.Module | None = None,
         masks: dict[int, torch.Tensor] | None = None,
+        scales: dict[int, torch.Tensor] | None = None,
     ):
         if estimator not in ("one_sided", "two_sided"):
             raise ValueError(f"estimator must be 'one_sided' or 'two_sided', got {estimator!r}.")
@@ -66,6 +70,7 @@ class ZerothOrderEstimator:
         self.eps = eps
         self.estimator = estimator
         self.masks = dict(masks or {})
+        self.scales = dict(scales or {})
         self._owners = _owning_modules(module, self.parameters) if module is not None else None
         self._checked = False
 
@@ -99,7 +104,7 @@ class ZerothOrderEstimator:
 
         def inside(index: int, real: torch.Tensor) -> torch.Tensor:
             if index in self.masks:
-                return _masked_add(real, self.masks[index], seed, index, scale)
+                return _masked_add(real, self.masks[index], seed, index, scale, self.scales.get(index))
             return torch.add(real, direction(real, seed, index), alpha=scale)
 
         with self._swapped(inside, outside=None):
@@ -113,7 +118,7 @@ class ZerothOrderEstimator:
                 for index, (_, param) in enumerate(self.parameters):
                     saved.append((param, param.detach().clone()))
                     if index in self.masks:
-                        param.copy_(_masked_add(param, self.masks[index], seed, index, scale))
+                        param.copy_(_masked_add(param, self.masks[index], seed, index, scale, self.scales.get(index)))
                     else:
                         param.add_(direction(param, seed, index), alpha=scale)
             yield
@@ -226,12 +231,26 @@ def loss_differences(
     return values, total / (2 * len(seeds))
 
 
-def _masked_add(real: torch.Tensor, indices: torch.Tensor, seed: int, index: int, scale: float) -> torch.Tensor:
-    """`real` plus `scale * u` on the masked coordinates only (`u`: the direction of a vector of `len(indices)`)."""
-    u = direction(indices, seed, index, dtype=real.dtype).to(real.device)
+def _masked_add(
+    real: torch.Tensor,
+    indices: torch.Tensor,
+    seed: int,
+    index: int,
+    scale: float,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`real` plus `scale * u` on the masked coordinates only (`u`: the direction of a vector of `len(indices)`,
+    times `scales` if given)."""
+    u = scale_direction(direction(indices, seed, index, dtype=torch.float32), scales)
+    u = u.to(device=real.device, dtype=real.dtype)
     flat = real.detach().flatten().clone()
     flat.index_add_(0, indices.to(real.device), u, alpha=scale)
     return flat.view_as(real)
+
+
+def scale_direction(u: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """`u * scales` in fp32 (an exactly rounded product: the same bits on every device), or `u` itself."""
+    return u if scales is None else u * scales.to(u.device)
 
 
 class NormalizedSGD(torch.optim.SGD):
@@ -307,18 +326,23 @@ def zo_gradients(
     scalars: Sequence[float],
     eps: float,
     first_index: int = 0,
+    scales: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
     """Yields `(parameter, g)` with `g = (1 / (P eps)) sum_p scalars[p] u_p` (fp32), one tensor at a time.
 
     `first_index` is the RNG index of the first parameter (when these parameters follow others in the pinned order).
+    `scales` (position in `parameters` -> float32 tensor of its shape) multiplies that parameter's directions (a
+    mask's direction scales; see [`ZerothOrderEstimator`]).
     """
     _check_scalars(seeds, scalars)
     coefficients = [float(v) / (len(seeds) * eps) for v in scalars]
+    scales = scales or {}
     for offset, (_, param) in enumerate(parameters):
         grad = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         for seed, c in zip(seeds, coefficients):
             grad.add_(direction(param, seed, first_index + offset, dtype=torch.float32), alpha=c)
-        yield param, grad
+        # sum_p c_p (s * u_p) = s * sum_p c_p u_p up to rounding; scaling the sum once is what every holder does.
+        yield param, scale_direction(grad, scales.get(offset))
 
 
 def apply_zo_update(
@@ -328,12 +352,14 @@ def apply_zo_update(
     scalars: Sequence[float],
     eps: float,
     lr: float,
+    scales: dict[int, torch.Tensor] | None = None,
 ) -> None:
     """Applies `g = (1 / (P eps)) sum_p scalars[p] u_p` through `optimizer`, one parameter tensor at a time.
 
     With per-client seeds the round carries `K * P` seeds and scalars (each client's own), and `g` is the documented
     `(1 / (K P eps)) sum_m sum_p v_mp u_mp`. A masked tensor is stepped through its vector of masked values (the
-    caller writes them back into the base weight).
+    caller writes them back into the base weight); `scales` are the mask's direction scales by position (the
+    directions there are `scales * u`).
 
     The gradient of each tensor is rebuilt from the seeds, used for one optimizer step of that tensor and freed, so
     no vector of all client parameters (or gradients) is ever materialized.
@@ -347,10 +373,11 @@ def apply_zo_update(
     normalized = isinstance(optimizer, NormalizedSGD)
     with torch.no_grad():
         if normalized:  # first pass: the norm of the whole estimate, rebuilt tensor by tensor
-            squares = sum(float(torch.sum(g * g)) for _, g in zo_gradients(parameters, seeds, scalars, eps))
+            estimate = zo_gradients(parameters, seeds, scalars, eps, scales=scales)
+            squares = sum(float(torch.sum(g * g)) for _, g in estimate)
             optimizer.norm_scale = 1.0 / math.sqrt(squares) if squares > 0 else 0.0
         try:
-            for param, grad in zo_gradients(parameters, seeds, scalars, eps):
+            for param, grad in zo_gradients(parameters, seeds, scalars, eps, scales=scales):
                 param.grad = grad.to(param.dtype)
                 optimizer.step()
                 param.grad = None

@@ -191,7 +191,8 @@ def test_import_and_help_print_no_warnings(code):
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
-def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder, tmp_path):
+@pytest.mark.parametrize("direction_scales", ["uniform", "gradient_rms"])
+def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder, tmp_path, direction_scales):
     """--client_mask_density chooses a mask at set-up and --client_mask_only makes it the whole client update: the
     saved config and trajectory record it, only masked base tensors are in the client update, and their trained
     values are saved beside the adapters."""
@@ -208,12 +209,14 @@ def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder,
         max_steps=3,
         client_mask_density=0.05,
         client_mask_only="true",
+        client_mask_direction_scales=direction_scales,
         save_strategy="no",
     )
     assert cli(argv) == 0
     config = HOSFLSplitConfig.from_pretrained(out)
     mask = ClientMask.from_dict(config.client_mask)
     assert mask.density == 0.05 and mask.size > 0
+    assert (mask.scales is not None) == (direction_scales == "gradient_rms")
     assert config.client_zo_modules == []
     trajectory = Trajectory.load(out)
     assert sorted(trajectory.parameter_names) == sorted(mask.indices)  # no adapter: the mask alone
@@ -226,6 +229,7 @@ def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder,
         ({"client_mask_only": "true"}, "client_mask_only needs a mask"),
         ({"client_mask_density": 2.0}, r"must be in \(0, 1\]"),
         ({"client_mask": "m.json", "client_mask_density": 1e-4}, "not both"),
+        ({"client_mask_direction_scales": "gradient_rms"}, "applies to a mask computed at set-up"),
     ],
 )
 def test_cli_mask_flags_are_checked(overrides, message, model_path, toy_folder, tmp_path):

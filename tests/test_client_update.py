@@ -19,7 +19,7 @@ from hosfl_hf.protocol import CatchUp, RoundSettings, SplitClient, SplitServer, 
 from hosfl_hf.protocol.client import ClientPart
 from hosfl_hf.rng import client_round_seeds, direction
 from hosfl_hf.search_space import ClientMask, ClientSearchSpace, client_update_targets, sensitivity_mask
-from hosfl_hf.zeroth_order import NormalizedSGD, apply_zo_update, build_client_optimizer
+from hosfl_hf.zeroth_order import NormalizedSGD, apply_zo_update, build_client_optimizer, zo_gradients
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,8 +31,9 @@ def calibration_batches(n=2, size=4):
     return [stack_collator([data[i] for i in range(b * size, (b + 1) * size)]) for b in range(n)]
 
 
-def mask_for(model, split_layer=2, density=0.05):
-    return sensitivity_mask(split_model(model, split_layer), calibration_batches(), density)
+def mask_for(model, split_layer=2, density=0.05, direction_scales="uniform"):
+    split = split_model(model, split_layer)
+    return sensitivity_mask(split, calibration_batches(), density, direction_scales=direction_scales)
 
 
 def lora_model():
@@ -69,17 +70,17 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIONS) + ["mask", "mask_combined", "mask_only"])
+@pytest.mark.parametrize("name", sorted(OPTIONS) + ["mask", "mask_combined", "mask_only", "mask_scaled"])
 def test_every_option_replays_bit_identically(tmp_path, name):
     """The saved trajectory + hosfl_config.json rebuild the trained client part exactly (trainable weights and
     masked base weights), from the initial model."""
     overrides = dict(OPTIONS.get(name, {}))
     mask = None
     if name.startswith("mask"):
-        mask = mask_for(lora_model())
+        mask = mask_for(lora_model(), direction_scales="gradient_rms" if name == "mask_scaled" else "uniform")
         if name == "mask_combined":
             overrides.update(client_seeds="per_client", client_zo_modules=["lora_B"], client_optimizer="adamw")
-        if name == "mask_only":  # no adapter in the search space: the masked base weights are the whole update
+        if name in ("mask_only", "mask_scaled"):  # no adapter in the search space: the mask is the whole update
             overrides.update(client_zo_modules=[], client_optimizer="sgd", client_learning_rate=1e-2)
     initial = lora_model()
     trainer = trained(tmp_path, lora_model(), mask=mask, **overrides)
@@ -187,8 +188,10 @@ def test_sensitivity_mask_keeps_the_largest_squared_gradients():
     assert kept.min() >= torch.cat(rest).max() * (1 - 1e-4)
 
 
-def test_mask_indices_round_trip(tmp_path):
-    mask = mask_for(tiny_llama())
+@pytest.mark.parametrize("direction_scales", ["uniform", "gradient_rms"])
+def test_mask_indices_round_trip(tmp_path, direction_scales):
+    mask = mask_for(tiny_llama(), direction_scales=direction_scales)
+    assert (mask.scales is None) == (direction_scales == "uniform")
     mask.save(tmp_path / "mask.json")
     assert ClientMask.load(tmp_path / "mask.json") == mask
     assert ClientMask.from_dict(json.loads(json.dumps(mask.to_dict()))) == mask
@@ -200,10 +203,11 @@ def test_mask_indices_round_trip(tmp_path):
     assert ClientMask.from_dict(Trajectory.load(tmp_path / "saved").client_mask) == mask
 
 
-def test_masked_perturbation_touches_only_masked_coordinates():
+@pytest.mark.parametrize("direction_scales", ["uniform", "gradient_rms"])
+def test_masked_perturbation_touches_only_masked_coordinates(direction_scales):
     model = tiny_llama()
     split = split_model(model, 2)
-    mask = mask_for(model)
+    mask = mask_for(model, direction_scales=direction_scales)
     for p in model.parameters():
         p.requires_grad_(False)
     part = ClientPart(split, 1e-3, "one_sided", mask=mask)
@@ -221,6 +225,8 @@ def test_masked_perturbation_touches_only_masked_coordinates():
     assert torch.equal(param, before)  # restored exactly
     assert torch.count_nonzero(delta) == idx.numel() and torch.all(delta[idx] != 0)
     u = direction(torch.empty(idx.numel()), 5, position)
+    if mask.scales is not None:
+        u = u * torch.tensor(mask.scales[name])
     torch.testing.assert_close(delta[idx], 0.5 * u)
 
 
@@ -229,6 +235,76 @@ def test_mask_over_trainable_weights_is_refused():
     mask = mask_for(model)
     with pytest.raises(ValueError, match="both trainable and masked"):
         client_update_targets(split_model(model, 2), None, mask)  # tiny_llama's base weights are all trainable
+
+
+def test_gradient_rms_scales_follow_the_calibration_gradient():
+    """Same indices as the isotropic mask; scale^2 proportional to each kept coordinate's summed squared
+    calibration gradient, with a mean square of 1."""
+    uniform, scaled = mask_for(lora_model()), mask_for(lora_model(), direction_scales="gradient_rms")
+    assert scaled.indices == uniform.indices and uniform.scales is None
+    model = lora_model()
+    params = dict(split_model(model, 2).model.named_parameters())  # the mask's names are the split model's
+    for name in scaled.indices:
+        params[name].requires_grad_(True)
+    scores = {n: torch.zeros(params[n].numel()) for n in scaled.indices}
+    for batch in calibration_batches():
+        model.zero_grad()
+        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        for n in scores:
+            scores[n] += params[n].grad.flatten().pow(2)
+    kept = torch.cat([scores[n][idx] for n, idx in scaled.indices.items()]).double()
+    squares = torch.cat([torch.tensor(scaled.scales[n]) for n in scaled.indices]).double().pow(2)
+    assert squares.mean().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(squares, kept / kept.mean(), rtol=1e-3, atol=1e-6)
+    assert squares.max() / squares.min() > 4  # the tiny model's gradient is far from uniform on the mask
+
+
+def test_scaled_directions_estimate_the_preconditioned_gradient():
+    """E[ghat] = diag(s^2) g for directions s * u: with many directions the estimate of the masked values points
+    along s^2 * g (not g itself)."""
+    model = lora_model()
+    split = split_model(model, 2)
+    mask = mask_for(model, direction_scales="gradient_rms")
+    part = ClientPart(split, 1e-4, "two_sided", space=ClientSearchSpace(modules=[]), mask=mask)
+    batch = calibration_batches(1)[0]
+    inputs, labels = {"input_ids": batch["input_ids"]}, batch["labels"]
+    seeds = list(range(3000))
+    result = client_update_cosine(part, inputs, labels, seeds)
+    # The true gradient of the masked values, and the estimate the clients would apply.
+    params = dict(split.model.named_parameters())
+    for name in mask.indices:
+        params[name].requires_grad_(True)
+    model(input_ids=inputs["input_ids"], labels=labels).loss.backward()
+    g = torch.cat([params[n].grad.flatten()[idx] for n, idx in mask.indices.items()])
+    s2 = torch.cat([torch.tensor(mask.scales[n]) for n in mask.indices]).pow(2)
+    reference = part.forward(inputs).hidden_states
+    cut = split.client(**inputs, grad=True)
+    leaf = cut.hidden_states.detach().requires_grad_(True)
+    from dataclasses import replace
+
+    loss = split.server(replace(cut, hidden_states=leaf), labels=labels).loss
+    cotangent = torch.autograd.grad(loss, leaf)[0]
+    scalars = part.probe(inputs, reference, cotangent, seeds)
+    estimate = torch.cat(
+        [grad for _, grad in zo_gradients(part.update_parameters, seeds, scalars, 1e-4, scales=part.scales)]
+    )
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(estimate, s2 * g, dim=0) > 0.9
+    assert cos(estimate, s2 * g, dim=0) > cos(estimate, g, dim=0) + 0.1
+    assert result["rows"][-1]["cosine"] == pytest.approx(float(cos(estimate, g, dim=0)), abs=1e-4)
+
+
+def test_bad_mask_scales_are_refused():
+    with pytest.raises(ValueError, match="one list of scales per masked tensor"):
+        ClientMask(indices={"a": [0, 1]}, scales={"b": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="1 scales for the 2 indices"):
+        ClientMask(indices={"a": [0, 1]}, scales={"a": [1.0]})
+    with pytest.raises(ValueError, match="finite and positive"):
+        ClientMask(indices={"a": [0, 1]}, scales={"a": [1.0, 0.0]})
+    with pytest.raises(ValueError, match="direction_scales must be one of"):
+        mask_for(lora_model(), direction_scales="adaptive")
+    # Unsorted indices keep their scales.
+    assert ClientMask(indices={"a": [3, 1]}, scales={"a": [2.0, 0.5]}).scales == {"a": [0.5, 2.0]}
 
 
 # ------------------------------------------------------------------------------------------------ step rules
@@ -258,10 +334,10 @@ def test_client_schedule_is_its_own(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- protocol
 def test_protocol_equals_the_trainer_with_every_lever(tmp_path):
-    """Search space + mask + per-client seeds + normalised step: the protocol's clients and trajectory are
-    bit-identical to the trainer's."""
+    """Search space + mask with direction scales + per-client seeds + normalised step: the protocol's clients and
+    trajectory are bit-identical to the trainer's."""
     rounds = 4
-    mask = mask_for(lora_model())
+    mask = mask_for(lora_model(), direction_scales="gradient_rms")
     levers = dict(
         client_zo_modules=["lora_B"], client_seeds="per_client", client_optimizer="normalized_sgd", max_steps=rounds
     )
@@ -320,7 +396,7 @@ def test_cosine_diagnostic_follows_sqrt_n_over_n_plus_d():
 
 
 def test_resume_with_every_lever_is_bit_identical_and_refuses_a_changed_mask(tmp_path):
-    mask = mask_for(lora_model())
+    mask = mask_for(lora_model(), direction_scales="gradient_rms")
     levers = dict(client_zo_modules=["lora_B"], client_seeds="per_client", max_steps=6)
 
     def make(folder, **extra):

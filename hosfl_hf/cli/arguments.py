@@ -56,6 +56,9 @@ class ScriptArguments:
         client_mask_batches (`int`, defaults to `4`): calibration batches of `per_device_train_batch_size` examples.
         client_mask_only (`bool`, defaults to `False`): the mask is the whole client update (`client_zo_modules=[]`:
             the client's adapters stay frozen); the setting that makes the client count in docs/benchmarks.md.
+        client_mask_direction_scales (`str`, defaults to `"uniform"`): the computed mask's direction scales
+            (`hosfl_hf.search_space.DIRECTION_SCALES`): `"uniform"` (isotropic directions) or `"gradient_rms"`
+            (each masked coordinate's direction scaled by its calibration gradient's RMS).
     """
 
     task: str | None = field(
@@ -123,6 +126,13 @@ class ScriptArguments:
     client_mask_only: bool = field(
         default=False, metadata={"help": "The mask is the whole client update (the client's adapters stay frozen)."}
     )
+    client_mask_direction_scales: str = field(
+        default="uniform",
+        metadata={
+            "help": "Direction scales of the computed mask: 'uniform' or 'gradient_rms' (by calibration gradient).",
+            "choices": ["uniform", "gradient_rms"],
+        },
+    )
 
     def __post_init__(self):
         if self.client_mask is not None and self.client_mask_density is not None:
@@ -133,6 +143,11 @@ class ScriptArguments:
             raise ValueError(f"client_mask_batches={self.client_mask_batches} must be at least 1.")
         if self.client_mask_only and self.client_mask is None and self.client_mask_density is None:
             raise ValueError("client_mask_only needs a mask: pass client_mask or client_mask_density.")
+        if self.client_mask_direction_scales != "uniform" and self.client_mask_density is None:
+            raise ValueError(
+                "client_mask_direction_scales applies to a mask computed at set-up: pass client_mask_density (a saved "
+                "client_mask keeps the scales it was saved with)."
+            )
 
 
 @dataclass

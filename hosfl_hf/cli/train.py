@@ -182,7 +182,11 @@ def client_mask(
         batches.append(batch)
     split = split_model(calibration, args.split_layer)
     return sensitivity_mask(
-        split, batches, script_args.client_mask_density, loss_func=trainer_kwargs.get("compute_loss_func")
+        split,
+        batches,
+        script_args.client_mask_density,
+        loss_func=trainer_kwargs.get("compute_loss_func"),
+        direction_scales=script_args.client_mask_direction_scales,
     )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..federation import FederatedRoundSampler
 from ..lora import upcast_trainable_adapters
 from ..rng import check_environment, environment
-from ..search_space import ClientMask, ClientSearchSpace, client_update_targets
+from ..search_space import ClientMask, ClientSearchSpace, client_update_targets, mask_direction_scales
 from ..split import split_model
 from ..zeroth_order import ZerothOrderEstimator, apply_zo_update, build_client_optimizer
 from .messages import CatchUp, ClientCheckpoint, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
@@ -60,10 +60,11 @@ class ClientPart:
     ):
         self.split = split
         self.parameters, self.masks = client_update_targets(split, space, mask)
+        self.scales = mask_direction_scales(self.parameters, self.masks, mask)
         self.zo_eps = zo_eps
         self.autocast_dtype = autocast_dtype
         self.estimator = ZerothOrderEstimator(
-            self.parameters, zo_eps, zo_estimator, module=split.model, masks=self.masks
+            self.parameters, zo_eps, zo_estimator, module=split.model, masks=self.masks, scales=self.scales
         )
         self.mask_values = {
             position: nn.Parameter(self.parameters[position][1].detach().flatten()[idx].float().clone())
@@ -121,7 +122,9 @@ class ClientPart:
 
     def apply(self, update: ClientUpdate, optimizer: torch.optim.Optimizer) -> None:
         """Applies one round's update, rebuilt from its seeds and averaged scalars, through `optimizer`."""
-        apply_zo_update(self.update_parameters, optimizer, update.seeds, update.scalars, self.zo_eps, update.lr)
+        apply_zo_update(
+            self.update_parameters, optimizer, update.seeds, update.scalars, self.zo_eps, update.lr, self.scales
+        )
         self.write_mask_values()
 
 
