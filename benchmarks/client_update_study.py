@@ -73,6 +73,28 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     # The same mask with directions scaled by each coordinate's calibration gradient RMS (`direction_scales=
     # "gradient_rms"`): a preconditioned estimate that spends the round's few directions where the gradient is large.
     "maskw_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-4),
+    # Both with the normalised step (length = learning rate), where a preconditioned estimate is not undone by AdamW's
+    # per-coordinate normalisation.
+    "mask_pc_nsgd": (
+        "hosfl",
+        dict(
+            client_zo_modules=[],
+            client_seeds="per_client",
+            client_optimizer="normalized_sgd",
+            client_learning_rate=0.05,
+        ),
+        1e-4,
+    ),
+    "maskw_pc_nsgd": (
+        "hosfl",
+        dict(
+            client_zo_modules=[],
+            client_seeds="per_client",
+            client_optimizer="normalized_sgd",
+            client_learning_rate=0.05,
+        ),
+        1e-4,
+    ),
     "maskw_pc_p8": (
         "hosfl",
         dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=3e-3, num_perturbations=8),
@@ -87,7 +109,7 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     "fo_mask5": ("splitlora", dict(client_learning_rate=1e-3), 1e-5),
 }
 # Configurations whose mask scales its directions (`sensitivity_mask(direction_scales=...)`); the others: isotropic.
-DIRECTION_SCALES = {"maskw_pc": "gradient_rms", "maskw_pc_p8": "gradient_rms"}
+DIRECTION_SCALES = {name: "gradient_rms" for name in ("maskw_pc", "maskw_pc_p8", "maskw_pc_nsgd")}
 GRID_CELLS = {"frozen": "frozen_client", "splitlora": "splitlora", "paper": "hosfl"}
 CALIBRATION_SEED = 1234  # calibration batches: a fixed sample of the (public) training set
 

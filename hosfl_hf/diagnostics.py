@@ -7,6 +7,8 @@ directions, `ghat = (1 / (N mu)) sum_p <lambda, z(theta + mu u_p) - z(theta)> u_
 computes). For Gaussian directions `cos(ghat, g_S)` is about `sqrt(N / (N + d))` with `d = dim S`; measured against
 the gradient over a larger reference space `R` (e.g. all client LoRA weights, or all client base weights) it is
 `sqrt(phi) cos(ghat, g_S)` where `phi = ||g_S||^2 / ||g_R||^2` is the share of the gradient energy `S` holds.
+With a mask's direction scales `s` (directions `s * u`) the estimate's mean is the preconditioned `diag(s^2) g_S`: its
+cosine with `g_S` rises faster with `N` than the isotropic `expected` but stays below `cos(diag(s^2) g_S, g_S)`.
 """
 
 from __future__ import annotations
