@@ -68,6 +68,12 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
         dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3, num_perturbations=8),
         1e-4,
     ),
+    # P = 16 (N = 48; 17 client forwards a round): does the contribution keep growing with N?
+    "mask_pc_p16": (
+        "hosfl",
+        dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=3e-3, num_perturbations=16),
+        1e-4,
+    ),
     # A ten times smaller mask (708 weights): better-aligned directions in a smaller space.
     "mask5_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-5),
     # The same mask with directions scaled by each coordinate's calibration gradient RMS (`direction_scales=

@@ -18,8 +18,15 @@ SEQ = 12
 
 
 def tiny_llama(seed: int = 0, layers: int = 4, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    """A random tiny Llama of `layers` blocks. transformers initialises weights from the global RNG only, so the
+    seeded draw runs inside `fork_rng`: the caller's global RNG state is the same after the call."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(_tiny_config(layers, tie))
+
+
+def _tiny_config(layers: int, tie: bool) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -31,7 +38,6 @@ def tiny_llama(seed: int = 0, layers: int = 4, tie: bool = False) -> LlamaForCau
         bos_token_id=1,
         eos_token_id=2,
     )
-    return LlamaForCausalLM(config)
 
 
 def counting_dataset(n: int = 200, seed: int = 0) -> Dataset:
