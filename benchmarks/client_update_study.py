@@ -40,6 +40,8 @@ from report import mcnemar_exact_p  # noqa: E402
 
 # The pilot's search space: LoRA-B of blocks 0-3 (d = 24,576), per-client seeds (K*P = 6 directions).
 LORA_B_PC = dict(client_zo_blocks=[0, 1, 2, 3], client_zo_modules=["lora_B"], client_seeds="per_client")
+# The mask alone (adapters frozen, `client_zo_modules=[]`), per-client seeds.
+MASK_PC = dict(client_zo_modules=[], client_seeds="per_client")
 # name -> (method, HOSFLConfig overrides, mask density or None). Client blocks 0-3 hold ~55% of the LoRA-B energy.
 CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     "frozen": ("frozen_client", {}, None),
@@ -59,53 +61,22 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
         dict(LORA_B_PC, client_optimizer="normalized_sgd", client_learning_rate=1e-2),
         1e-4,
     ),
-    # The mask alone (adapters frozen, `client_zo_modules=[]`): d = 7,080 instead of 31,656, without LoRA-B's AdamW
-    # random walk.
-    "mask_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-4),
+    # The mask alone: d = 7,080 instead of 31,656, without LoRA-B's AdamW random walk.
+    "mask_pc": ("hosfl", dict(MASK_PC, client_learning_rate=1e-3), 1e-4),
     # More directions per round (P = 8 per client: N = 24; 9 client forwards per round instead of 3).
-    "mask_pc_p8": (
-        "hosfl",
-        dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3, num_perturbations=8),
-        1e-4,
-    ),
+    "mask_pc_p8": ("hosfl", dict(MASK_PC, client_learning_rate=1e-3, num_perturbations=8), 1e-4),
     # P = 16 (N = 48; 17 client forwards a round): does the contribution keep growing with N?
-    "mask_pc_p16": (
-        "hosfl",
-        dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=3e-3, num_perturbations=16),
-        1e-4,
-    ),
+    "mask_pc_p16": ("hosfl", dict(MASK_PC, client_learning_rate=3e-3, num_perturbations=16), 1e-4),
     # A ten times smaller mask (708 weights): better-aligned directions in a smaller space.
-    "mask5_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-5),
+    "mask5_pc": ("hosfl", dict(MASK_PC, client_learning_rate=1e-3), 1e-5),
     # The same mask with directions scaled by each coordinate's calibration gradient RMS (`direction_scales=
     # "gradient_rms"`): a preconditioned estimate that spends the round's few directions where the gradient is large.
-    "maskw_pc": ("hosfl", dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=1e-3), 1e-4),
-    # Both with the normalised step (length = learning rate), where a preconditioned estimate is not undone by AdamW's
-    # per-coordinate normalisation.
-    "mask_pc_nsgd": (
-        "hosfl",
-        dict(
-            client_zo_modules=[],
-            client_seeds="per_client",
-            client_optimizer="normalized_sgd",
-            client_learning_rate=0.05,
-        ),
-        1e-4,
-    ),
-    "maskw_pc_nsgd": (
-        "hosfl",
-        dict(
-            client_zo_modules=[],
-            client_seeds="per_client",
-            client_optimizer="normalized_sgd",
-            client_learning_rate=0.05,
-        ),
-        1e-4,
-    ),
-    "maskw_pc_p8": (
-        "hosfl",
-        dict(client_zo_modules=[], client_seeds="per_client", client_learning_rate=3e-3, num_perturbations=8),
-        1e-4,
-    ),
+    "maskw_pc": ("hosfl", dict(MASK_PC, client_learning_rate=1e-3), 1e-4),
+    "maskw_pc_p8": ("hosfl", dict(MASK_PC, client_learning_rate=3e-3, num_perturbations=8), 1e-4),
+    # Isotropic and scaled with the normalised step (length = learning rate), where a preconditioned estimate is not
+    # undone by AdamW's per-coordinate normalisation.
+    "mask_pc_nsgd": ("hosfl", dict(MASK_PC, client_optimizer="normalized_sgd", client_learning_rate=0.05), 1e-4),
+    "maskw_pc_nsgd": ("hosfl", dict(MASK_PC, client_optimizer="normalized_sgd", client_learning_rate=0.05), 1e-4),
     # Ceilings, not methods (their clients backpropagate): the same masked weights trained by SplitLoRA's first-order
     # client (adapters frozen). What any zeroth-order estimator in that search space could reach at best: if it is
     # far above mask_pc, better directions can close the gap; if not, the search space is the limit.
