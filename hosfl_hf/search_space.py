@@ -12,7 +12,7 @@ Two ways to shrink it (the cosine of a `N`-direction estimate with the gradient 
   of the trajectory, so replay rebuilds the same update. With `direction_scales="gradient_rms"` the mask also
   holds a standard deviation per masked coordinate (its calibration gradient's RMS): the directions there are
   `s * u` instead of `u`, which spends the few directions of a round where the gradient is large (a preconditioned
-  estimate; see [`DIRECTION_SCALES`]).
+  estimate; see [`DIRECTION_SCALES`]; measured worse than isotropic directions on SST-2, docs/benchmarks.md).
 
 The targets of the update ([`client_update_targets`]) are, in the pinned order of the RNG specification, the
 selected trainable parameters (in `named_parameters` order) followed by the masked base tensors (in the mask's
@@ -242,9 +242,9 @@ def _gradient_rms_scales(scores: torch.Tensor) -> torch.Tensor:
 
 # How `sensitivity_mask` sets the directions' standard deviation on each masked coordinate, from its summed squared
 # calibration gradients. "gradient_rms": variance proportional to the squared gradient, so that the K * P directions
-# of a round search mostly where the gradient is large; on SmolLM2-135M's deep-split mask (d = 7,080) this raises the
-# one-step descent of a 24-direction estimate ~20x over isotropic directions at the initial weights (the estimate is
-# then a preconditioned gradient, diag(s^2) g).
+# of a round search mostly where the gradient is large (the estimate is then a preconditioned gradient, diag(s^2) g).
+# On SmolLM2-135M's deep-split mask (d = 7,080) that raises a 24-direction estimate's one-step descent ~20x at the
+# initial weights under an equal-curvature model, yet trained it is worse than "uniform" (docs/benchmarks.md).
 DIRECTION_SCALES: dict[str, Callable[[torch.Tensor], torch.Tensor | None]] = {
     "uniform": _uniform_scales,
     "gradient_rms": _gradient_rms_scales,

@@ -47,6 +47,8 @@ class ClientPart:
         update_parameters: what the client optimizer steps, aligned with `parameters`: a trainable parameter itself,
             or the float32 vector of a masked tensor's masked values (written back into the base weight after each
             update).
+        scales: position -> the float32 direction scales of a masked tensor whose mask has `scales` (empty for
+            isotropic directions).
     """
 
     def __init__(
