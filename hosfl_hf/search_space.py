@@ -210,7 +210,8 @@ def client_update_targets(
                 raise ValueError(f"{name!r} is both trainable and masked; a mask covers frozen base weights only.")
             if idx[-1] >= param.numel():
                 raise ValueError(f"Mask index {idx[-1]} out of range for {name!r} ({param.numel()} values).")
-            masks[len(named)] = torch.tensor(idx, dtype=torch.int64)
+            # On the weight's device once: the hot path (every direction) then indexes without a copy.
+            masks[len(named)] = torch.tensor(idx, dtype=torch.int64, device=param.device)
             named.append((name, param))
     return named, masks
 
@@ -225,7 +226,9 @@ def mask_direction_scales(
     mask = ClientMask.from_dict(mask)
     if mask.scales is None:
         return {}
-    return {pos: torch.tensor(mask.scales[named[pos][0]], dtype=torch.float32) for pos in masks}
+    return {
+        pos: torch.tensor(mask.scales[named[pos][0]], dtype=torch.float32, device=masks[pos].device) for pos in masks
+    }
 
 
 def _uniform_scales(scores: torch.Tensor) -> torch.Tensor | None:
