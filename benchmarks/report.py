@@ -3,10 +3,11 @@
     python benchmarks/report.py --out docs/results
 
 Writes `benchmark.json` (machine-readable summary), `benchmark.md` (tables, paired tests, missing cells) and
-`accuracy_vs_samples.png`, `paired_vs_frozen_client.png`, `bytes_per_client.png`, `client_memory.png`. Every method
-has one colour and marker (`STYLE`) in every figure; a method without cells in a panel is named in a note there,
-never drawn. Paired training-loss differences get standard errors over seeds and from a moving-block bootstrap over
-rounds, never ones that treat rounds as independent.
+`accuracy_vs_samples.png`, `paired_vs_frozen_client.png`, `bytes_per_client.png`, `client_memory.png` and, from the
+client-update studies, `client_update_frontier.png`. Every method has one colour and marker (`STYLE`) in every
+figure; a method without cells in a panel is named in a note there, never drawn. Paired training-loss differences get
+standard errors over seeds and from a moving-block bootstrap over rounds, never ones that treat rounds as
+independent.
 """
 
 from __future__ import annotations
@@ -293,8 +294,37 @@ def client_contribution(out: str) -> dict:
         suffix = "" if os.path.basename(path) == "client_update_study.json" else f"/r{rounds}"
         for name, entry in study.get("client_contribution", {}).items():
             cosine = study.get("cosine", {}).get(name)
-            filed.setdefault(task, {}).setdefault(depth, {})[name + suffix] = {**entry, "cosine": cosine}
+            settings = study_settings(study.get("runs", {}), name, entry.get("seeds", []))
+            filed.setdefault(task, {}).setdefault(depth, {})[name + suffix] = {
+                **entry,
+                "cosine": cosine,
+                "settings": settings,
+            }
     return filed
+
+
+def study_settings(runs: dict, name: str, seeds: list[int]) -> dict | None:
+    """What a study configuration set, read off its first run's record: the method, the client's directions per round
+    (`num_perturbations`, zeroth-order clients only) and learning rate, step rule, mask density, direction scales and
+    zeroth-order modules. Runs filed from grid cells carry the grid's budget only, so its defaults fill the rest."""
+    run = next((runs[f"{name}/s{s}"] for s in seeds if f"{name}/s{s}" in runs), None)
+    if run is None:
+        return None
+    budget, overrides, method = run.get("budget", {}), run.get("overrides") or {}, run["method"]
+    zeroth_order = method == "hosfl"
+    return {
+        "method": method,
+        "num_perturbations": overrides.get("num_perturbations", budget.get("hosfl_perturbations"))
+        if zeroth_order
+        else None,
+        "client_learning_rate": overrides.get(
+            "client_learning_rate", budget.get("zo_lr") if zeroth_order else budget.get("fo_lr")
+        ),
+        "client_optimizer": overrides.get("client_optimizer", "adamw"),
+        "mask_density": run.get("mask_density"),
+        "direction_scales": run.get("mask_direction_scales", "uniform"),
+        "client_zo_modules": overrides.get("client_zo_modules"),
+    }
 
 
 def fmt_acc(e: dict) -> str:
@@ -444,7 +474,8 @@ def write_markdown(summary: dict, out: str) -> None:
             lines.append("")
     lines += [
         "Plots: [accuracy vs samples](accuracy_vs_samples.png), [paired loss differences vs the frozen client]"
-        "(paired_vs_frozen_client.png), [bytes per client](bytes_per_client.png), [client memory](client_memory.png).",
+        "(paired_vs_frozen_client.png), [bytes per client](bytes_per_client.png), [client memory](client_memory.png), "
+        "[client-update frontier](client_update_frontier.png).",
         "",
         f"Cells present ({len(summary['cells'])}): " + ", ".join(summary["cells"]) + ".",
         "",
@@ -708,6 +739,132 @@ def plot_memory(memory: dict):
     return fig
 
 
+# Client learning rates of the client-update study, one colour each (unlisted rates: grey).
+LR_COLORS = {1e-4: "#1f77b4", 3e-4: "#17becf", 1e-3: "#2ca02c", 3e-3: "#ff7f0e", 1e-2: "#d62728"}
+FRONTIER_YLIM = (-0.4, 1.15)  # fractions of SplitLoRA's contribution; points beyond are drawn on the edge
+
+
+def frontier_points(rows: dict) -> list[dict]:
+    """The zeroth-order configurations of one client-update study that the frontier figure draws: AdamW steps on
+    isotropic directions (what varies is the search space, the directions per round and the learning rate). Each
+    point: x = client forwards per client and round (P + 1), y = fraction of SplitLoRA's contribution, yerr = the SE
+    over seeds in the same units (None for one seed)."""
+    points = []
+    for name, r in rows.items():
+        st = r.get("settings")
+        if not st or st["method"] != "hosfl" or r["fraction_of_fo"] is None:
+            continue
+        if st["client_optimizer"] != "adamw" or st["direction_scales"] != "uniform":
+            continue
+        fo = abs(r["fo_loss_diff_vs_frozen"])
+        if st["mask_density"]:
+            alone = st["client_zo_modules"] == []
+            space = f"mask {st['mask_density']:g}" + (" alone" if alone else " + LoRA-B")
+        else:
+            space = "LoRA (q, v)" if st["client_zo_modules"] is None else "LoRA-B"
+        points.append(
+            {
+                "name": name,
+                "x": st["num_perturbations"] + 1,
+                "y": r["fraction_of_fo"],
+                "yerr": r["loss_diff_se"] / fo if r["loss_diff_se"] is not None and fo else None,
+                "lr": st["client_learning_rate"],
+                "space": space,
+                "marker": FRONTIER_MARKERS.get(space, "P"),
+                "seeds": len(r["seeds"]),
+            }
+        )
+    return points
+
+
+# The search spaces of the study, one marker each (others: "P").
+FRONTIER_MARKERS = {
+    "mask 0.0001 alone": "^",
+    "mask 1e-05 alone": "v",
+    "mask 0.0001 + LoRA-B": "D",
+    "LoRA-B": "s",
+    "LoRA (q, v)": "o",
+}
+
+
+def plot_client_frontier(contribution: dict):
+    """The client-update study's frontier, one panel per (task, depth, study length): the fraction of SplitLoRA's
+    client contribution (paired loss vs the frozen client) against the client forwards per round, coloured by client
+    learning rate, with ±1 SE over seeds (open markers: one seed, no bar), the half-of-SplitLoRA target and the
+    first-order ceiling of the mask's search space where it was measured."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    studies = []
+    for task, depths in contribution.items():
+        for depth, rows in depths.items():
+            by_length: dict[str, dict] = defaultdict(dict)
+            for name, r in rows.items():
+                base, _, length = name.partition("/")
+                by_length[length or "r60 pilot"][base] = r
+            studies += [(task, depth, length, group) for length, group in sorted(by_length.items())]
+    fig, axes = plt.subplots(1, len(studies), figsize=(6.5 * len(studies), 5.6), squeeze=False)
+    low, high = FRONTIER_YLIM
+    for ax, (task, depth, length, rows) in zip(axes.flat, studies):
+        points = frontier_points(rows)
+        xs = sorted({p["x"] for p in points})
+        at_x = {x: sorted((q for q in points if q["x"] == x), key=lambda q: (q["space"], q["lr"])) for x in xs}
+        for p in points:
+            # Side by side at each x (by search space, then learning rate), so points and bars do not hide each other.
+            group = at_x[p["x"]]
+            x = p["x"] * 2 ** (0.12 * (group.index(p) - (len(group) - 1) / 2))
+            y = min(max(p["y"], low + 0.03), high - 0.03)
+            color = LR_COLORS.get(p["lr"], "#7f7f7f")
+            if p["yerr"] is not None and y == p["y"]:
+                ax.errorbar([x], [y], yerr=[p["yerr"]], fmt="none", ecolor=color, capsize=3, label="_nolegend_")
+            ax.plot(
+                [x],
+                [y],
+                linestyle="none",
+                marker=p["marker"],
+                markersize=8,
+                color=color,
+                markerfacecolor=color if p["seeds"] > 1 else "white",
+                label=p["name"],
+                gid=p["name"],
+            )
+            text = f"{p['y']:+.2f}" + ("" if y == p["y"] else " (off scale)") + f" n={p['seeds']}"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, -3), fontsize=6)
+        ax.axhline(1.0, color=STYLE["splitlora"]["color"], linestyle="-", linewidth=1)
+        ax.axhline(0.5, color="0.3", linestyle=":", linewidth=1)
+        ax.axhline(0.0, color=STYLE[REFERENCE]["color"], linewidth=0.8)
+        ceiling = rows.get("fo_mask")
+        if ceiling is not None and ceiling["fraction_of_fo"] is not None:
+            ax.axhline(ceiling["fraction_of_fo"], color="0.4", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(2, 2 * max(xs, default=3))
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylim(low, high)
+        ax.set_xlabel("client forwards per client and round (P + 1)")
+        ax.set_ylabel("fraction of SplitLoRA's client contribution")
+        ax.set_title(f"{task.upper()}, {depth} split, {length}")
+        ax.grid(alpha=0.3)
+    handles = [
+        Line2D([], [], color=c, marker="o", linestyle="none", label=f"client lr {lr:g}") for lr, c in LR_COLORS.items()
+    ]
+    handles += [
+        Line2D([], [], color="0.3", marker=m, linestyle="none", label=space) for space, m in FRONTIER_MARKERS.items()
+    ]
+    handles += [
+        Line2D([], [], color=STYLE["splitlora"]["color"], label="SplitLoRA (1)"),
+        Line2D([], [], color="0.3", linestyle=":", label="target: half of SplitLoRA"),
+        Line2D([], [], color="0.4", linestyle="--", label="first-order client on the mask (ceiling)"),
+        Line2D([], [], color=STYLE[REFERENCE]["color"], label="frozen client (0)"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7)
+    fig.suptitle(
+        "Client-update frontier: zeroth-order clients (AdamW, isotropic directions) vs directions per round\n"
+        "filled: mean ± SE over seeds; open: one seed; edge points are off scale (value printed)"
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
 def write_plots(summary: dict, out: str) -> list[str]:
     """Renders every figure from the cells under `out` and the summary; returns the files written."""
     plt = _pyplot()
@@ -718,6 +875,8 @@ def write_plots(summary: dict, out: str) -> list[str]:
     }
     if summary["memory"]:
         figures["client_memory.png"] = plot_memory(summary["memory"])
+    if summary.get("client_contribution"):
+        figures["client_update_frontier.png"] = plot_client_frontier(summary["client_contribution"])
     written = []
     for name, fig in figures.items():
         fig.savefig(os.path.join(out, name), dpi=110)

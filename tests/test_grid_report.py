@@ -392,3 +392,84 @@ def test_client_update_study_sweeps_resumes_and_skips_claimed_runs(tmp_path, mon
     assert calls[2:] == [("hosfl", "rte", 0, 1e-3)]
     saved = json.load(open(path))
     assert saved["task"] == "rte" and set(saved["client_contribution"]) == {"paper@lr0.0001", "paper@lr0.001"}
+
+
+def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_forwards_and_fraction(tmp_path):
+    """The frontier figure: one point per AdamW/isotropic zeroth-order configuration at x = P + 1 client forwards and
+    y = its fraction of SplitLoRA's contribution, coloured by client learning rate, ±SE over seeds in the same units,
+    open markers for one seed, off-scale values on the edge; step-rule and scaled-direction variants are left out."""
+    import client_update_study as study
+    from matplotlib.colors import to_hex
+
+    budget = {"hosfl_perturbations": 2, "zo_lr": 1e-4, "fo_lr": 1e-3}
+    labels = [0, 1, 0, 1]
+
+    def run(method, losses, overrides=None, density=None, scales="uniform"):
+        return {
+            "method": method,
+            "budget": budget,
+            "overrides": overrides,
+            "mask_density": density,
+            "mask_direction_scales": scales,
+            "train_losses": losses,
+            "predictions": [0, 1, 0, 0],
+            "labels": labels,
+            "accuracy": 0.75,
+            "rounds": 3,
+        }
+
+    mask = {"client_zo_modules": [], "client_learning_rate": 3e-3}
+    runs = {}
+    for s, shift in ((0, 0.0), (1, 0.02)):
+        runs[f"frozen/s{s}"] = run("frozen_client", [1.0, 0.9, 0.8 + shift])
+        runs[f"splitlora/s{s}"] = run("splitlora", [1.0, 0.7, 0.6 + shift])  # -0.2
+        runs[f"paper/s{s}"] = run("hosfl", [1.0, 0.9, 0.8 + shift - 0.01])  # -0.005: 2.5 %
+        runs[f"mask_pc_p8/s{s}"] = run("hosfl", [1.0, 0.86 - shift, 0.76], dict(mask, num_perturbations=8), 1e-4)
+        runs[f"mask_pc_nsgd/s{s}"] = run("hosfl", [1.0, 0.8, 0.7], dict(mask, client_optimizer="normalized_sgd"), 1e-4)
+        runs[f"maskw_pc/s{s}"] = run("hosfl", [1.0, 0.8, 0.7], dict(mask), 1e-4, "gradient_rms")
+        runs[f"fo_mask/s{s}"] = run("splitlora", [1.0, 0.72, 0.62 + shift], {"client_zo_modules": []}, 1e-4)
+    runs["mask_pc_p8@lr0.01/s0"] = run("hosfl", [1.0, 1.9, 1.8], dict(mask, client_learning_rate=1e-2), 1e-4)
+    with open(tmp_path / "client_update_study.json", "w") as f:
+        json.dump({"runs": runs, "client_contribution": study.summarize(runs, [0, 1])}, f)
+    contribution = report.client_contribution(str(tmp_path))
+    rows = contribution["sst2"]["deep"]
+    assert rows["mask_pc_p8"]["settings"] == {
+        "method": "hosfl",
+        "num_perturbations": 8,
+        "client_learning_rate": 3e-3,
+        "client_optimizer": "adamw",
+        "mask_density": 1e-4,
+        "direction_scales": "uniform",
+        "client_zo_modules": [],
+    }
+    assert (
+        rows["paper"]["settings"]["num_perturbations"] == 2
+        and rows["paper"]["settings"]["client_learning_rate"] == 1e-4
+    )
+
+    points = {p["name"]: p for p in report.frontier_points(rows)}
+    assert set(points) == {"paper", "mask_pc_p8", "mask_pc_p8@lr0.01"}  # not the step-rule/scaled variants
+    p8 = points["mask_pc_p8"]
+    # Seed 0: -0.04 a round vs the frozen client, seed 1: -0.06; SplitLoRA: -0.2 on both.
+    assert rows["mask_pc_p8"]["per_seed_loss_diff"] == pytest.approx([-0.04, -0.06])
+    assert p8["x"] == 9 and p8["y"] == pytest.approx(0.25) and p8["yerr"] == pytest.approx(0.05)
+    assert points["paper"]["x"] == 3 and points["paper"]["y"] == pytest.approx(0.025)
+
+    fig = report.plot_client_frontier(contribution)
+    (ax,) = fig.axes
+    drawn = {line.get_gid(): line for line in ax.get_lines() if line.get_gid()}
+    assert set(drawn) == set(points)
+    assert to_hex(drawn["mask_pc_p8"].get_color()) == report.LR_COLORS[3e-3]
+    assert drawn["mask_pc_p8"].get_marker() == "^" and drawn["paper"].get_marker() == "o"
+    assert drawn["mask_pc_p8"].get_ydata()[0] == pytest.approx(p8["y"])
+    # One seed: open marker; diverged (fraction -5): drawn on the lower edge with its value printed.
+    diverged = drawn["mask_pc_p8@lr0.01"]
+    assert to_hex(diverged.get_markerfacecolor()) == "#ffffff"
+    assert diverged.get_ydata()[0] == pytest.approx(report.FRONTIER_YLIM[0] + 0.03)
+    texts = [t.get_text() for t in ax.texts]
+    assert any("off scale" in t and f"{points['mask_pc_p8@lr0.01']['y']:+.2f}" in t for t in texts)
+    bars = [c for c in ax.containers if c.has_yerr]
+    assert len(bars) == 2  # paper and mask_pc_p8 (two seeds each); none for one seed
+    # The first-order ceiling on the mask is drawn where it was measured.
+    ceiling = rows["fo_mask"]["fraction_of_fo"]
+    assert any(list(line.get_ydata()) == [ceiling, ceiling] for line in ax.get_lines())
