@@ -214,18 +214,28 @@ def run_key(name: str, seed: int, lr: float | None = None) -> str:
 
 
 def best_first_order(runs: dict, seeds: list[int]) -> tuple[str | None, dict[int, float]]:
-    """SplitLoRA's run (default or swept learning rate) with the lowest mean paired difference vs the frozen client
-    over its seeds, and its per-seed differences: the first-order reference of every fraction (its best client)."""
-    best, best_mean = None, math.inf
+    """SplitLoRA's run (default or swept learning rate) with the lowest mean paired difference vs the frozen client,
+    and its per-seed differences: the first-order reference of every fraction (its best client). The learning rates
+    are compared on the seeds they all ran (a rate run on more seeds is not judged on different batches)."""
+    variants = {}
     for name in sorted({k.rsplit("/s", 1)[0] for k in runs if base_config(k.rsplit("/s", 1)[0]) == "splitlora"}):
         per_seed = {
             s: paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"])
             for s in seeds
             if f"{name}/s{s}" in runs and f"frozen/s{s}" in runs
         }
-        if per_seed and np.mean(list(per_seed.values())) < best_mean:
-            best, best_mean, chosen = name, float(np.mean(list(per_seed.values()))), per_seed
-    return best, (chosen if best is not None else {})
+        if per_seed:
+            variants[name] = per_seed
+    if not variants:
+        return None, {}
+    shared = set.intersection(*(set(v) for v in variants.values()))
+
+    def score(name: str) -> float:
+        on = shared or variants[name]
+        return float(np.mean([variants[name][s] for s in on]))
+
+    best = min(variants, key=score)
+    return best, variants[best]
 
 
 def summarize(runs: dict, seeds: list[int]) -> dict:
@@ -241,7 +251,9 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
         if not common:
             continue
         diffs = [paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in common]
-        fo = [fo_by_seed[s] for s in common if s in fo_by_seed]
+        # The fraction compares both on the same seeds (the reference may lack a seed this configuration ran).
+        fo_seeds = [s for s in common if s in fo_by_seed]
+        fo = [fo_by_seed[s] for s in fo_seeds]
         b = c = 0  # McNemar: this configuration right and the frozen client wrong, and the reverse
         for s in common:
             labels = np.array(runs[f"frozen/s{s}"]["labels"])
@@ -256,12 +268,14 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
         mean = float(np.mean(diffs))
         se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
         fo_mean = float(np.mean(fo)) if fo else None
+        on_fo = float(np.mean([d for s, d in zip(common, diffs) if s in fo_by_seed])) if fo else None
         out[name] = {
             "loss_diff_vs_frozen": mean,
             "loss_diff_se": se,
             "fo_loss_diff_vs_frozen": fo_mean,
             "fo_reference": fo_reference,
-            "fraction_of_fo": mean / fo_mean if fo_mean else None,
+            "fraction_of_fo": on_fo / fo_mean if fo_mean else None,
+            "fo_seeds": fo_seeds,
             "loss_diff_second_half": float(np.mean(late)),
             "per_seed_loss_diff": diffs,
             "accuracy_mean": float(np.mean([runs[f"{name}/s{s}"]["accuracy"] for s in common])),

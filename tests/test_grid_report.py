@@ -345,6 +345,24 @@ def test_client_update_study_summary(tmp_path):
     assert summary["lora_b_pc@lr0.001"]["fo_reference"] == "splitlora@lr0.01"
     assert summary["lora_b_pc@lr0.001"]["fraction_of_fo"] == pytest.approx(0.1)
     assert summary["lora_b_pc@lr0.001"]["loss_diff_se"] is None  # one seed: no SE
+
+    # Learning rates run on different seeds are compared on the seeds they share, and a fraction takes the
+    # configuration and the reference on the same seeds.
+    uneven = {
+        "frozen/s0": runs["frozen/s0"],
+        "frozen/s1": runs["frozen/s1"],
+        "splitlora/s0": run([1.0, 0.6, 0.5], [0, 1, 0, 1]),  # -0.3
+        "splitlora/s1": runs["splitlora/s1"],  # -0.2: mean -0.25
+        "splitlora@lr0.01/s1": run([1.0, 0.58, 0.48], [0, 1, 0, 1]),  # -0.22: better on the seed both ran
+        "lora_b_pc/s0": runs["lora_b_pc/s0"],  # -0.02
+        "lora_b_pc/s1": runs["lora_b_pc/s1"],  # -0.01
+    }
+    reference, per_seed = study.best_first_order(uneven, [0, 1])
+    assert reference == "splitlora@lr0.01" and per_seed == pytest.approx({1: -0.22})
+    entry = study.summarize(uneven, [0, 1])["lora_b_pc"]
+    assert entry["fo_reference"] == "splitlora@lr0.01" and entry["fo_seeds"] == [1]
+    assert entry["loss_diff_vs_frozen"] == pytest.approx(-0.015)  # over both seeds
+    assert entry["fraction_of_fo"] == pytest.approx(0.01 / 0.22)  # seed 1 against seed 1
     assert study.plan_runs(["frozen", "paper"], [0, 1], [1e-4, 1e-3]) == [
         ("frozen", 0, None),
         ("paper", 0, 1e-4),
