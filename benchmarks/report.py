@@ -851,7 +851,7 @@ def plot_client_frontier(contribution: dict):
         Line2D([], [], color="0.3", marker=m, linestyle="none", label=space) for space, m in FRONTIER_MARKERS.items()
     ]
     handles += [
-        Line2D([], [], color=STYLE["splitlora"]["color"], label="SplitLoRA (1)"),
+        Line2D([], [], color=STYLE["splitlora"]["color"], label="SplitLoRA at its best client lr (1)"),
         Line2D([], [], color="0.3", linestyle=":", label="target: half of SplitLoRA"),
         Line2D([], [], color="0.4", linestyle="--", label="first-order client on the mask (ceiling)"),
         Line2D([], [], color=STYLE[REFERENCE]["color"], label="frozen client (0)"),
