@@ -268,7 +268,8 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
         mean = float(np.mean(diffs))
         se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
         fo_mean = float(np.mean(fo)) if fo else None
-        on_fo = float(np.mean([d for s, d in zip(common, diffs) if s in fo_by_seed])) if fo else None
+        by_seed = dict(zip(common, diffs))
+        on_fo = float(np.mean([by_seed[s] for s in fo_seeds])) if fo else None
         out[name] = {
             "loss_diff_vs_frozen": mean,
             "loss_diff_se": se,
