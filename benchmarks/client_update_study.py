@@ -76,6 +76,10 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     # Isotropic and scaled with the normalised step (length = learning rate), where a preconditioned estimate is not
     # undone by AdamW's per-coordinate normalisation.
     "mask_pc_nsgd": ("hosfl", dict(MASK_PC, client_optimizer="normalized_sgd", client_learning_rate=0.05), 1e-4),
+    # Guided directions (session 9): the mask holds the mean calibration gradient as a guide and a share of each
+    # direction lies along it, so the round's few directions measure the gradient's component there almost exactly.
+    "maskg_pc": ("hosfl", dict(MASK_PC, client_learning_rate=1e-3), 1e-4),
+    "maskg9_pc": ("hosfl", dict(MASK_PC, client_learning_rate=1e-3), 1e-4),
     "maskw_pc_nsgd": ("hosfl", dict(MASK_PC, client_optimizer="normalized_sgd", client_learning_rate=0.05), 1e-4),
     # Ceilings, not methods (their clients backpropagate): the same masked weights trained by SplitLoRA's first-order
     # client (adapters frozen). What any zeroth-order estimator in that search space could reach at best: if it is
@@ -87,6 +91,8 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
 }
 # Configurations whose mask scales its directions (`sensitivity_mask(direction_scales=...)`); the others: isotropic.
 DIRECTION_SCALES = {name: "gradient_rms" for name in ("maskw_pc", "maskw_pc_p8", "maskw_pc_nsgd")}
+# Configurations whose mask guides its directions (`sensitivity_mask(guide_share=...)`); the others: no guide.
+GUIDE_SHARES = {"maskg_pc": 0.5, "maskg9_pc": 0.9}
 GRID_CELLS = {"frozen": "frozen_client", "splitlora": "splitlora", "paper": "hosfl"}
 CALIBRATION_SEED = 1234  # calibration batches: a fixed sample of the (public) training set
 
@@ -118,7 +124,14 @@ def peft_model(budget: Budget, seed: int):
     return get_peft_model(model, lora), tokenizer
 
 
-def mask_maker(density: float, budget: Budget, data_dir: str | None, batches: int, direction_scales: str = "uniform"):
+def mask_maker(
+    density: float,
+    budget: Budget,
+    data_dir: str | None,
+    batches: int,
+    direction_scales: str = "uniform",
+    guide_share: float = 0.0,
+):
     """Computes the static mask once per (run) at set-up, on a separate copy of the initial model."""
 
     def make(split_layer: int, task, tokenizer, seed: int):
@@ -131,7 +144,9 @@ def mask_maker(density: float, budget: Budget, data_dir: str | None, batches: in
         for batch in calibration:
             batch.pop("logits_to_keep", None)
         split = split_model(model, split_layer)
-        return sensitivity_mask(split, calibration, density, loss_func=loss, direction_scales=direction_scales)
+        return sensitivity_mask(
+            split, calibration, density, loss_func=loss, direction_scales=direction_scales, guide_share=guide_share
+        )
 
     return make
 
@@ -175,8 +190,9 @@ def measure_cosine(
     task = get_task(task_name)
     model, tokenizer = peft_model(budget, 0)
     split_layer = split_for("deep", model.config.num_hidden_layers)
-    scales = DIRECTION_SCALES.get(name, "uniform")
-    mask = mask_maker(density, budget, data_dir, batches, scales)(split_layer, task, tokenizer, 0) if density else None
+    scales, share = DIRECTION_SCALES.get(name, "uniform"), GUIDE_SHARES.get(name, 0.0)
+    make = mask_maker(density, budget, data_dir, batches, scales, share) if density else None
+    mask = make(split_layer, task, tokenizer, 0) if make else None
     split = split_model(model, split_layer)
     names = set(split.client_parameter_names)
     reference = [(n, p) for n, p in split.model.named_parameters() if n in names and ".layers." in n]
@@ -391,10 +407,10 @@ def main(argv: list[str] | None = None) -> None:
                 overrides["client_learning_rate"] = lr
             print(f"{key}: running {method} {overrides} mask={density}", flush=True)
             start = time.perf_counter()
-            scales = DIRECTION_SCALES.get(name, "uniform")
+            scales, share = DIRECTION_SCALES.get(name, "uniform"), GUIDE_SHARES.get(name, 0.0)
             make_mask = None
             if density:
-                make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches, scales)
+                make_mask = mask_maker(density, budget, args.data_dir, args.calibration_batches, scales, share)
             prepare = None
             if make_mask is not None and method == "splitlora":  # a first-order ceiling of the masked search space
                 make_mask, prepare = None, first_order_on_mask(make_mask)
@@ -403,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             result.update(config=name, overrides=overrides, mask_density=density, client_lr_swept=lr)
             result["mask_direction_scales"] = scales
+            result["mask_guide_share"] = share
             result["run_seconds"] = time.perf_counter() - start
             # Pairing needs the same batches: round 0 (before any update) must give every configuration the same
             # loss.

@@ -323,6 +323,7 @@ def study_settings(runs: dict, name: str, seeds: list[int]) -> dict | None:
         "client_optimizer": overrides.get("client_optimizer", "adamw"),
         "mask_density": run.get("mask_density"),
         "direction_scales": run.get("mask_direction_scales", "uniform"),
+        "guide_share": run.get("mask_guide_share", 0.0),
         "client_zo_modules": overrides.get("client_zo_modules"),
     }
 
@@ -746,7 +747,8 @@ FRONTIER_YLIM = (-0.4, 1.15)  # fractions of SplitLoRA's contribution; points be
 
 def frontier_points(rows: dict) -> list[dict]:
     """The zeroth-order configurations of one client-update study that the frontier figure draws: AdamW steps on
-    isotropic directions (what varies is the search space, the directions per round and the learning rate). Each
+    unscaled directions, isotropic or guided (what varies is the search space, the guide, the directions per round
+    and the learning rate). Each
     point: x = client forwards per client and round (P + 1), y = fraction of SplitLoRA's contribution, yerr = the SE
     over seeds in the same units (None for one seed)."""
     points = []
@@ -760,6 +762,8 @@ def frontier_points(rows: dict) -> list[dict]:
         if st["mask_density"]:
             alone = st["client_zo_modules"] == []
             space = f"mask {st['mask_density']:g}" + (" alone" if alone else " + LoRA-B")
+            if st.get("guide_share"):
+                space += f", guided {st['guide_share']:g}"
         else:
             space = "LoRA (q, v)" if st["client_zo_modules"] is None else "LoRA-B"
         points.append(
@@ -782,6 +786,8 @@ FRONTIER_MARKERS = {
     "mask 0.0001 alone": "^",
     "mask 1e-05 alone": "v",
     "mask 0.0001 + LoRA-B": "D",
+    "mask 0.0001 alone, guided 0.5": "*",
+    "mask 0.0001 alone, guided 0.9": "p",
     "LoRA-B": "s",
     "LoRA (q, v)": "o",
 }

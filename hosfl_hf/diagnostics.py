@@ -8,7 +8,8 @@ computes). For Gaussian directions `cos(ghat, g_S)` is about `sqrt(N / (N + d))`
 the gradient over a larger reference space `R` (e.g. all client LoRA weights, or all client base weights) it is
 `sqrt(phi) cos(ghat, g_S)` where `phi = ||g_S||^2 / ||g_R||^2` is the share of the gradient energy `S` holds.
 With a mask's direction scales `s` (directions `s * u`) the estimate's mean is the preconditioned `diag(s^2) g_S`: its
-cosine with `g_S` rises faster with `N` than the isotropic `expected` but stays below `cos(diag(s^2) g_S, g_S)`.
+cosine with `g_S` rises faster with `N` than the isotropic `expected` but stays below `cos(diag(s^2) g_S, g_S)`;
+with a mask's guide the mean is `(1 - gamma) g_S + gamma d <g_S, ghat> ghat` (`DirectionGuide`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .zeroth_order import direction, scale_direction
+from .zeroth_order import direction, masked_direction
 
 __all__ = ["client_update_cosine"]
 
@@ -93,7 +94,11 @@ def client_update_cosine(
     for n, (seed, v) in enumerate(zip(seeds, scalars), start=1):
         u = torch.cat(
             [
-                scale_direction(direction(values, seed, i, dtype=torch.float32), part.scales.get(i)).flatten()
+                (
+                    masked_direction(values, seed, i, part.scales.get(i), part.guide)
+                    if i in part.masks
+                    else direction(values, seed, i, dtype=torch.float32)
+                ).flatten()
                 for i, (_, values) in enumerate(part.update_parameters[: len(targets)])
             ]
         )

@@ -15,6 +15,9 @@ Specification (version 2):
 * Dirichlet shards: `numpy.random.default_rng(seed)` (`shuffle` + `dirichlet` per class).
 * direction of parameter `j` under perturbation seed `s`: `torch.randn(shape, dtype=float32,
   generator=cpu_generator(splitmix64(s ^ splitmix64(j))))`, cast to the parameter's dtype and moved to its device.
+* guide coefficient of perturbation seed `s` (a mask's guided directions, [`hosfl_hf.search_space.ClientMask`]):
+  `torch.randn((), dtype=float32, generator=cpu_generator(splitmix64(s ^ splitmix64(2**64 - 1))))`, the key that no
+  parameter index takes; the directions of unguided runs do not change.
 
 What bit-identity depends on. The integer derivations are exact everywhere. The Gaussian draws come from torch's CPU
 normal sampler, whose stream torch does not promise to keep across releases, and the optimizer arithmetic that
@@ -38,6 +41,7 @@ __all__ = [
     "direction",
     "direction_seed",
     "environment",
+    "guide_coefficient",
     "mix",
     "numpy_generator",
     "client_round_seeds",
@@ -56,6 +60,8 @@ RNG_SPEC = {
 SUPPORTED_VERSIONS = (1, 2)
 
 _MASK64 = (1 << 64) - 1
+# The guide coefficient's key in place of a parameter index (no parameter has this index).
+GUIDE_INDEX = _MASK64
 
 
 def splitmix64(x: int) -> int:
@@ -94,6 +100,13 @@ def direction(param: torch.Tensor, seed: int, index: int, dtype: torch.dtype | N
     parameter's dtype) and moved to the parameter's device."""
     u = torch.randn(param.shape, generator=cpu_generator(direction_seed(seed, index)), dtype=torch.float32)
     return u.to(device=param.device, dtype=dtype or param.dtype)
+
+
+def guide_coefficient(seed: int) -> float:
+    """The standard normal coefficient `eta(seed)` of the guide vector in the directions of perturbation seed `seed`
+    (one draw per seed, shared by every masked tensor; see [`hosfl_hf.zeroth_order.DirectionGuide`])."""
+    draw = torch.randn((), generator=cpu_generator(direction_seed(seed, GUIDE_INDEX)), dtype=torch.float32)
+    return float(draw)
 
 
 def round_seeds(base_seed: int, round_index: int, num_perturbations: int) -> list[int]:

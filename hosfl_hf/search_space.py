@@ -13,6 +13,9 @@ Two ways to shrink it (the cosine of a `N`-direction estimate with the gradient 
   holds a standard deviation per masked coordinate (its calibration gradient's RMS): the directions there are
   `s * u` instead of `u`, which spends the few directions of a round where the gradient is large (a preconditioned
   estimate; see [`DIRECTION_SCALES`]; measured worse than isotropic directions on SST-2, docs/benchmarks.md).
+  With `guide_share` the mask also holds a guide vector (the mean calibration gradient on the masked coordinates):
+  a share of each direction lies along it ([`~hosfl_hf.zeroth_order.DirectionGuide`], guided evolution strategies),
+  so the round's few directions measure the gradient's component along the guide almost exactly.
 
 The targets of the update ([`client_update_targets`]) are, in the pinned order of the RNG specification, the
 selected trainable parameters (in `named_parameters` order) followed by the masked base tensors (in the mask's
@@ -31,12 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .zeroth_order import DirectionGuide
+
 __all__ = [
     "DIRECTION_SCALES",
     "ClientMask",
     "ClientSearchSpace",
     "apply_search_space",
     "client_update_targets",
+    "mask_direction_guide",
     "mask_direction_scales",
     "sensitivity_mask",
 ]
@@ -92,20 +98,34 @@ class ClientMask:
             directions on each of its masked coordinates (aligned with `indices`; float32 values). `None`: 1 everywhere
             (isotropic directions). Set by [`sensitivity_mask`] with `direction_scales`; replay and every holder use
             them, so they are part of the saved mask.
+        guide (`dict[str, list[float]]`, *optional*): a guide vector over the masked coordinates (for each masked
+            tensor, aligned with `indices`; any non-zero norm: it is normalised over the whole mask). Set by
+            [`sensitivity_mask`] with `guide_share` (the mean calibration gradient).
+        guide_share (`float`, *optional*): the share `gamma` in `(0, 1)` of each direction's expected squared norm
+            along the guide (see [`~hosfl_hf.zeroth_order.DirectionGuide`]); required with `guide`.
     """
 
     indices: dict[str, list[int]]
     density: float | None = None
     source: str | None = None
     scales: dict[str, list[float]] | None = None
+    guide: dict[str, list[float]] | None = None
+    guide_share: float | None = None
 
     def __post_init__(self):
-        if self.scales is not None and sorted(self.scales) != sorted(self.indices):
-            raise ValueError(
-                f"ClientMask scales name the tensors {sorted(self.scales)[:3]} but its indices name "
-                f"{sorted(self.indices)[:3]}: give one list of scales per masked tensor (or scales=None)."
-            )
-        clean, scales = {}, {}
+        for field_name in ("scales", "guide"):
+            given = getattr(self, field_name)
+            if given is not None and sorted(given) != sorted(self.indices):
+                raise ValueError(
+                    f"ClientMask {field_name} name the tensors {sorted(given)[:3]} but its indices name "
+                    f"{sorted(self.indices)[:3]}: give one list of {field_name} per masked tensor (or "
+                    f"{field_name}=None)."
+                )
+        if (self.guide is None) != (self.guide_share is None):
+            raise ValueError("ClientMask needs guide and guide_share together (a guide vector and its share).")
+        if self.guide_share is not None and not 0 < self.guide_share < 1:
+            raise ValueError(f"ClientMask guide_share={self.guide_share} must be in (0, 1), e.g. 0.5.")
+        clean, scales, guide = {}, {}, {}
         for name, idx in self.indices.items():
             values = [int(i) for i in idx]
             if not values or len(set(values)) != len(values) or min(values) < 0:
@@ -123,23 +143,40 @@ class ClientMask:
                 if not bool(torch.isfinite(column).all()) or bool((column <= 0).any()):
                     raise ValueError(f"ClientMask scales of {name!r} must be finite and positive.")
                 scales[name] = column.tolist()
+            if self.guide is not None:
+                given = self.guide[name]
+                if len(given) != len(values):
+                    raise ValueError(
+                        f"ClientMask has {len(given)} guide values for the {len(values)} indices of {name!r}."
+                    )
+                column = torch.tensor([float(given[i]) for i in order], dtype=torch.float32)
+                if not bool(torch.isfinite(column).all()):
+                    raise ValueError(f"ClientMask guide of {name!r} must be finite.")
+                guide[name] = column.tolist()
         if not clean:
             raise ValueError("ClientMask needs at least one masked tensor.")
+        if self.guide is not None and not any(v != 0 for values in guide.values() for v in values):
+            raise ValueError("ClientMask guide is zero everywhere: it has no direction to guide the perturbations.")
         self.indices = clean
         self.scales = scales if self.scales is not None else None
+        self.guide = guide if self.guide is not None else None
 
     @property
     def size(self) -> int:
         return sum(len(v) for v in self.indices.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.guide is None:  # an unguided mask keeps the dict it had before guides existed (resume compares it)
+            del data["guide"], data["guide_share"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | ClientMask) -> ClientMask:
         if isinstance(data, ClientMask):
             return data
-        return cls(**{k: data[k] for k in ("indices", "density", "source", "scales") if k in data})
+        keys = ("indices", "density", "source", "scales", "guide", "guide_share")
+        return cls(**{k: data[k] for k in keys if k in data})
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -231,6 +268,27 @@ def mask_direction_scales(
     }
 
 
+def mask_direction_guide(
+    named: list[tuple[str, nn.Parameter]], masks: dict[int, torch.Tensor], mask: ClientMask | Mapping | None
+) -> DirectionGuide | None:
+    """The mask's guided directions for the positions of `named` (from [`client_update_targets`]), or `None` when
+    the mask has no guide. The guide is normalised over the whole mask in float64 on the CPU (the same bits on
+    every holder), then scaled by `sqrt(guide_share * d)` and cast to float32 on each masked tensor's device."""
+    if mask is None:
+        return None
+    mask = ClientMask.from_dict(mask)
+    if mask.guide is None:
+        return None
+    positions = {named[pos][0]: pos for pos in masks}
+    column = torch.cat([torch.tensor(mask.guide[name], dtype=torch.float64) for name in mask.indices])
+    factor = (mask.guide_share * column.numel()) ** 0.5 / float(column.norm())
+    vectors = {
+        positions[name]: (torch.tensor(values, dtype=torch.float64) * factor).float().to(masks[positions[name]].device)
+        for name, values in mask.guide.items()
+    }
+    return DirectionGuide(vectors=vectors, noise=(1.0 - mask.guide_share) ** 0.5)
+
+
 def _uniform_scales(scores: torch.Tensor) -> torch.Tensor | None:
     return None
 
@@ -261,6 +319,7 @@ def sensitivity_mask(
     loss_func: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     space: ClientSearchSpace | None = None,
     direction_scales: str = "uniform",
+    guide_share: float = 0.0,
 ) -> ClientMask:
     """A static mask of the client base weights with the largest squared gradient on calibration data.
 
@@ -278,6 +337,9 @@ def sensitivity_mask(
         direction_scales (`str`, *optional*, defaults to `"uniform"`): the directions' standard deviation on the
             masked coordinates, by name in [`DIRECTION_SCALES`]: `"uniform"` (isotropic, no `scales`) or
             `"gradient_rms"` (proportional to each coordinate's calibration gradient RMS).
+        guide_share (`float`, *optional*, defaults to `0.0`): with a value in `(0, 1)`, the mask also holds the mean
+            calibration gradient on its coordinates as a guide, and that share of each direction's expected squared
+            norm lies along it ([`~hosfl_hf.zeroth_order.DirectionGuide`]); `0` gives isotropic directions.
 
     Returns:
         [`ClientMask`]
@@ -288,6 +350,8 @@ def sensitivity_mask(
         raise ValueError(f"direction_scales must be one of {list(DIRECTION_SCALES)}, got {direction_scales!r}.")
     if not 0 < density <= 1:
         raise ValueError(f"density={density} must be in (0, 1] (e.g. 1e-4 keeps 0.01% of the client base weights).")
+    if not 0 <= guide_share < 1:
+        raise ValueError(f"guide_share={guide_share} must be in [0, 1) (0: no guide; e.g. 0.5).")
     space = space or ClientSearchSpace()
     names = {id(p): n for n, p in split.model.named_parameters()}
     candidates: list[tuple[str, nn.Parameter]] = []
@@ -304,6 +368,8 @@ def sensitivity_mask(
         raise ValueError(f"No client base weight matches the search space {space.to_dict()}.")
     trainable = [p for p in split.model.parameters() if p.requires_grad]
     scores = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in candidates}
+    # The guide needs the signed sum too (one more float32 copy of the candidates, only then).
+    sums = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in candidates} if guide_share else None
     try:
         for p in trainable:
             p.requires_grad_(False)
@@ -319,7 +385,10 @@ def sensitivity_mask(
             loss = loss_func(outputs, labels) if loss_func is not None else outputs.loss
             loss.backward()
             for name, p in candidates:
-                scores[name] += p.grad.detach().float().cpu().pow(2)
+                grad = p.grad.detach().float().cpu()
+                scores[name] += grad.pow(2)
+                if sums is not None:
+                    sums[name] += grad
                 p.grad = None
     finally:
         for _, p in candidates:
@@ -341,13 +410,25 @@ def sensitivity_mask(
     std = DIRECTION_SCALES[direction_scales](values[top])
     indices: dict[str, list[int]] = {}
     scales: dict[str, list[float]] = {}
+    guide: dict[str, list[float]] = {}
     for position, (name, _) in enumerate(candidates):
         chosen = owner == position
         if chosen.any():
             indices[name] = flat_idx[chosen].tolist()
             if std is not None:
                 scales[name] = std[chosen].tolist()
+            if sums is not None:
+                guide[name] = sums[name].flatten()[flat_idx[chosen]].tolist()
     source = "gradient sensitivity (sum of squared gradients)"
     if std is not None:
         source += f"; direction scales: {direction_scales}"
-    return ClientMask(indices=indices, density=density, source=source, scales=scales if std is not None else None)
+    if sums is not None:
+        source += f"; guide: mean calibration gradient, share {guide_share}"
+    return ClientMask(
+        indices=indices,
+        density=density,
+        source=source,
+        scales=scales if std is not None else None,
+        guide=guide if sums is not None else None,
+        guide_share=guide_share if sums is not None else None,
+    )

@@ -11,15 +11,17 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .rng import RNG_SPEC, direction, direction_seed, round_seeds
+from .rng import RNG_SPEC, direction, direction_seed, guide_coefficient, round_seeds
 
 __all__ = [
     "CLIENT_STEP_RULES",
+    "DirectionGuide",
     "NormalizedSGD",
     "RNG_SPEC",
     "ZerothOrderEstimator",
@@ -31,6 +33,38 @@ __all__ = [
     "loss_differences",
     "round_seeds",
 ]
+
+
+@dataclass(frozen=True)
+class DirectionGuide:
+    """Guided directions on the masked tensors (guided evolution strategies, Maheswaranathan et al., 2019).
+
+    With a unit guide vector `ghat` over the `d` masked coordinates (e.g. the mean calibration gradient, public like
+    the mask) and a share `gamma` in `(0, 1)`, the direction of masked tensor `j` under seed `s` is
+    `sqrt(1 - gamma) * u_j(s) + eta(s) * sqrt(gamma * d) * ghat_j`, with `eta(s)` one standard normal draw per seed
+    ([`hosfl_hf.rng.guide_coefficient`]). Its covariance is `(1 - gamma) I + gamma d ghat ghat^T` (trace `d`, as for
+    isotropic directions, so `zo_eps` and the learning rates keep their scale), so the estimate's mean is
+    `(1 - gamma) g + gamma d <g, ghat> ghat`: the few directions of a round measure the gradient's component along
+    the guide almost exactly, and the rest of the space as before. Everything is a function of the seed and of the
+    mask (which holds the guide), so every holder rebuilds the same update.
+
+    Args:
+        vectors (`dict[int, torch.Tensor]`):
+            Position in the estimator's parameters -> float32 `sqrt(gamma * d) * ghat_j`, aligned with that masked
+            tensor's indices.
+        noise (`float`):
+            `sqrt(1 - gamma)`, the isotropic part's scale.
+    """
+
+    vectors: dict[int, torch.Tensor]
+    noise: float
+
+    def shape(self, position: int, u: torch.Tensor, seed: int) -> torch.Tensor:
+        """The guided direction of `position` from its isotropic draw `u` (fp32); `u` itself off the guide."""
+        vector = self.vectors.get(position)
+        if vector is None:
+            return u
+        return torch.add(u * self.noise, vector.to(u.device), alpha=guide_coefficient(seed))
 
 
 class ZerothOrderEstimator:
@@ -53,6 +87,8 @@ class ZerothOrderEstimator:
         scales (`dict[int, torch.Tensor]`, *optional*):
             Position in `parameters` -> float32 standard deviations aligned with `masks[position]`: the direction
             there is `scales * u` (the mask's `scales`).
+        guide ([`DirectionGuide`], *optional*):
+            Guided directions on the masked tensors (applied before `scales`).
     """
 
     def __init__(
@@ -63,6 +99,7 @@ class ZerothOrderEstimator:
         module: nn.Module | None = None,
         masks: dict[int, torch.Tensor] | None = None,
         scales: dict[int, torch.Tensor] | None = None,
+        guide: DirectionGuide | None = None,
     ):
         if estimator not in ("one_sided", "two_sided"):
             raise ValueError(f"estimator must be 'one_sided' or 'two_sided', got {estimator!r}.")
@@ -71,6 +108,7 @@ class ZerothOrderEstimator:
         self.estimator = estimator
         self.masks = dict(masks or {})
         self.scales = dict(scales or {})
+        self.guide = guide
         self._owners = _owning_modules(module, self.parameters) if module is not None else None
         self._checked = False
 
@@ -104,7 +142,7 @@ class ZerothOrderEstimator:
 
         def inside(index: int, real: torch.Tensor) -> torch.Tensor:
             if index in self.masks:
-                return _masked_add(real, self.masks[index], seed, index, scale, self.scales.get(index))
+                return _masked_add(real, self.masks[index], seed, index, scale, self.scales.get(index), self.guide)
             return torch.add(real, direction(real, seed, index), alpha=scale)
 
         with self._swapped(inside, outside=None):
@@ -118,7 +156,11 @@ class ZerothOrderEstimator:
                 for index, (_, param) in enumerate(self.parameters):
                     saved.append((param, param.detach().clone()))
                     if index in self.masks:
-                        param.copy_(_masked_add(param, self.masks[index], seed, index, scale, self.scales.get(index)))
+                        param.copy_(
+                            _masked_add(
+                                param, self.masks[index], seed, index, scale, self.scales.get(index), self.guide
+                            )
+                        )
                     else:
                         param.add_(direction(param, seed, index), alpha=scale)
             yield
@@ -238,14 +280,30 @@ def _masked_add(
     index: int,
     scale: float,
     scales: torch.Tensor | None = None,
+    guide: DirectionGuide | None = None,
 ) -> torch.Tensor:
     """`real` plus `scale * u` on the masked coordinates only (`u`: the direction of a vector of `len(indices)`,
-    times `scales` if given)."""
-    u = scale_direction(direction(indices, seed, index, dtype=torch.float32), scales)
+    guided by `guide` and times `scales` if given)."""
+    u = masked_direction(indices, seed, index, scales, guide)
     u = u.to(device=real.device, dtype=real.dtype)
     flat = real.detach().flatten().clone()
     flat.index_add_(0, indices.to(real.device), u, alpha=scale)
     return flat.view_as(real)
+
+
+def masked_direction(
+    values: torch.Tensor,
+    seed: int,
+    index: int,
+    scales: torch.Tensor | None = None,
+    guide: DirectionGuide | None = None,
+) -> torch.Tensor:
+    """The fp32 direction of the masked tensor at `index` (a vector shaped like `values`): the isotropic draw, guided
+    by `guide` (if it guides `index`), times `scales` (if given)."""
+    u = direction(values, seed, index, dtype=torch.float32)
+    if guide is not None:
+        u = guide.shape(index, u, seed)
+    return scale_direction(u, scales)
 
 
 def scale_direction(u: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
@@ -327,20 +385,24 @@ def zo_gradients(
     eps: float,
     first_index: int = 0,
     scales: dict[int, torch.Tensor] | None = None,
+    guide: DirectionGuide | None = None,
 ) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
     """Yields `(parameter, g)` with `g = (1 / (P eps)) sum_p scalars[p] u_p` (fp32), one tensor at a time.
 
     `first_index` is the RNG index of the first parameter (when these parameters follow others in the pinned order).
     `scales` (position in `parameters` -> float32 tensor of its shape) multiplies that parameter's directions (a
-    mask's direction scales; see [`ZerothOrderEstimator`]).
+    mask's direction scales; see [`ZerothOrderEstimator`]); `guide` shapes the guided positions' directions (see
+    [`DirectionGuide`]).
     """
     _check_scalars(seeds, scalars)
     coefficients = [float(v) / (len(seeds) * eps) for v in scalars]
     scales = scales or {}
     for offset, (_, param) in enumerate(parameters):
         grad = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        guided = guide is not None and offset in guide.vectors
         for seed, c in zip(seeds, coefficients):
-            grad.add_(direction(param, seed, first_index + offset, dtype=torch.float32), alpha=c)
+            u = direction(param, seed, first_index + offset, dtype=torch.float32)
+            grad.add_(guide.shape(offset, u, seed) if guided else u, alpha=c)
         # sum_p c_p (s * u_p) = s * sum_p c_p u_p up to rounding; scaling the sum once is what every holder does.
         yield param, scale_direction(grad, scales.get(offset))
 
@@ -353,13 +415,14 @@ def apply_zo_update(
     eps: float,
     lr: float,
     scales: dict[int, torch.Tensor] | None = None,
+    guide: DirectionGuide | None = None,
 ) -> None:
     """Applies `g = (1 / (P eps)) sum_p scalars[p] u_p` through `optimizer`, one parameter tensor at a time.
 
     With per-client seeds the round carries `K * P` seeds and scalars (each client's own), and `g` is the documented
     `(1 / (K P eps)) sum_m sum_p v_mp u_mp`. A masked tensor is stepped through its vector of masked values (the
     caller writes them back into the base weight); `scales` are the mask's direction scales by position (the
-    directions there are `scales * u`).
+    directions there are `scales * u`) and `guide` its guided directions ([`DirectionGuide`]).
 
     The gradient of each tensor is rebuilt from the seeds, used for one optimizer step of that tensor and freed, so
     no vector of all client parameters (or gradients) is ever materialized.
@@ -373,11 +436,11 @@ def apply_zo_update(
     normalized = isinstance(optimizer, NormalizedSGD)
     with torch.no_grad():
         if normalized:  # first pass: the norm of the whole estimate, rebuilt tensor by tensor
-            estimate = zo_gradients(parameters, seeds, scalars, eps, scales=scales)
+            estimate = zo_gradients(parameters, seeds, scalars, eps, scales=scales, guide=guide)
             squares = sum(float(torch.sum(g * g)) for _, g in estimate)
             optimizer.norm_scale = 1.0 / math.sqrt(squares) if squares > 0 else 0.0
         try:
-            for param, grad in zo_gradients(parameters, seeds, scalars, eps, scales=scales):
+            for param, grad in zo_gradients(parameters, seeds, scalars, eps, scales=scales, guide=guide):
                 param.grad = grad.to(param.dtype)
                 optimizer.step()
                 param.grad = None

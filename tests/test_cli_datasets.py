@@ -191,8 +191,10 @@ def test_import_and_help_print_no_warnings(code):
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
-@pytest.mark.parametrize("direction_scales", ["uniform", "gradient_rms"])
-def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder, tmp_path, direction_scales):
+@pytest.mark.parametrize("direction_scales, guide_share", [("uniform", 0.0), ("gradient_rms", 0.0), ("uniform", 0.5)])
+def test_cli_sensitivity_mask_alone_is_the_client_update(
+    model_path, toy_folder, tmp_path, direction_scales, guide_share
+):
     """--client_mask_density chooses a mask at set-up and --client_mask_only makes it the whole client update: the
     saved config and trajectory record it, only masked base tensors are in the client update, and their trained
     values are saved beside the adapters."""
@@ -210,6 +212,7 @@ def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder,
         client_mask_density=0.05,
         client_mask_only="true",
         client_mask_direction_scales=direction_scales,
+        client_mask_guide_share=guide_share,
         save_strategy="no",
     )
     assert cli(argv) == 0
@@ -217,6 +220,7 @@ def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder,
     mask = ClientMask.from_dict(config.client_mask)
     assert mask.density == 0.05 and mask.size > 0
     assert (mask.scales is not None) == (direction_scales == "gradient_rms")
+    assert mask.guide_share == (guide_share or None) and (mask.guide is not None) == bool(guide_share)
     assert config.client_zo_modules == []
     trajectory = Trajectory.load(out)
     assert sorted(trajectory.parameter_names) == sorted(mask.indices)  # no adapter: the mask alone
@@ -230,6 +234,8 @@ def test_cli_sensitivity_mask_alone_is_the_client_update(model_path, toy_folder,
         ({"client_mask_density": 2.0}, r"must be in \(0, 1\]"),
         ({"client_mask": "m.json", "client_mask_density": 1e-4}, "not both"),
         ({"client_mask_direction_scales": "gradient_rms"}, "applies to a mask computed at set-up"),
+        ({"client_mask_guide_share": 0.5}, "applies to a mask computed at set-up"),
+        ({"client_mask_density": 1e-4, "client_mask_guide_share": 1.0}, r"must be in \[0, 1\)"),
     ],
 )
 def test_cli_mask_flags_are_checked(overrides, message, model_path, toy_folder, tmp_path):

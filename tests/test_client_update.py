@@ -17,7 +17,7 @@ from hosfl_hf import HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajecto
 from hosfl_hf.diagnostics import client_update_cosine
 from hosfl_hf.protocol import CatchUp, RoundSettings, SplitClient, SplitServer, run_rounds
 from hosfl_hf.protocol.client import ClientPart
-from hosfl_hf.rng import client_round_seeds, direction
+from hosfl_hf.rng import client_round_seeds, direction, direction_seed, guide_coefficient
 from hosfl_hf.search_space import ClientMask, ClientSearchSpace, client_update_targets, sensitivity_mask
 from hosfl_hf.zeroth_order import NormalizedSGD, apply_zo_update, build_client_optimizer, zo_gradients
 
@@ -31,9 +31,11 @@ def calibration_batches(n=2, size=4):
     return [stack_collator([data[i] for i in range(b * size, (b + 1) * size)]) for b in range(n)]
 
 
-def mask_for(model, split_layer=2, density=0.05, direction_scales="uniform"):
+def mask_for(model, split_layer=2, density=0.05, direction_scales="uniform", guide_share=0.0):
     split = split_model(model, split_layer)
-    return sensitivity_mask(split, calibration_batches(), density, direction_scales=direction_scales)
+    return sensitivity_mask(
+        split, calibration_batches(), density, direction_scales=direction_scales, guide_share=guide_share
+    )
 
 
 def lora_model():
@@ -70,17 +72,27 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIONS) + ["mask", "mask_combined", "mask_only", "mask_scaled"])
+@pytest.mark.parametrize(
+    "name", sorted(OPTIONS) + ["mask", "mask_combined", "mask_only", "mask_scaled", "mask_guided"]
+)
 def test_every_option_replays_bit_identically(tmp_path, name):
     """The saved trajectory + hosfl_config.json rebuild the trained client part exactly (trainable weights and
     masked base weights), from the initial model."""
     overrides = dict(OPTIONS.get(name, {}))
     mask = None
     if name.startswith("mask"):
-        mask = mask_for(lora_model(), direction_scales="gradient_rms" if name == "mask_scaled" else "uniform")
+        mask = mask_for(
+            lora_model(),
+            direction_scales="gradient_rms" if name == "mask_scaled" else "uniform",
+            guide_share=0.5 if name == "mask_guided" else 0.0,
+        )
         if name == "mask_combined":
             overrides.update(client_seeds="per_client", client_zo_modules=["lora_B"], client_optimizer="adamw")
-        if name in ("mask_only", "mask_scaled"):  # no adapter in the search space: the mask is the whole update
+        if name in (
+            "mask_only",
+            "mask_scaled",
+            "mask_guided",
+        ):  # no adapter in the search space: the mask is the whole update
             overrides.update(client_zo_modules=[], client_optimizer="sgd", client_learning_rate=1e-2)
     initial = lora_model()
     trainer = trained(tmp_path, lora_model(), mask=mask, **overrides)
@@ -203,11 +215,11 @@ def test_mask_indices_round_trip(tmp_path, direction_scales):
     assert ClientMask.from_dict(Trajectory.load(tmp_path / "saved").client_mask) == mask
 
 
-@pytest.mark.parametrize("direction_scales", ["uniform", "gradient_rms"])
-def test_masked_perturbation_touches_only_masked_coordinates(direction_scales):
+@pytest.mark.parametrize("direction_scales,guide_share", [("uniform", 0.0), ("gradient_rms", 0.0), ("uniform", 0.3)])
+def test_masked_perturbation_touches_only_masked_coordinates(direction_scales, guide_share):
     model = tiny_llama()
     split = split_model(model, 2)
-    mask = mask_for(model, direction_scales=direction_scales)
+    mask = mask_for(model, direction_scales=direction_scales, guide_share=guide_share)
     for p in model.parameters():
         p.requires_grad_(False)
     part = ClientPart(split, 1e-3, "one_sided", mask=mask)
@@ -225,6 +237,11 @@ def test_masked_perturbation_touches_only_masked_coordinates(direction_scales):
     assert torch.equal(param, before)  # restored exactly
     assert torch.count_nonzero(delta) == idx.numel() and torch.all(delta[idx] != 0)
     u = direction(torch.empty(idx.numel()), 5, position)
+    if mask.guide is not None:  # sqrt(1 - gamma) u + eta(seed) sqrt(gamma d) ghat, ghat normalised over the mask
+        column = torch.cat([torch.tensor(mask.guide[n], dtype=torch.float64) for n in mask.indices])
+        ghat = torch.tensor(mask.guide[name], dtype=torch.float64) / column.norm()
+        eta = torch.randn((), generator=torch.Generator().manual_seed(direction_seed(5, 2**64 - 1)))
+        u = math.sqrt(1 - guide_share) * u + (eta * math.sqrt(guide_share * mask.size) * ghat).float()
     if mask.scales is not None:
         u = u * torch.tensor(mask.scales[name])
     torch.testing.assert_close(delta[idx], 0.5 * u)
@@ -294,6 +311,93 @@ def test_scaled_directions_estimate_the_preconditioned_gradient():
     assert result["rows"][-1]["cosine"] == pytest.approx(float(cos(estimate, g, dim=0)), abs=1e-4)
 
 
+def test_guide_is_the_mean_calibration_gradient_on_the_mask():
+    """Same indices as the unguided mask; the guide is the summed calibration gradient of the kept coordinates; the
+    unguided mask's dict has no guide keys (checkpoints from before guides still resume)."""
+    plain, guided = mask_for(lora_model()), mask_for(lora_model(), guide_share=0.5)
+    assert guided.indices == plain.indices and plain.guide is None and guided.guide_share == 0.5
+    assert "guide" not in plain.to_dict() and "guide_share" not in plain.to_dict()
+    assert ClientMask.from_dict(json.loads(json.dumps(guided.to_dict()))) == guided
+    model = lora_model()
+    params = dict(split_model(model, 2).model.named_parameters())
+    for name in guided.indices:
+        params[name].requires_grad_(True)
+    sums = {n: torch.zeros(params[n].numel()) for n in guided.indices}
+    for batch in calibration_batches():
+        model.zero_grad()
+        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        for n in sums:
+            sums[n] += params[n].grad.flatten()
+    expected = torch.cat([sums[n][idx] for n, idx in guided.indices.items()])
+    got = torch.cat([torch.tensor(guided.guide[n]) for n in guided.indices])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_guided_directions_have_the_documented_covariance():
+    """E[u u^T] = (1 - gamma) I + gamma d ghat ghat^T: squared norm d on average, gamma d + 1 - gamma along ghat,
+    1 - gamma along a direction orthogonal to it; eta(seed) is the spec's draw."""
+    gamma, seeds = 0.4, range(4000)
+    mask = ClientMask(
+        indices={"a": list(range(30)), "b": list(range(20))},
+        guide={"a": [1.0] * 30, "b": [0.0] * 20},
+        guide_share=gamma,
+    )
+    named = [("a", torch.zeros(30)), ("b", torch.zeros(20))]
+    masks = {0: torch.arange(30), 1: torch.arange(20)}
+    from hosfl_hf.search_space import mask_direction_guide
+    from hosfl_hf.zeroth_order import masked_direction
+
+    guide = mask_direction_guide(named, masks, mask)
+    u = torch.stack([torch.cat([masked_direction(masks[i], s, i, None, guide) for i in (0, 1)]) for s in seeds])
+    d = 50
+    ghat = torch.cat([torch.ones(30), torch.zeros(20)]) / math.sqrt(30)
+    other = torch.cat([torch.zeros(30), torch.ones(20)]) / math.sqrt(20)  # orthogonal to ghat
+    se = lambda x: float(x.std() / math.sqrt(len(x)))  # noqa: E731
+    for value, expected in [
+        ((u * u).sum(1), d),
+        ((u @ ghat) ** 2, gamma * d + 1 - gamma),
+        ((u @ other) ** 2, 1 - gamma),
+    ]:
+        assert abs(float(value.mean()) - expected) < 4 * se(value), (float(value.mean()), expected)
+    assert guide_coefficient(7) == float(
+        torch.randn((), generator=torch.Generator().manual_seed(direction_seed(7, 2**64 - 1)))
+    )
+    # Unguided positions keep their isotropic draw, bit for bit.
+    partial = ClientMask(indices={"a": [0, 1]}, guide={"a": [1.0, 2.0]}, guide_share=0.5)
+    only_a = mask_direction_guide([("x", torch.zeros(3)), ("a", torch.zeros(2))], {1: torch.arange(2)}, partial)
+    assert list(only_a.vectors) == [1]
+    assert torch.equal(masked_direction(torch.zeros(3), 9, 0, None, only_a), direction(torch.zeros(3), 9, 0))
+
+
+def test_guided_estimate_measures_the_guide_component_with_few_directions():
+    """With the guide on the batch's own gradient, 4 directions give an estimate nearly parallel to the gradient: its
+    cosine is about `1 / sqrt(1 + (1 - gamma) / (gamma N))` (0.89 at gamma = 0.5, N = 4: the noise left is `eta`
+    times the isotropic part of each direction), where the isotropic estimate's is about `sqrt(N / (N + d))`."""
+    model = lora_model()
+    split = split_model(model, 2)
+    plain = mask_for(model)
+    batch = calibration_batches(1)[0]
+    inputs, labels = {"input_ids": batch["input_ids"]}, batch["labels"]
+    part = ClientPart(split, 1e-4, "two_sided", space=ClientSearchSpace(modules=[]), mask=plain)
+    g = client_update_cosine(part, inputs, labels, [0])  # for d
+    params = dict(split.model.named_parameters())
+    for name in plain.indices:
+        params[name].requires_grad_(True)
+    model(input_ids=inputs["input_ids"], labels=labels).loss.backward()
+    true = {n: params[n].grad.flatten()[idx].tolist() for n, idx in plain.indices.items()}
+    for name in plain.indices:
+        params[name].grad = None
+        params[name].requires_grad_(False)
+    guided = ClientMask(indices=plain.indices, guide=true, guide_share=0.5)
+    part = ClientPart(split, 1e-4, "two_sided", space=ClientSearchSpace(modules=[]), mask=guided)
+    cosines = [
+        client_update_cosine(part, inputs, labels, list(range(4 * k, 4 * k + 4)))["rows"][-1]["cosine"]
+        for k in range(5)
+    ]
+    assert sum(cosines) / len(cosines) > 0.8 and min(cosines) > 0.7, cosines
+    assert math.sqrt(4 / (4 + g["d"])) < 0.15
+
+
 def test_bad_mask_scales_are_refused():
     with pytest.raises(ValueError, match="one list of scales per masked tensor"):
         ClientMask(indices={"a": [0, 1]}, scales={"b": [1.0, 1.0]})
@@ -303,6 +407,20 @@ def test_bad_mask_scales_are_refused():
         ClientMask(indices={"a": [0, 1]}, scales={"a": [1.0, 0.0]})
     with pytest.raises(ValueError, match="direction_scales must be one of"):
         mask_for(lora_model(), direction_scales="adaptive")
+    with pytest.raises(ValueError, match="guide and guide_share together"):
+        ClientMask(indices={"a": [0, 1]}, guide={"a": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="guide_share=1.0 must be in"):
+        ClientMask(indices={"a": [0, 1]}, guide={"a": [1.0, 1.0]}, guide_share=1.0)
+    with pytest.raises(ValueError, match="guide is zero everywhere"):
+        ClientMask(indices={"a": [0, 1]}, guide={"a": [0.0, 0.0]}, guide_share=0.5)
+    with pytest.raises(ValueError, match="1 guide values for the 2 indices"):
+        ClientMask(indices={"a": [0, 1]}, guide={"a": [1.0]}, guide_share=0.5)
+    with pytest.raises(ValueError, match="one list of guide per masked tensor"):
+        ClientMask(indices={"a": [0, 1]}, guide={"b": [1.0, 1.0]}, guide_share=0.5)
+    with pytest.raises(ValueError, match="guide_share=1 must be in"):
+        mask_for(lora_model(), guide_share=1)
+    # Unsorted indices keep their guide values.
+    assert ClientMask(indices={"a": [3, 1]}, guide={"a": [2.0, 0.5]}, guide_share=0.5).guide == {"a": [0.5, 2.0]}
     # Unsorted indices keep their scales.
     assert ClientMask(indices={"a": [3, 1]}, scales={"a": [2.0, 0.5]}).scales == {"a": [0.5, 2.0]}
 
@@ -334,10 +452,10 @@ def test_client_schedule_is_its_own(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- protocol
 def test_protocol_equals_the_trainer_with_every_lever(tmp_path):
-    """Search space + mask with direction scales + per-client seeds + normalised step: the protocol's clients and
-    trajectory are bit-identical to the trainer's."""
+    """Search space + guided mask with direction scales + per-client seeds + normalised step: the protocol's clients
+    and trajectory are bit-identical to the trainer's."""
     rounds = 4
-    mask = mask_for(lora_model(), direction_scales="gradient_rms")
+    mask = mask_for(lora_model(), direction_scales="gradient_rms", guide_share=0.5)
     levers = dict(
         client_zo_modules=["lora_B"], client_seeds="per_client", client_optimizer="normalized_sgd", max_steps=rounds
     )
@@ -396,7 +514,7 @@ def test_cosine_diagnostic_follows_sqrt_n_over_n_plus_d():
 
 
 def test_resume_with_every_lever_is_bit_identical_and_refuses_a_changed_mask(tmp_path):
-    mask = mask_for(lora_model(), direction_scales="gradient_rms")
+    mask = mask_for(lora_model(), direction_scales="gradient_rms", guide_share=0.5)
     levers = dict(client_zo_modules=["lora_B"], client_seeds="per_client", max_steps=6)
 
     def make(folder, **extra):

@@ -422,8 +422,9 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
     budget = {"hosfl_perturbations": 2, "zo_lr": 1e-4, "fo_lr": 1e-3}
     labels = [0, 1, 0, 1]
 
-    def run(method, losses, overrides=None, density=None, scales="uniform"):
+    def run(method, losses, overrides=None, density=None, scales="uniform", guide=0.0):
         return {
+            "mask_guide_share": guide,
             "method": method,
             "budget": budget,
             "overrides": overrides,
@@ -445,6 +446,7 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
         runs[f"mask_pc_p8/s{s}"] = run("hosfl", [1.0, 0.86 - shift, 0.76], dict(mask, num_perturbations=8), 1e-4)
         runs[f"mask_pc_nsgd/s{s}"] = run("hosfl", [1.0, 0.8, 0.7], dict(mask, client_optimizer="normalized_sgd"), 1e-4)
         runs[f"maskw_pc/s{s}"] = run("hosfl", [1.0, 0.8, 0.7], dict(mask), 1e-4, "gradient_rms")
+        runs[f"maskg_pc/s{s}"] = run("hosfl", [1.0, 0.8, 0.7 + shift], dict(mask), 1e-4, guide=0.5)
         runs[f"fo_mask/s{s}"] = run("splitlora", [1.0, 0.72, 0.62 + shift], {"client_zo_modules": []}, 1e-4)
     runs["mask_pc_p8@lr0.01/s0"] = run("hosfl", [1.0, 1.9, 1.8], dict(mask, client_learning_rate=1e-2), 1e-4)
     with open(tmp_path / "client_update_study.json", "w") as f:
@@ -458,15 +460,19 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
         "client_optimizer": "adamw",
         "mask_density": 1e-4,
         "direction_scales": "uniform",
+        "guide_share": 0.0,
         "client_zo_modules": [],
     }
+    assert rows["maskg_pc"]["settings"]["guide_share"] == 0.5
     assert (
         rows["paper"]["settings"]["num_perturbations"] == 2
         and rows["paper"]["settings"]["client_learning_rate"] == 1e-4
     )
 
     points = {p["name"]: p for p in report.frontier_points(rows)}
-    assert set(points) == {"paper", "mask_pc_p8", "mask_pc_p8@lr0.01"}  # not the step-rule/scaled variants
+    # Not the step-rule/scaled variants; the guided mask is its own search space.
+    assert set(points) == {"paper", "mask_pc_p8", "mask_pc_p8@lr0.01", "maskg_pc"}
+    assert points["maskg_pc"]["space"] == "mask 0.0001 alone, guided 0.5"
     p8 = points["mask_pc_p8"]
     # Seed 0: -0.04 a round vs the frozen client, seed 1: -0.06; SplitLoRA: -0.2 on both.
     assert rows["mask_pc_p8"]["per_seed_loss_diff"] == pytest.approx([-0.04, -0.06])
@@ -479,6 +485,7 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
     assert set(drawn) == set(points)
     assert to_hex(drawn["mask_pc_p8"].get_color()) == report.LR_COLORS[3e-3]
     assert drawn["mask_pc_p8"].get_marker() == "^" and drawn["paper"].get_marker() == "o"
+    assert drawn["maskg_pc"].get_marker() == "*"
     assert drawn["mask_pc_p8"].get_ydata()[0] == pytest.approx(p8["y"])
     # One seed: open marker; diverged (fraction -5): drawn on the lower edge with its value printed.
     diverged = drawn["mask_pc_p8@lr0.01"]
@@ -487,7 +494,7 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
     texts = [t.get_text() for t in ax.texts]
     assert any("off scale" in t and f"{points['mask_pc_p8@lr0.01']['y']:+.2f}" in t for t in texts)
     bars = [c for c in ax.containers if c.has_yerr]
-    assert len(bars) == 2  # paper and mask_pc_p8 (two seeds each); none for one seed
+    assert len(bars) == 3  # paper, mask_pc_p8 and maskg_pc (two seeds each); none for one seed
     # The first-order ceiling on the mask is drawn where it was measured.
     ceiling = rows["fo_mask"]["fraction_of_fo"]
     assert any(list(line.get_ydata()) == [ceiling, ceiling] for line in ax.get_lines())

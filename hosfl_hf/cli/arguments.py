@@ -59,6 +59,9 @@ class ScriptArguments:
         client_mask_direction_scales (`str`, defaults to `"uniform"`): the computed mask's direction scales
             (`hosfl_hf.search_space.DIRECTION_SCALES`): `"uniform"` (isotropic directions) or `"gradient_rms"`
             (each masked coordinate's direction scaled by its calibration gradient's RMS).
+        client_mask_guide_share (`float`, defaults to `0.0`): with a value in `(0, 1)`, the computed mask also holds
+            the mean calibration gradient as a guide, and that share of each direction lies along it (guided
+            directions, `hosfl_hf.zeroth_order.DirectionGuide`); `0`: isotropic directions.
     """
 
     task: str | None = field(
@@ -133,6 +136,10 @@ class ScriptArguments:
             "choices": ["uniform", "gradient_rms"],
         },
     )
+    client_mask_guide_share: float = field(
+        default=0.0,
+        metadata={"help": "Share of each direction along the mask's mean calibration gradient, in [0, 1) (e.g. 0.5)."},
+    )
 
     def __post_init__(self):
         if self.client_mask is not None and self.client_mask_density is not None:
@@ -147,6 +154,13 @@ class ScriptArguments:
             raise ValueError(
                 "client_mask_direction_scales applies to a mask computed at set-up: pass client_mask_density (a saved "
                 "client_mask keeps the scales it was saved with)."
+            )
+        if not 0 <= self.client_mask_guide_share < 1:
+            raise ValueError(f"client_mask_guide_share={self.client_mask_guide_share} must be in [0, 1), e.g. 0.5.")
+        if self.client_mask_guide_share and self.client_mask_density is None:
+            raise ValueError(
+                "client_mask_guide_share applies to a mask computed at set-up: pass client_mask_density (a saved "
+                "client_mask keeps the guide it was saved with)."
             )
 
 

@@ -187,6 +187,7 @@ def client_mask(
         script_args.client_mask_density,
         loss_func=trainer_kwargs.get("compute_loss_func"),
         direction_scales=script_args.client_mask_direction_scales,
+        guide_share=script_args.client_mask_guide_share,
     )
 
 

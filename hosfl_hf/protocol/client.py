@@ -17,7 +17,13 @@ from torch import nn
 from ..federation import FederatedRoundSampler
 from ..lora import upcast_trainable_adapters
 from ..rng import check_environment, environment
-from ..search_space import ClientMask, ClientSearchSpace, client_update_targets, mask_direction_scales
+from ..search_space import (
+    ClientMask,
+    ClientSearchSpace,
+    client_update_targets,
+    mask_direction_guide,
+    mask_direction_scales,
+)
 from ..split import split_model
 from ..zeroth_order import ZerothOrderEstimator, apply_zo_update, build_client_optimizer
 from .messages import CatchUp, ClientCheckpoint, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
@@ -49,6 +55,7 @@ class ClientPart:
             update).
         scales: position -> the float32 direction scales of a masked tensor whose mask has `scales` (empty for
             isotropic directions).
+        guide: the mask's guided directions ([`~hosfl_hf.zeroth_order.DirectionGuide`]), `None` without a guide.
     """
 
     def __init__(
@@ -63,10 +70,17 @@ class ClientPart:
         self.split = split
         self.parameters, self.masks = client_update_targets(split, space, mask)
         self.scales = mask_direction_scales(self.parameters, self.masks, mask)
+        self.guide = mask_direction_guide(self.parameters, self.masks, mask)
         self.zo_eps = zo_eps
         self.autocast_dtype = autocast_dtype
         self.estimator = ZerothOrderEstimator(
-            self.parameters, zo_eps, zo_estimator, module=split.model, masks=self.masks, scales=self.scales
+            self.parameters,
+            zo_eps,
+            zo_estimator,
+            module=split.model,
+            masks=self.masks,
+            scales=self.scales,
+            guide=self.guide,
         )
         self.mask_values = {
             position: nn.Parameter(self.parameters[position][1].detach().flatten()[idx].float().clone())
@@ -125,7 +139,14 @@ class ClientPart:
     def apply(self, update: ClientUpdate, optimizer: torch.optim.Optimizer) -> None:
         """Applies one round's update, rebuilt from its seeds and averaged scalars, through `optimizer`."""
         apply_zo_update(
-            self.update_parameters, optimizer, update.seeds, update.scalars, self.zo_eps, update.lr, self.scales
+            self.update_parameters,
+            optimizer,
+            update.seeds,
+            update.scalars,
+            self.zo_eps,
+            update.lr,
+            self.scales,
+            self.guide,
         )
         self.write_mask_values()
 
