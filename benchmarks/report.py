@@ -741,7 +741,7 @@ def plot_memory(memory: dict):
 
 
 # Client learning rates of the client-update study, one colour each (unlisted rates: grey).
-LR_COLORS = {1e-4: "#1f77b4", 3e-4: "#17becf", 1e-3: "#2ca02c", 3e-3: "#ff7f0e", 1e-2: "#d62728"}
+LR_COLORS = {3e-5: "#9467bd", 1e-4: "#1f77b4", 3e-4: "#17becf", 1e-3: "#2ca02c", 3e-3: "#ff7f0e", 1e-2: "#d62728"}
 FRONTIER_YLIM = (-0.4, 1.15)  # fractions of SplitLoRA's contribution; points beyond are drawn on the edge
 
 
@@ -864,7 +864,7 @@ def plot_client_frontier(contribution: dict):
     ]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7)
     fig.suptitle(
-        "Client-update frontier: zeroth-order clients (AdamW, isotropic directions) vs directions per round\n"
+        "Client-update frontier: zeroth-order clients (AdamW; isotropic or guided directions) vs forwards per round\n"
         "filled: mean ± SE over seeds; open: one seed; edge points are off scale (value printed)"
     )
     fig.tight_layout(rect=(0, 0.1, 1, 1))

@@ -15,7 +15,8 @@ Two ways to shrink it (the cosine of a `N`-direction estimate with the gradient 
   estimate; see [`DIRECTION_SCALES`]; measured worse than isotropic directions on SST-2, docs/benchmarks.md).
   With `guide_share` the mask also holds a guide vector (the mean calibration gradient on the masked coordinates):
   a share of each direction lies along it ([`~hosfl_hf.zeroth_order.DirectionGuide`], guided evolution strategies),
-  so the round's few directions measure the gradient's component along the guide almost exactly.
+  so the round's few directions measure the gradient's component along the guide almost exactly (measured no better
+  than a frozen client on SST-2, docs/benchmarks.md).
 
 The targets of the update ([`client_update_targets`]) are, in the pinned order of the RNG specification, the
 selected trainable parameters (in `named_parameters` order) followed by the masked base tensors (in the mask's
