@@ -44,6 +44,7 @@ __all__ = [
     "guide_coefficient",
     "mix",
     "numpy_generator",
+    "rng_spec",
     "client_round_seeds",
     "round_seeds",
     "splitmix64",
@@ -56,12 +57,25 @@ RNG_SPEC = {
     "seed_mixing": "splitmix64(seed ^ splitmix64(parameter_index))",
     "scope": "bit-identical for the same torch release, device type and parameter dtypes",
 }
+# Version 3: version 2 plus the guide coefficient of a guided mask's directions; recorded only by guided runs, so that
+# a hosfl_hf without guides refuses their trajectories instead of replaying them without the guide.
+GUIDED_RNG_SPEC = {
+    **RNG_SPEC,
+    "version": 3,
+    "guide": "eta(s) = randn((), float32, generator=cpu_generator(splitmix64(s ^ splitmix64(2**64 - 1))))",
+}
 # Version 1 drew the same directions; it recorded no environment, so replay cannot check it.
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 _MASK64 = (1 << 64) - 1
 # The guide coefficient's key in place of a parameter index (no parameter has this index).
 GUIDE_INDEX = _MASK64
+
+
+def rng_spec(guided: bool = False) -> dict[str, object]:
+    """The RNG specification a run records: [`RNG_SPEC`] (version 2), or version 3 when its mask guides the
+    directions."""
+    return dict(GUIDED_RNG_SPEC if guided else RNG_SPEC)
 
 
 def splitmix64(x: int) -> int:

@@ -28,7 +28,7 @@ from .protocol.client import ClientPart
 from .protocol.codec import decode, encode
 from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeReply
 from .protocol.settings import RoundSettings
-from .rng import environment, round_seeds
+from .rng import environment, rng_spec, round_seeds
 from .split import CutActivations, split_model
 from .split_config import CLIENT_MASK_VALUES_NAME
 from .trajectory import TRAJECTORY_NAME, Trajectory
@@ -242,6 +242,7 @@ class HOSFLTrainer(Trainer):
             client_seeds=args.client_seeds,
             search_space=settings.search_space.to_dict() if settings.search_space is not None else None,
             client_mask=settings.client_mask,
+            rng=rng_spec(guided=self.client_part.guide is not None),
         )
         self.client_optimizer: torch.optim.Optimizer | None = None
         self.client_lr_scheduler: Any = None
@@ -853,6 +854,7 @@ class HOSFLTrainer(Trainer):
 
         config = HOSFLSplitConfig.from_training_args(self.args, self.split, self._base_model_name())
         config.client_mask = self.round_settings.client_mask
+        config.rng = dict(self.trajectory.rng)
         return config
 
     def _base_model_name(self) -> str | None:

@@ -108,6 +108,8 @@ def test_every_option_replays_bit_identically(tmp_path, name):
     trajectory = Trajectory.load(tmp_path / "saved")
     assert config.client_mask == (mask.to_dict() if mask is not None else None)
     assert trajectory.client_mask == config.client_mask
+    # A guided mask records RNG spec version 3 (a hosfl_hf without guides refuses it), every other run version 2.
+    assert trajectory.rng["version"] == (3 if name == "mask_guided" else 2) and config.rng == trajectory.rng
     replay_trajectory(initial, trajectory)
     replayed = client_state(split_model(initial, 2))
     for n in after:

@@ -15,7 +15,7 @@ from transformers import Trainer
 
 from ..federation import sample_clients
 from ..lora import upcast_trainable_adapters
-from ..rng import environment, mix, round_seeds
+from ..rng import environment, mix, rng_spec, round_seeds
 from ..search_space import client_update_targets
 from ..split import CutActivations, split_model
 from ..trajectory import TRAJECTORY_NAME, Trajectory
@@ -63,6 +63,7 @@ class SplitServer:
             client_seeds=settings.client_seeds,
             search_space=space.to_dict() if space is not None else None,
             client_mask=settings.client_mask,
+            rng=rng_spec(guided=settings.mask is not None and settings.mask.guide is not None),
         )
         for block in list(split.layers)[: settings.split_layer]:
             block.to("meta")  # the client's blocks: skipped by the server's forward
