@@ -256,22 +256,28 @@ def test_mask_over_trainable_weights_is_refused():
         client_update_targets(split_model(model, 2), None, mask)  # tiny_llama's base weights are all trainable
 
 
+def calibration_gradients_on(mask, power):
+    """The calibration gradients of the mask's coordinates summed over the batches (`power=1`) or squared and summed
+    (`power=2`), recomputed independently by backprop through the unsplit LoRA model."""
+    model = lora_model()
+    params = dict(split_model(model, 2).model.named_parameters())  # the mask's names are the split model's
+    for name in mask.indices:
+        params[name].requires_grad_(True)
+    sums = {n: torch.zeros(params[n].numel()) for n in mask.indices}
+    for batch in calibration_batches():
+        model.zero_grad()
+        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        for n in sums:
+            sums[n] += params[n].grad.flatten().pow(power)
+    return torch.cat([sums[n][idx] for n, idx in mask.indices.items()])
+
+
 def test_gradient_rms_scales_follow_the_calibration_gradient():
     """Same indices as the isotropic mask; scale^2 proportional to each kept coordinate's summed squared
     calibration gradient, with a mean square of 1."""
     uniform, scaled = mask_for(lora_model()), mask_for(lora_model(), direction_scales="gradient_rms")
     assert scaled.indices == uniform.indices and uniform.scales is None
-    model = lora_model()
-    params = dict(split_model(model, 2).model.named_parameters())  # the mask's names are the split model's
-    for name in scaled.indices:
-        params[name].requires_grad_(True)
-    scores = {n: torch.zeros(params[n].numel()) for n in scaled.indices}
-    for batch in calibration_batches():
-        model.zero_grad()
-        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
-        for n in scores:
-            scores[n] += params[n].grad.flatten().pow(2)
-    kept = torch.cat([scores[n][idx] for n, idx in scaled.indices.items()]).double()
+    kept = calibration_gradients_on(scaled, power=2).double()
     squares = torch.cat([torch.tensor(scaled.scales[n]) for n in scaled.indices]).double().pow(2)
     assert squares.mean().item() == pytest.approx(1.0, rel=1e-5)
     torch.testing.assert_close(squares, kept / kept.mean(), rtol=1e-3, atol=1e-6)
@@ -320,17 +326,7 @@ def test_guide_is_the_mean_calibration_gradient_on_the_mask():
     assert guided.indices == plain.indices and plain.guide is None and guided.guide_share == 0.5
     assert "guide" not in plain.to_dict() and "guide_share" not in plain.to_dict()
     assert ClientMask.from_dict(json.loads(json.dumps(guided.to_dict()))) == guided
-    model = lora_model()
-    params = dict(split_model(model, 2).model.named_parameters())
-    for name in guided.indices:
-        params[name].requires_grad_(True)
-    sums = {n: torch.zeros(params[n].numel()) for n in guided.indices}
-    for batch in calibration_batches():
-        model.zero_grad()
-        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
-        for n in sums:
-            sums[n] += params[n].grad.flatten()
-    expected = torch.cat([sums[n][idx] for n, idx in guided.indices.items()])
+    expected = calibration_gradients_on(guided, power=1)
     got = torch.cat([torch.tensor(guided.guide[n]) for n in guided.indices])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
