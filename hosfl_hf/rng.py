@@ -29,6 +29,7 @@ facts; trajectories carry them and replay/catch-up refuse a mismatch (see `docs/
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -116,6 +117,7 @@ def direction(param: torch.Tensor, seed: int, index: int, dtype: torch.dtype | N
     return u.to(device=param.device, dtype=dtype or param.dtype)
 
 
+@functools.lru_cache(maxsize=4096)  # one draw per seed, asked for by every masked tensor that the seed perturbs
 def guide_coefficient(seed: int) -> float:
     """The standard normal coefficient `eta(seed)` of the guide vector in the directions of perturbation seed `seed`
     (one draw per seed, shared by every masked tensor; see [`hosfl_hf.zeroth_order.DirectionGuide`])."""

@@ -399,10 +399,9 @@ def zo_gradients(
     scales = scales or {}
     for offset, (_, param) in enumerate(parameters):
         grad = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-        guided = guide is not None and offset in guide.vectors
         for seed, c in zip(seeds, coefficients):
             u = direction(param, seed, first_index + offset, dtype=torch.float32)
-            grad.add_(guide.shape(offset, u, seed) if guided else u, alpha=c)
+            grad.add_(guide.shape(offset, u, seed) if guide is not None else u, alpha=c)
         # sum_p c_p (s * u_p) = s * sum_p c_p u_p up to rounding; scaling the sum once is what every holder does.
         yield param, scale_direction(grad, scales.get(offset))
 
