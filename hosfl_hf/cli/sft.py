@@ -77,7 +77,7 @@ def sft_main(script_args: SFTScriptArguments, model_args: Any, training_args: An
     """
     from ..data import load_split
     from ..sft import HOSFLSFTTrainer
-    from .train import get_peft_config, load_model
+    from .train import end_processes, get_peft_config, load_model
 
     if not isinstance(model_args, ModelArguments):  # SFTModelArguments
         model_args = ModelArguments(**asdict(model_args), trust_remote_code=training_args.trust_remote_code)
@@ -121,6 +121,7 @@ def sft_main(script_args: SFTScriptArguments, model_args: Any, training_args: An
     trainer.save_metrics("all", metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=name)
+    end_processes(trainer)
     return metrics
 
 

@@ -261,4 +261,17 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
     trainer.save_metrics("all", metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=task.name)
+    end_processes(trainer)
     return metrics
+
+
+def end_processes(trainer: Any) -> None:
+    """Ends a multi-process launch cleanly: waits until every process has saved, then destroys the process group.
+
+    A process that leaves the interpreter while the gloo/NCCL group is still alive can abort in the group's destructor
+    ("terminate called without an active exception", exit code -6) although its work is done, and `accelerate launch`
+    then reports the whole run as failed. No-op in a single process.
+    """
+    if trainer.args.world_size > 1:
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
