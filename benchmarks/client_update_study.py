@@ -36,7 +36,7 @@ from filelock import FileLock, Timeout
 
 sys.path.insert(0, os.path.dirname(__file__))
 from grid import Budget, cell_name, run_cell, split_for, write_json  # noqa: E402
-from report import mcnemar_exact_p  # noqa: E402
+from report import block_bootstrap_se, mcnemar_exact_p  # noqa: E402
 
 # The pilot's search space: LoRA-B of blocks 0-3 (d = 24,576), per-client seeds (K*P = 6 directions).
 LORA_B_PC = dict(client_zo_blocks=[0, 1, 2, 3], client_zo_modules=["lora_B"], client_seeds="per_client")
@@ -214,10 +214,14 @@ def measure_cosine(
     return result
 
 
+def round_diffs(losses: list[float], frozen: list[float], start: int = 1) -> np.ndarray:
+    """The per-round loss difference from round `start` on (round 0 is the same for every method)."""
+    return np.array(losses[start:]) - np.array(frozen[start : len(losses)])
+
+
 def paired(losses: list[float], frozen: list[float], start: int = 1) -> float:
-    """Mean over rounds `start`.. of the per-round loss difference (round 0 is the same for every method)."""
-    diffs = np.array(losses[start:]) - np.array(frozen[start : len(losses)])
-    return float(diffs.mean())
+    """Mean over rounds `start`.. of the per-round loss difference."""
+    return float(round_diffs(losses, frozen, start).mean())
 
 
 def base_config(name: str) -> str:
@@ -283,12 +287,18 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
         ]
         mean = float(np.mean(diffs))
         se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
+        # Also defined for one seed (a long single-seed study): rounds in blocks, never as independent draws.
+        series = [
+            round_diffs(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in common
+        ]
+        block_se = block_bootstrap_se(series)
         fo_mean = float(np.mean(fo)) if fo else None
         by_seed = dict(zip(common, diffs))
         on_fo = float(np.mean([by_seed[s] for s in fo_seeds])) if fo else None
         out[name] = {
             "loss_diff_vs_frozen": mean,
             "loss_diff_se": se,
+            "loss_diff_block_se": block_se,
             "fo_loss_diff_vs_frozen": fo_mean,
             "fo_reference": fo_reference,
             "fraction_of_fo": on_fo / fo_mean if fo_mean else None,

@@ -456,20 +456,23 @@ def write_markdown(summary: dict, out: str) -> None:
                 f"## Client contribution, {task} {depth} split (`benchmarks/client_update_study.py`)",
                 "",
                 "Paired training-loss difference vs the frozen client on the same batches (mean over rounds 1.., mean "
-                "± SE over seeds); `fraction_of_fo` = the configuration's difference / SplitLoRA's (its best client "
-                "learning rate where SplitLoRA's was swept: `<configuration>@lr<lr>`; `/r<rounds>`: a study of that "
-                "many rounds).",
+                "± SE over seeds); **SE (blocks)**: the moving-block bootstrap over rounds "
+                f"({BLOCK_ROUNDS}-round blocks), also defined for one seed; `fraction_of_fo` = the configuration's "
+                "difference / SplitLoRA's (its best client learning rate where SplitLoRA's was swept: "
+                "`<configuration>@lr<lr>`; `/r<rounds>`: a study of that many rounds).",
                 "",
-                "| configuration | loss diff vs frozen | SE | SplitLoRA's | fraction of FO | accuracy | McNemar p "
-                "| seeds |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                "| configuration | loss diff vs frozen | SE | SE (blocks) | SplitLoRA's | fraction of FO | accuracy "
+                "| McNemar p | seeds |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
             for name, r in rows.items():
                 se = f"{r['loss_diff_se']:.5f}" if r["loss_diff_se"] is not None else "-"
+                block = r.get("loss_diff_block_se")  # (studies summarised before session 10 lack it)
+                block_se = f"{block:.5f}" if block is not None else "-"
                 fo = f"{r['fo_loss_diff_vs_frozen']:.5f}" if r["fo_loss_diff_vs_frozen"] is not None else "-"
                 frac = f"{r['fraction_of_fo']:.3f}" if r["fraction_of_fo"] is not None else "-"
                 lines.append(
-                    f"| {name} | {r['loss_diff_vs_frozen']:.5f} | {se} | {fo} | {frac} | "
+                    f"| {name} | {r['loss_diff_vs_frozen']:.5f} | {se} | {block_se} | {fo} | {frac} | "
                     f"{100 * r['accuracy_mean']:.2f}% | {r['mcnemar_vs_frozen']['p_value']:.3g} | {r['seeds']} |"
                 )
             lines.append("")

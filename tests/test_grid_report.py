@@ -346,6 +346,19 @@ def test_client_update_study_summary(tmp_path):
     assert summary["lora_b_pc@lr0.001"]["fraction_of_fo"] == pytest.approx(0.1)
     assert summary["lora_b_pc@lr0.001"]["loss_diff_se"] is None  # one seed: no SE
 
+    # A long single-seed study still gets an SE: the moving-block bootstrap over its rounds (never rounds as draws).
+    rng = np.random.default_rng(0)
+    frozen = np.concatenate([[1.0], 0.8 + 0.05 * rng.standard_normal(30)])
+    diff = -0.01 + 0.02 * rng.standard_normal(30)
+    long = {
+        "frozen/s0": run(list(frozen), [0, 0, 0, 0]),
+        "lora_b_pc/s0": run([1.0, *(frozen[1:] + diff)], [0, 1, 0, 0]),
+    }
+    entry = study.summarize(long, [0])["lora_b_pc"]
+    assert entry["loss_diff_se"] is None
+    assert entry["loss_diff_block_se"] == pytest.approx(report.block_bootstrap_se([diff]))
+    assert entry["loss_diff_block_se"] > 0 and entry["loss_diff_vs_frozen"] == pytest.approx(diff.mean())
+
     # Learning rates run on different seeds are compared on the seeds they share, and a fraction takes the
     # configuration and the reference on the same seeds.
     uneven = {
