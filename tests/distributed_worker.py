@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama  # noqa: E402
 
 from hosfl_hf import HOSFLTrainer  # noqa: E402
+from hosfl_hf.cli.train import end_processes  # noqa: E402
 
 
 def main(out: str, clients_per_round: int, rounds: int, nan_rank: int = -1, nan_call: int = 0) -> None:
@@ -57,6 +58,7 @@ def main(out: str, clients_per_round: int, rounds: int, nan_rank: int = -1, nan_
         },
         Path(out) / f"rank{args.process_index}.pt",
     )
+    end_processes(trainer)  # a rank leaving with the gloo group alive can abort (exit -6) after its work is done
 
 
 if __name__ == "__main__":
