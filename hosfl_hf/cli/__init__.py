@@ -33,7 +33,7 @@ from ..memory import KNOWN_CONFIGS, MemoryEstimate, estimate_memory
 from .arguments import ModelArguments, ScriptArguments
 from .parser import HOSFLParser, load_yaml_config
 from .recipes import RECIPES, Recipe, make_parser, parse_recipe_args
-from .train import build_task, default_split_layer, get_peft_config, load_model, load_splits, main
+from .train import build_task, default_split_layer, end_processes, get_peft_config, load_model, load_splits, main
 
 __all__ = [
     "KNOWN_CONFIGS",
@@ -46,6 +46,7 @@ __all__ = [
     "build_task",
     "cli",
     "default_split_layer",
+    "end_processes",
     "estimate_memory",
     "get_peft_config",
     "load_model",
