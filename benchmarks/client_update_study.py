@@ -270,7 +270,11 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
         common = [s for s in seeds if f"{name}/s{s}" in runs and f"frozen/s{s}" in runs]
         if not common:
             continue
-        diffs = [paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in common]
+        # Each seed's per-round difference from round 1 on; its mean is the seed's contribution.
+        series = [
+            round_diffs(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in common
+        ]
+        diffs = [float(d.mean()) for d in series]
         # The fraction compares both on the same seeds (the reference may lack a seed this configuration ran).
         fo_seeds = [s for s in common if s in fo_by_seed]
         fo = [fo_by_seed[s] for s in fo_seeds]
@@ -282,15 +286,10 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
             b += int(np.sum(mine & ~frozen))
             c += int(np.sum(~mine & frozen))
         half = len(runs[f"{name}/s{common[0]}"]["train_losses"]) // 2
-        late = [
-            paired(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"], half) for s in common
-        ]
+        late = [float(d[half - 1 :].mean()) for d in series]  # rounds half.. (series[i] is round i + 1)
         mean = float(np.mean(diffs))
         se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
         # Also defined for one seed (a long single-seed study): rounds in blocks, never as independent draws.
-        series = [
-            round_diffs(runs[f"{name}/s{s}"]["train_losses"], runs[f"frozen/s{s}"]["train_losses"]) for s in common
-        ]
         block_se = block_bootstrap_se(series)
         fo_mean = float(np.mean(fo)) if fo else None
         by_seed = dict(zip(common, diffs))
