@@ -63,6 +63,20 @@ CONFIGS: dict[str, tuple[str, dict, float | None]] = {
     ),
     # The mask alone: d = 7,080 instead of 31,656, without LoRA-B's AdamW random walk.
     "mask_pc": ("hosfl", dict(MASK_PC, client_learning_rate=1e-3), 1e-4),
+    # The mask alone learning for the first 60 rounds exactly as in a 60-round run (3 warmup rounds, linear decay to
+    # zero at round 60), then holding still while the server keeps training (session 11): at 250 rounds the gain of
+    # the mask alone was gone; does the 60-round gain persist, or does the server's learning absorb it?
+    "mask_pc_hold60": (
+        "hosfl",
+        dict(
+            MASK_PC,
+            client_learning_rate=1e-3,
+            client_lr_scheduler_type="warmup_stable_decay",
+            client_warmup_steps=3,
+            client_lr_scheduler_kwargs=dict(num_stable_steps=0, num_decay_steps=57, decay_type="linear"),
+        ),
+        1e-4,
+    ),
     # More directions per round (P = 8 per client: N = 24; 9 client forwards per round instead of 3).
     "mask_pc_p8": ("hosfl", dict(MASK_PC, client_learning_rate=1e-3, num_perturbations=8), 1e-4),
     # P = 16 (N = 48; 17 client forwards a round): does the contribution keep growing with N?

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,12 @@ class HOSFLConfig(TrainingArguments):
             The client's own schedule shape (any `lr_scheduler_type`); `None` follows the server's.
         client_warmup_steps (`int`, *optional*, defaults to `None`):
             The client schedule's warmup rounds; `None` follows the server's warmup.
+        client_lr_scheduler_kwargs (`dict` or `str`, *optional*, defaults to `None`):
+            Extra arguments of the client's schedule (like `lr_scheduler_kwargs`; a JSON string from the command
+            line), e.g. `{"num_stable_steps": 0, "num_decay_steps": 57, "decay_type": "linear"}` with
+            `client_lr_scheduler_type="warmup_stable_decay"` for a client that learns in the first 60 rounds and then
+            holds still. `None`: the server's `lr_scheduler_kwargs` when the client follows the server's shape, none
+            otherwise.
         client_zo_blocks (`list[int]`, *optional*, defaults to `None`):
             The client's search space by block: only the trainable parameters of these client blocks (0-based) are
             perturbed and updated; the others are frozen. `None`: every client block (the paper).
@@ -172,6 +179,10 @@ class HOSFLConfig(TrainingArguments):
     client_warmup_steps: int | None = field(
         default=None, metadata={"help": "Warmup rounds of the client schedule (default: the server's warmup)."}
     )
+    client_lr_scheduler_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra arguments of the client schedule, as a dict or JSON string (default: the server's)."},
+    )
     client_zo_blocks: list[int] | None = field(
         default=None, metadata={"help": "Client blocks (0-based) whose trainable parameters the client update covers."}
     )
@@ -246,6 +257,13 @@ class HOSFLConfig(TrainingArguments):
             not isinstance(self.client_warmup_steps, int) or self.client_warmup_steps < 0
         ):
             fail("client_warmup_steps", self.client_warmup_steps, "it must be an integer >= 0, or None")
+        if isinstance(self.client_lr_scheduler_kwargs, str):  # from the command line, as `lr_scheduler_kwargs`
+            try:
+                self.client_lr_scheduler_kwargs = json.loads(self.client_lr_scheduler_kwargs)
+            except json.JSONDecodeError as error:
+                fail("client_lr_scheduler_kwargs", self.client_lr_scheduler_kwargs, f"it is not valid JSON ({error})")
+        if self.client_lr_scheduler_kwargs is not None and not isinstance(self.client_lr_scheduler_kwargs, dict):
+            fail("client_lr_scheduler_kwargs", self.client_lr_scheduler_kwargs, "use a dict (a JSON object), or None")
         for name in ("client_learning_rate", "client_weight_decay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -318,8 +336,10 @@ class HOSFLConfig(TrainingArguments):
 
     def client_schedule(self, optimizer: Any, num_training_steps: int) -> Any:
         """The client's learning-rate schedule on `optimizer` (peak `client_learning_rate`): the server's
-        (`schedule`) unless `client_lr_scheduler_type` or `client_warmup_steps` give the client its own."""
-        if self.client_lr_scheduler_type is None and self.client_warmup_steps is None:
+        (`schedule`) unless `client_lr_scheduler_type`, `client_warmup_steps` or `client_lr_scheduler_kwargs` give
+        the client its own."""
+        own = (self.client_lr_scheduler_type, self.client_warmup_steps, self.client_lr_scheduler_kwargs)
+        if all(value is None for value in own):
             return self.schedule(optimizer, num_training_steps)
         from transformers import get_scheduler
 
@@ -332,5 +352,11 @@ class HOSFLConfig(TrainingArguments):
                 else self.get_warmup_steps(num_training_steps)
             ),
             num_training_steps=num_training_steps,
-            scheduler_specific_kwargs=self.lr_scheduler_kwargs if self.client_lr_scheduler_type is None else {},
+            scheduler_specific_kwargs=(
+                self.client_lr_scheduler_kwargs
+                if self.client_lr_scheduler_kwargs is not None
+                else self.lr_scheduler_kwargs
+                if self.client_lr_scheduler_type is None
+                else {}
+            ),
         )

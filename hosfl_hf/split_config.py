@@ -55,7 +55,8 @@ class HOSFLSplitConfig:
         seed (`int`): seed of the perturbation seeds (`round_seeds(seed, round, P)`).
         data_seed (`int`, *optional*): seed of the shards, client sampling and batches (`seed` when `None`).
         aggregation, aggregation_trim_fraction, scalar_bound: how the server combined the clients' scalars.
-        client_lr_scheduler_type, client_warmup_steps: the client's own schedule (`None`: the server's).
+        client_lr_scheduler_type, client_warmup_steps, client_lr_scheduler_kwargs: the client's own schedule
+            (`None`: the server's).
         client_zo_blocks, client_zo_modules, client_seeds: the client's zeroth-order search space and seeds.
         client_mask (`dict`, *optional*): the static sparse mask of client base weights
             ([`~hosfl_hf.search_space.ClientMask`] as a dict: parameter name -> flat indices), if one was used.
@@ -88,6 +89,7 @@ class HOSFLSplitConfig:
     scalar_bound: float | None = None
     client_lr_scheduler_type: str | None = None
     client_warmup_steps: int | None = None
+    client_lr_scheduler_kwargs: dict[str, Any] | None = None
     client_zo_blocks: list[int] | None = None
     client_zo_modules: list[str] | None = None
     client_seeds: str = "shared"
@@ -115,6 +117,7 @@ class HOSFLSplitConfig:
         "scalar_bound",
         "client_lr_scheduler_type",
         "client_warmup_steps",
+        "client_lr_scheduler_kwargs",
         "client_zo_blocks",
         "client_zo_modules",
         "client_seeds",

@@ -13,7 +13,7 @@ import torch
 from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
 from peft import LoraConfig
 
-from hosfl_hf import HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
+from hosfl_hf import HOSFLConfig, HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
 from hosfl_hf.diagnostics import client_update_cosine
 from hosfl_hf.protocol import CatchUp, RoundSettings, SplitClient, SplitServer, run_rounds
 from hosfl_hf.protocol.client import ClientPart
@@ -66,6 +66,12 @@ OPTIONS = {
     "per_client_seeds": dict(client_seeds="per_client"),
     "normalized_sgd": dict(client_optimizer="normalized_sgd", client_learning_rate=1e-2),
     "sgd_own_schedule": dict(client_optimizer="sgd", client_lr_scheduler_type="constant", client_warmup_steps=0),
+    # A client that learns for the first rounds and then holds still (its schedule's extra arguments are saved too).
+    "learn_then_hold": dict(
+        client_lr_scheduler_type="warmup_stable_decay",
+        client_warmup_steps=0,
+        client_lr_scheduler_kwargs={"num_stable_steps": 1, "num_decay_steps": 2, "decay_type": "linear"},
+    ),
     "combined": dict(
         client_zo_blocks=[0, 1], client_zo_modules=["lora_B"], client_seeds="per_client", client_optimizer="sgd"
     ),
@@ -446,6 +452,39 @@ def test_client_schedule_is_its_own(tmp_path):
     assert {r.lr for r in trainer.trajectory.rounds} == {trainer.args.client_learning_rate}
     default = trained(tmp_path / "d", lora_model())
     assert len({r.lr for r in default.trajectory.rounds}) > 1  # the server's linear decay
+
+
+def test_client_schedule_kwargs_learn_then_hold(tmp_path):
+    """`client_lr_scheduler_kwargs` (a JSON string, as from the command line) shape the client's schedule alone:
+    one warmup round, one stable round, a linear decay over two rounds, then zero while the server keeps its own."""
+    kwargs = '{"num_stable_steps": 1, "num_decay_steps": 2, "decay_type": "linear"}'
+    trainer = trained(
+        tmp_path,
+        lora_model(),
+        lr_scheduler_type="constant",
+        client_lr_scheduler_type="warmup_stable_decay",
+        client_warmup_steps=1,
+        client_lr_scheduler_kwargs=kwargs,
+    )
+    peak = trainer.args.client_learning_rate
+    assert trainer.args.client_lr_scheduler_kwargs == json.loads(kwargs)
+    assert [r.lr for r in trainer.trajectory.rounds] == pytest.approx([0.0, peak, peak, peak / 2, 0.0], abs=1e-15)
+    assert trainer.lr_scheduler.get_last_lr()[0] == trainer.args.learning_rate  # the server's stays constant
+
+
+@pytest.mark.parametrize("value", ["{not json", "[1, 2]", 3])
+def test_client_schedule_kwargs_are_checked(tmp_path, value):
+    with pytest.raises(ValueError, match="client_lr_scheduler_kwargs"):
+        tiny_args(tmp_path, client_lr_scheduler_kwargs=value)
+
+
+def test_client_schedule_kwargs_from_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(HOSFLConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--client_lr_scheduler_kwargs", '{"num_decay_steps": 5}']
+    )
+    assert args.client_lr_scheduler_kwargs == {"num_decay_steps": 5}
 
 
 # -------------------------------------------------------------------------------------------------- protocol
