@@ -9,16 +9,19 @@ LoRA initialisation and split, so its per-round training losses pair with the fr
 The paired difference (configuration - frozen client), averaged over rounds 1.. (round 0 is identical for all),
 is the client's contribution; SplitLoRA's is the first-order reference.
 
-Each finished run is written at once to the study's file (a stopped study keeps what it finished and the next call
-runs the rest): `<out>/client_update_study.json` for the SST-2 pilot of 60 rounds, else
-`<out>/client_update_study_<task>_r<rounds>.json`. Workers started side by side (`--threads 1` each, on a CPU or a GPU)
-share a study: each run is claimed with a file lock and the file is updated under another. `--client_lrs` runs every
-configuration but the frozen client at each client learning rate (`<config>@lr<lr>`; SplitLoRA's client included:
-the same sweep budget); the first-order reference of the fractions is SplitLoRA's best learning rate. Runs that
-`benchmarks/grid.py` already made with the same budget (frozen client, SplitLoRA, the paper's HO-SFL at the grid's
-learning rates) are read from `<out>/cells` instead of being run again, after checking that their first-round loss is
-the study's. `--cosine` first measures, per configuration, the cosine of the client's estimate
-with the true client gradient (`hosfl_hf.diagnostics.client_update_cosine`) on one calibration batch.
+Each finished run is written at once to the study's file (a stopped study keeps what it finished and the next call runs
+the rest): `<out>/client_update_study.json` for the SST-2 pilot of 60 rounds, else
+`<out>/client_update_study_<task>_r<rounds>.json`. A run in progress saves a checkpoint every `--checkpoint_every`
+rounds (default 25) in its own folder under `--checkpoint_dir`; a stopped run resumes from its last one (bit-identical
+to an unstopped run: `HOSFLTrainer` resumes exactly) and the folder is removed once the run is stored. Workers started
+side by side (`--threads 1` each, on a CPU or a GPU) share a study: each run is claimed with a file lock and the file
+is updated under another. `--client_lrs` runs every configuration but the frozen client at each client learning rate
+(`<config>@lr<lr>`; SplitLoRA's client included: the same sweep budget); the first-order reference of the fractions is
+SplitLoRA's best learning rate. Runs that `benchmarks/grid.py` already made with the same budget (frozen client,
+SplitLoRA, the paper's HO-SFL at the grid's learning rates) are read from `<out>/cells` instead of being run again,
+after checking that their first-round loss is the study's. `--cosine` first measures, per configuration, the cosine of
+the client's estimate with the true client gradient (`hosfl_hf.diagnostics.client_update_cosine`) on one calibration
+batch.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -375,6 +380,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--calibration_batches", type=int, default=4)
+    parser.add_argument(
+        "--checkpoint_every",
+        type=int,
+        default=25,
+        help="Rounds between a run's checkpoints (0: none); a stopped run resumes from its last one.",
+    )
+    parser.add_argument("--checkpoint_dir", default=os.path.join(tempfile.gettempdir(), "hosfl_study_checkpoints"))
     parser.add_argument("--cosine", nargs="*", type=int, default=None, help="Directions N to report the cosine at.")
     parser.add_argument("--no_runs", action="store_true", help="Only the cosine measurements (and the summary).")
     args = parser.parse_args(argv)
@@ -437,8 +449,20 @@ def main(argv: list[str] | None = None) -> None:
             prepare = None
             if make_mask is not None and method == "splitlora":  # a first-order ceiling of the masked search space
                 make_mask, prepare = None, first_order_on_mask(make_mask)
+            # One folder per run, so a stopped run (this session's end, a killed worker) resumes where it stopped.
+            checkpoints = os.path.join(args.checkpoint_dir, os.path.basename(path), key.replace("/", "_"))
             result = run_cell(
-                method, args.task, "deep", seed, budget, args.data_dir, overrides, make_mask, prepare_model=prepare
+                method,
+                args.task,
+                "deep",
+                seed,
+                budget,
+                args.data_dir,
+                overrides,
+                make_mask,
+                prepare_model=prepare,
+                checkpoint_dir=checkpoints,
+                checkpoint_every=args.checkpoint_every,
             )
             result.update(config=name, overrides=overrides, mask_density=density, client_lr_swept=lr)
             result["mask_direction_scales"] = scales
@@ -453,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{frozen['train_losses'][0]}: the runs do not share batches, so they cannot be paired."
                 )
             update_study(path, lambda study, key=key, result=result: study["runs"].__setitem__(key, result))
+            shutil.rmtree(checkpoints, ignore_errors=True)
             print(
                 f"{key}: accuracy {100 * result['accuracy']:.2f}% in {result['run_seconds'] / 60:.1f} min", flush=True
             )

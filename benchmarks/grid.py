@@ -25,6 +25,7 @@ import torch
 import transformers
 from filelock import FileLock, Timeout
 from peft import LoraConfig, get_peft_model
+from transformers.trainer_utils import get_last_checkpoint
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer
 from hosfl_hf.models import load_model_and_tokenizer
@@ -139,11 +140,15 @@ def run_cell(
     overrides: dict | None = None,
     make_mask: object = None,
     prepare_model: object = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
 ) -> dict:
     """One run. `overrides` (HOSFLConfig values), `make_mask` (`make_mask(split_layer, task, tokenizer, seed)`
     -> a `ClientMask`, called on a separate copy of the initial model) and `prepare_model` (`prepare_model(model,
     split_layer, task, tokenizer, seed)`, called on the run's model before the trainer is built) serve the
-    client-update study."""
+    client-update study. With `checkpoint_every > 0` the run saves a checkpoint to `checkpoint_dir` every that many
+    rounds and resumes from the last one a stopped run left there (bit-identical to an unstopped run); the caller
+    removes the folder once the result is stored."""
     task = get_task(task_name)
     model, tokenizer = load_model_and_tokenizer("smollm2")
     num_layers = model.config.num_hidden_layers
@@ -163,7 +168,13 @@ def run_cell(
     )
     curve_set = validation.shuffle(seed=0).select(range(min(budget.curve_eval_limit, len(validation))))
     output_dir = os.path.join("/tmp", "hosfl_grid", method)
-    args = hosfl_args(method, split_layer, seed, budget, output_dir=output_dir, **(overrides or {}))
+    overrides = dict(overrides or {})
+    if checkpoint_every > 0:
+        if not checkpoint_dir:
+            raise ValueError("run_cell(checkpoint_every > 0) needs a checkpoint_dir for this run alone.")
+        output_dir = checkpoint_dir
+        overrides.update(save_strategy="steps", save_steps=checkpoint_every, save_total_limit=1)
+    args = hosfl_args(method, split_layer, seed, budget, output_dir=output_dir, **overrides)
     mask = make_mask(split_layer, task, tokenizer, seed) if make_mask is not None else None
     if prepare_model is not None:
         prepare_model(model, split_layer, task, tokenizer, seed)
@@ -177,7 +188,11 @@ def run_cell(
         **task.trainer_kwargs(tokenizer),
     )
     start = time.perf_counter()
-    trainer.train()
+    resumed_at = None
+    if checkpoint_every > 0:
+        resumed_at = train_resumably(trainer, checkpoint_dir)
+    else:
+        trainer.train()
     train_seconds = time.perf_counter() - start
     prediction = trainer.predict(validation)
     predictions = np.argmax(prediction.predictions, axis=-1).tolist()
@@ -209,10 +224,20 @@ def run_cell(
         "eval_examples": len(validation),
         "activation_bytes_per_client_round": trainer.comm["activation_bytes"] / client_rounds,
         "sync_bytes_per_client_round": trainer.comm["sync_bytes"] / client_rounds,
-        "round_seconds": train_seconds / budget.rounds,
+        # Of the rounds this process ran (all of them unless it resumed a stopped run at `resumed_at_round`).
+        "round_seconds": train_seconds / max(1, budget.rounds - (resumed_at or 0)),
+        "resumed_at_round": resumed_at,
         "client_trainable_parameters": sum(p.numel() for _, p in trainer.client_parameters),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+
+
+def train_resumably(trainer: HOSFLTrainer, checkpoint_dir: str) -> int | None:
+    """`trainer.train()`, resumed from the last checkpoint a stopped run left in `checkpoint_dir` (if any); returns
+    the round it resumed at (`None`: from the start)."""
+    last = get_last_checkpoint(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
+    trainer.train(resume_from_checkpoint=last)
+    return int(os.path.basename(last).split("-")[1]) if last else None
 
 
 def write_json(path: str, data: dict) -> None:

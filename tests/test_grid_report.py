@@ -402,13 +402,19 @@ def test_client_update_study_sweeps_resumes_and_skips_claimed_runs(tmp_path, mon
 
     calls = []
 
-    def fake_run_cell(method, task, depth, seed, budget, data_dir, overrides, make_mask=None, prepare_model=None):
+    folders = []
+
+    def fake_run_cell(method, task, depth, seed, budget, data_dir, overrides, make_mask=None, **checkpointing):
         calls.append((method, task, seed, overrides.get("client_learning_rate")))
+        assert checkpointing["checkpoint_every"] == 25
+        folders.append(checkpointing["checkpoint_dir"])
+        os.makedirs(os.path.join(folders[-1], "checkpoint-25"))  # what a real run leaves while it trains
         loss = 1.0 - 0.01 * len(calls)
         return {"train_losses": [1.0, loss], "predictions": [0], "labels": [0], "accuracy": 1.0, "rounds": 2}
 
     monkeypatch.setattr(study, "run_cell", fake_run_cell)
     argv = ["--task", "rte", "--rounds", "2", "--seeds", "0", "--out", str(tmp_path), "--configs", "frozen", "paper"]
+    argv += ["--checkpoint_dir", str(tmp_path / "checkpoints")]
     path = study.study_path(str(tmp_path), "rte", 2)
     held = FileLock(f"{path}.paper@lr0.001_s0.lock")
     held.acquire()
@@ -423,6 +429,8 @@ def test_client_update_study_sweeps_resumes_and_skips_claimed_runs(tmp_path, mon
     assert calls[2:] == [("hosfl", "rte", 0, 1e-3)]
     saved = json.load(open(path))
     assert saved["task"] == "rte" and set(saved["client_contribution"]) == {"paper@lr0.0001", "paper@lr0.001"}
+    # Each run checkpoints into its own folder, removed once the run is stored.
+    assert len(set(folders)) == 3 and not any(os.path.exists(f) for f in folders)
 
 
 def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_forwards_and_fraction(tmp_path):
@@ -511,3 +519,47 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
     # The first-order ceiling on the mask is drawn where it was measured.
     ceiling = rows["fo_mask"]["fraction_of_fo"]
     assert any(list(line.get_ydata()) == [ceiling, ceiling] for line in ax.get_lines())
+
+
+def test_train_resumably_continues_a_stopped_run_bit_identically(tmp_path):
+    """A study run stopped mid-way (here: killed after round 3) resumes from its last checkpoint (round 2): same
+    weights and the same per-round training losses as a run that was never stopped."""
+    import torch
+    from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
+    from transformers import TrainerCallback
+
+    from hosfl_hf import HOSFLTrainer
+
+    class Killed(RuntimeError):
+        pass
+
+    class KillAfterRound3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Killed
+
+    def trainer(folder, callbacks=()):
+        args = tiny_args(folder, max_steps=5, logging_steps=1, save_strategy="steps", save_steps=2)
+        return HOSFLTrainer(
+            tiny_llama(),
+            args,
+            split_layer=2,
+            train_dataset=counting_dataset(),
+            data_collator=stack_collator,
+            callbacks=list(callbacks),
+        )
+
+    def losses(t):
+        return [h["loss"] for h in t.state.log_history if "loss" in h]
+
+    full = trainer(tmp_path / "full")
+    assert grid.train_resumably(full, str(tmp_path / "full" / "none")) is None  # nothing to resume: from the start
+    folder = str(tmp_path / "stopped" / "out")
+    with pytest.raises(Killed):
+        grid.train_resumably(trainer(tmp_path / "stopped", [KillAfterRound3()]), folder)
+    resumed = trainer(tmp_path / "stopped")
+    assert grid.train_resumably(resumed, folder) == 2
+    assert losses(resumed) == losses(full) and len(losses(full)) == 5
+    expected = dict(full.model.named_parameters())
+    for name, value in resumed.model.named_parameters():
+        assert torch.equal(value, expected[name]), name
