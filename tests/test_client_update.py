@@ -606,14 +606,25 @@ def test_flower_run_config_carries_the_levers(tmp_path):
             "client-zo-modules": "lora_B,v_proj",
             "client-mask": str(tmp_path / "mask.json"),
             "client-optimizer": "normalized_sgd",
+            "client-lr-scheduler-type": "warmup_stable_decay",
+            "client-warmup-steps": 1,
+            "client-lr-scheduler-kwargs": '{"num_stable_steps": 0, "num_decay_steps": 2, "decay_type": "linear"}',
         }
     )
     settings, args = build_args(config)
+    assert args.client_lr_scheduler_type == "warmup_stable_decay" and args.client_warmup_steps == 1
+    assert args.client_lr_scheduler_kwargs == {"num_stable_steps": 0, "num_decay_steps": 2, "decay_type": "linear"}
     assert settings.client_seeds == "per_client" and settings.scalars_per_update is None
     assert settings.search_space == ClientSearchSpace(blocks=[0, 1], modules=["lora_B", "v_proj"])
     assert settings.mask == mask and settings.client_optimizer == "normalized_sgd"
-    default, _ = build_args(resolve({"model": "m", "dataset": "d"}))
+    default, default_args = build_args(resolve({"model": "m", "dataset": "d"}))
     assert default.search_space is None and default.mask is None and default.scalars_per_update == 2
+    own = (
+        default_args.client_lr_scheduler_type,
+        default_args.client_warmup_steps,
+        default_args.client_lr_scheduler_kwargs,
+    )
+    assert own == (None, None, None)  # the client follows the server's schedule
 
 
 def test_merge_for_inference_keeps_the_trained_masked_base_weights(tmp_path):

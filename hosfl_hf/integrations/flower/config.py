@@ -44,6 +44,9 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "client-zo-modules": "",  # e.g. "lora_B": only parameters whose name contains one of these (comma-separated)
     "client-mask": "",  # a ClientMask JSON file (hosfl_hf.search_space.sensitivity_mask), the same on every node
     "lr-scheduler-type": "linear",
+    "client-lr-scheduler-type": "",  # the client's own schedule shape; "": the server's (lr-scheduler-type)
+    "client-warmup-steps": -1,  # the client schedule's warmup rounds; < 0: the server's
+    "client-lr-scheduler-kwargs": "",  # a JSON object of the client schedule's extra arguments; "": none
     "max-grad-norm": 1.0,
     "lora-r": 0,  # > 0: LoRA adapters of this rank on every linear layer of both parts (seeded by `seed`)
     "seed": 7,
@@ -87,6 +90,9 @@ def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
         client_zo_blocks=[int(b) for b in str(config["client-zo-blocks"]).split(",") if b.strip()] or None,
         client_zo_modules=[m.strip() for m in str(config["client-zo-modules"]).split(",") if m.strip()] or None,
         lr_scheduler_type=str(config["lr-scheduler-type"]),
+        client_lr_scheduler_type=str(config["client-lr-scheduler-type"]) or None,
+        client_warmup_steps=int(config["client-warmup-steps"]) if int(config["client-warmup-steps"]) >= 0 else None,
+        client_lr_scheduler_kwargs=str(config["client-lr-scheduler-kwargs"]) or None,
         max_grad_norm=float(config["max-grad-norm"]),
         max_steps=int(config["num-rounds"]),
         seed=int(config["seed"]),
