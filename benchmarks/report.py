@@ -306,7 +306,8 @@ def client_contribution(out: str) -> dict:
 def study_settings(runs: dict, name: str, seeds: list[int]) -> dict | None:
     """What a study configuration set, read off its first run's record: the method, the client's directions per round
     (`num_perturbations`, zeroth-order clients only) and learning rate, step rule, mask density, direction scales and
-    zeroth-order modules. Runs filed from grid cells carry the grid's budget only, so its defaults fill the rest."""
+    zeroth-order modules, and the client's own schedule type if it had one. Runs filed from grid cells carry the
+    grid's budget only, so its defaults fill the rest."""
     run = next((runs[f"{name}/s{s}"] for s in seeds if f"{name}/s{s}" in runs), None)
     if run is None:
         return None
@@ -325,6 +326,7 @@ def study_settings(runs: dict, name: str, seeds: list[int]) -> dict | None:
         "direction_scales": run.get("mask_direction_scales", "uniform"),
         "guide_share": run.get("mask_guide_share", 0.0),
         "client_zo_modules": overrides.get("client_zo_modules"),
+        "client_lr_scheduler_type": overrides.get("client_lr_scheduler_type"),  # None: the server's schedule
     }
 
 
@@ -767,6 +769,8 @@ def frontier_points(rows: dict) -> list[dict]:
             space = f"mask {st['mask_density']:g}" + (" alone" if alone else " + LoRA-B")
             if st.get("guide_share"):
                 space += f", guided {st['guide_share']:g}"
+            if st.get("client_lr_scheduler_type"):
+                space += f", own schedule ({st['client_lr_scheduler_type']})"
         else:
             space = "LoRA (q, v)" if st["client_zo_modules"] is None else "LoRA-B"
         points.append(
@@ -791,6 +795,7 @@ FRONTIER_MARKERS = {
     "mask 0.0001 + LoRA-B": "D",
     "mask 0.0001 alone, guided 0.5": "*",
     "mask 0.0001 alone, guided 0.9": "p",
+    "mask 0.0001 alone, own schedule (warmup_stable_decay)": "X",
     "LoRA-B": "s",
     "LoRA (q, v)": "o",
 }

@@ -468,6 +468,8 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
         runs[f"mask_pc_nsgd/s{s}"] = run("hosfl", [1.0, 0.8, 0.7], dict(mask, client_optimizer="normalized_sgd"), 1e-4)
         runs[f"maskw_pc/s{s}"] = run("hosfl", [1.0, 0.8, 0.7], dict(mask), 1e-4, "gradient_rms")
         runs[f"maskg_pc/s{s}"] = run("hosfl", [1.0, 0.8, 0.7 + shift], dict(mask), 1e-4, guide=0.5)
+        hold = dict(mask, client_lr_scheduler_type="warmup_stable_decay")
+        runs[f"mask_pc_hold60/s{s}"] = run("hosfl", [1.0, 0.8, 0.7 + shift], hold, 1e-4)
         runs[f"fo_mask/s{s}"] = run("splitlora", [1.0, 0.72, 0.62 + shift], {"client_zo_modules": []}, 1e-4)
     runs["mask_pc_p8@lr0.01/s0"] = run("hosfl", [1.0, 1.9, 1.8], dict(mask, client_learning_rate=1e-2), 1e-4)
     with open(tmp_path / "client_update_study.json", "w") as f:
@@ -483,6 +485,7 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
         "direction_scales": "uniform",
         "guide_share": 0.0,
         "client_zo_modules": [],
+        "client_lr_scheduler_type": None,
     }
     assert rows["maskg_pc"]["settings"]["guide_share"] == 0.5
     assert (
@@ -491,9 +494,10 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
     )
 
     points = {p["name"]: p for p in report.frontier_points(rows)}
-    # Not the step-rule/scaled variants; the guided mask is its own search space.
-    assert set(points) == {"paper", "mask_pc_p8", "mask_pc_p8@lr0.01", "maskg_pc"}
+    # Not the step-rule/scaled variants; the guided mask and a client with its own schedule are their own kinds.
+    assert set(points) == {"paper", "mask_pc_p8", "mask_pc_p8@lr0.01", "maskg_pc", "mask_pc_hold60"}
     assert points["maskg_pc"]["space"] == "mask 0.0001 alone, guided 0.5"
+    assert points["mask_pc_hold60"]["space"] == "mask 0.0001 alone, own schedule (warmup_stable_decay)"
     p8 = points["mask_pc_p8"]
     # Seed 0: -0.04 a round vs the frozen client, seed 1: -0.06; SplitLoRA: -0.2 on both.
     assert rows["mask_pc_p8"]["per_seed_loss_diff"] == pytest.approx([-0.04, -0.06])
@@ -506,7 +510,7 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
     assert set(drawn) == set(points)
     assert to_hex(drawn["mask_pc_p8"].get_color()) == report.LR_COLORS[3e-3]
     assert drawn["mask_pc_p8"].get_marker() == "^" and drawn["paper"].get_marker() == "o"
-    assert drawn["maskg_pc"].get_marker() == "*"
+    assert drawn["maskg_pc"].get_marker() == "*" and drawn["mask_pc_hold60"].get_marker() == "X"
     assert drawn["mask_pc_p8"].get_ydata()[0] == pytest.approx(p8["y"])
     # One seed: open marker; diverged (fraction -5): drawn on the lower edge with its value printed.
     diverged = drawn["mask_pc_p8@lr0.01"]
@@ -515,7 +519,7 @@ def test_client_frontier_figure_draws_each_zeroth_order_configuration_at_its_for
     texts = [t.get_text() for t in ax.texts]
     assert any("off scale" in t and f"{points['mask_pc_p8@lr0.01']['y']:+.2f}" in t for t in texts)
     bars = [c for c in ax.containers if c.has_yerr]
-    assert len(bars) == 3  # paper, mask_pc_p8 and maskg_pc (two seeds each); none for one seed
+    assert len(bars) == 4  # paper, mask_pc_p8, maskg_pc and mask_pc_hold60 (two seeds each); none for one seed
     # The first-order ceiling on the mask is drawn where it was measured.
     ceiling = rows["fo_mask"]["fraction_of_fo"]
     assert any(list(line.get_ydata()) == [ceiling, ceiling] for line in ax.get_lines())
