@@ -343,6 +343,9 @@ class HOSFLConfig(TrainingArguments):
             return self.schedule(optimizer, num_training_steps)
         from transformers import get_scheduler
 
+        kwargs = self.client_lr_scheduler_kwargs
+        if kwargs is None:  # the server's extra arguments fit only the server's shape
+            kwargs = self.lr_scheduler_kwargs if self.client_lr_scheduler_type is None else {}
         return get_scheduler(
             self.client_lr_scheduler_type or self.lr_scheduler_type,
             optimizer,
@@ -352,11 +355,5 @@ class HOSFLConfig(TrainingArguments):
                 else self.get_warmup_steps(num_training_steps)
             ),
             num_training_steps=num_training_steps,
-            scheduler_specific_kwargs=(
-                self.client_lr_scheduler_kwargs
-                if self.client_lr_scheduler_kwargs is not None
-                else self.lr_scheduler_kwargs
-                if self.client_lr_scheduler_type is None
-                else {}
-            ),
+            scheduler_specific_kwargs=kwargs,
         )

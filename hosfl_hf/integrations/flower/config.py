@@ -75,6 +75,7 @@ def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
     """The [`HOSFLConfig`] of the run (server optimizer, schedule, clipping) and the shared [`RoundSettings`]."""
+    client_warmup = int(config["client-warmup-steps"])  # < 0: the server's warmup
     args = HOSFLConfig(
         output_dir=str(config["output-dir"]),
         split_layer=int(config["split-layer"]),
@@ -91,7 +92,7 @@ def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
         client_zo_modules=[m.strip() for m in str(config["client-zo-modules"]).split(",") if m.strip()] or None,
         lr_scheduler_type=str(config["lr-scheduler-type"]),
         client_lr_scheduler_type=str(config["client-lr-scheduler-type"]) or None,
-        client_warmup_steps=int(config["client-warmup-steps"]) if int(config["client-warmup-steps"]) >= 0 else None,
+        client_warmup_steps=client_warmup if client_warmup >= 0 else None,
         client_lr_scheduler_kwargs=str(config["client-lr-scheduler-kwargs"]) or None,
         max_grad_norm=float(config["max-grad-norm"]),
         max_steps=int(config["num-rounds"]),
