@@ -288,7 +288,44 @@ def get_split_peft_model(
     if isinstance(peft_config, (tuple, list)):
         peft_config = tuple(None if c is None else _resolve_all_linear(c, model) for c in peft_config)
     config = split_lora_config(peft_config, len(layers), split_layer, layers_pattern_of(model))
+    _compose_fused_patterns(config, model)
     return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def _compose_fused_patterns(config: Any, model: nn.Module) -> None:
+    """Keeps peft's rank rule for fused parameters under per-part patterns.
+
+    peft (>= 0.22, transformers 5) converts targets that transformers 5 fused into one parameter (e.g. an MoE's
+    `gate_proj` + `up_proj` experts into `experts.gate_up_proj`) into `target_parameters`, with `n` times the rank
+    and alpha for the fused parameter (`.*\\.gate_up_proj: n * r`), so that each fused branch keeps rank `r`. It adds
+    that pattern after the existing ones, and peft takes the first pattern that matches: the server's block-scoped
+    rank (`layers\\.(?:2|3)\\..*: r_server`) would win over it, and the server's fused experts would get `r_server`
+    for both branches while the client's get `n * r_client`. The conversion is run here first (it is idempotent, and
+    peft runs it again in `get_peft_model`), and each block-scoped pattern gets a fused companion with `n` times its
+    value, placed first.
+    """
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # a peft without the conversion: nothing is fused
+        return
+    if config.peft_type != "LORA" or not (config.rank_pattern or config.alpha_pattern):
+        return
+    before = {"rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern)}
+    base = {"rank_pattern": config.r, "alpha_pattern": config.lora_alpha}
+    convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+    for field, scoped in before.items():
+        patterns = getattr(config, field)
+        fused = {key: value for key, value in patterns.items() if key not in scoped and key.startswith(".*")}
+        composed = {
+            f"{key}{fused_key[2:]}": value * fused_value // base[field]
+            for fused_key, fused_value in fused.items()
+            for key, value in scoped.items()
+            if key.endswith(".*")
+        }
+        setattr(config, field, {**composed, **patterns})
 
 
 def client_4bit_config(

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ._backends import keep_4bit_layers_differentiable
+
 __all__ = ["SPLIT_REGISTRY", "CutActivations", "SplitModel", "split_model", "unwrap_causal_lm"]
 
 
@@ -829,6 +831,7 @@ def split_model(model: nn.Module, split_layer: int, verify: bool = False) -> Spl
             f"1..{num_layers - 1} (the number of decoder blocks the client holds)."
         )
     split = SplitModel(model=lm, split_layer=split_layer, layers_path=layers_path)
+    keep_4bit_layers_differentiable(lm)  # before the check's eval forward, which would repack them
     _check_split(split, verify)
     client, shared = _partition(split)
     params = dict(lm.named_parameters(remove_duplicate=False))

@@ -32,6 +32,7 @@ from .rng import environment, rng_spec, round_seeds
 from .split import CutActivations, split_model
 from .split_config import CLIENT_MASK_VALUES_NAME
 from .trajectory import TRAJECTORY_NAME, Trajectory
+from .update_norms import StandingStillGuard, UpdateSnapshot
 from .zeroth_order import (
     ZerothOrderEstimator,
     build_client_optimizer,
@@ -261,6 +262,16 @@ class HOSFLTrainer(Trainer):
         self._rounds_done = 0
         self._pending: tuple[dict[str, torch.Tensor], CutActivations | None, Any, torch.Tensor | None] | None = None
         self._round_metrics: dict[str, list[float]] = defaultdict(list)
+        # Each round's applied update is measured per part; a part configured to train that stands still warns.
+        self._server_snapshot: UpdateSnapshot | None = None
+        self._guards = {
+            "server": StandingStillGuard("server")
+            if self.algorithm.server.trains and self._server_trainable()
+            else None,
+            "client": StandingStillGuard("client")
+            if self.algorithm.client.optimizer and self.client_parameters
+            else None,
+        }
 
     # --------------------------------------------------------------------------------------------------- data
     @staticmethod
@@ -640,6 +651,7 @@ class HOSFLTrainer(Trainer):
         self._rounds_done = round_index + 1
         self._scale_before_step = self._grad_scale()
         self._flush_traffic()
+        self._server_snapshot = UpdateSnapshot(p for _, p in self._server_trainable())
         local, self._round_scalars = self._round_scalars, {}
         rule = self.algorithm
         seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
@@ -712,10 +724,14 @@ class HOSFLTrainer(Trainer):
         """After the server's optimizer step: apply the round's client update on this holder, or skip it (on every
         holder alike) when the loss scaler skipped the server step or the round overflowed."""
         update, self._pending_update = self._pending_update, None
+        server_step_skipped = self._server_step_skipped()
+        if self._server_snapshot is not None and not server_step_skipped:
+            self._observe_update("server", self._server_snapshot, self._rounds_done - 1)
+        self._server_snapshot = None
         if update is None or (update.apply is None and update.skip_reason is None):
             return
         reason = update.skip_reason
-        if reason is None and self._server_step_skipped():
+        if reason is None and server_step_skipped:
             reason = "the loss scaler skipped the server step"
         if reason is not None:
             self.skipped_rounds += 1
@@ -726,7 +742,17 @@ class HOSFLTrainer(Trainer):
                 "did not advance."
             )
             return
+        snapshot = UpdateSnapshot(p for _, p in self.client_parameters)
         update.apply()
+        self._observe_update("client", snapshot, update.round)
+
+    def _observe_update(self, part: str, snapshot: UpdateSnapshot, round_index: int) -> None:
+        """Logs the norm of the update just applied to `part` (`server_update_norm` / `client_update_norm`) and
+        feeds the part's guard, which warns when a part configured to train stands still."""
+        norm = snapshot.norm()
+        self._round_metrics[f"{part}_update_norm"].append(norm)
+        if self._guards[part] is not None:
+            self._guards[part].observe(norm, round_index)
 
     def _server_step_skipped(self) -> bool:
         # A fused optimizer (adamw_torch_fused, the default where available) skips an overflowing step inside its

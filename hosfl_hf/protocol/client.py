@@ -16,6 +16,7 @@ from torch import nn
 
 from ..federation import FederatedRoundSampler
 from ..lora import upcast_trainable_adapters
+from ..named_tensors import copy_named_tensors
 from ..rng import check_environment, environment
 from ..search_space import (
     ClientMask,
@@ -102,14 +103,8 @@ class ClientPart:
         return {self.parameters[pos][0]: values.detach().clone() for pos, values in self.mask_values.items()}
 
     def load_mask_state(self, state: dict[str, torch.Tensor]) -> None:
-        names = {self.parameters[pos][0]: pos for pos in self.mask_values}
-        if sorted(state) != sorted(names):
-            raise ValueError(
-                f"Saved masked values for {sorted(state)[:3]}, but this client part masks {sorted(names)[:3]}."
-            )
-        with torch.no_grad():
-            for name, values in state.items():
-                self.mask_values[names[name]].copy_(values)
+        targets = {self.parameters[pos][0]: values for pos, values in self.mask_values.items()}
+        copy_named_tensors(state, targets, "Saved masked values into this client part's mask")
         self.write_mask_values()
 
     @contextlib.contextmanager
@@ -309,12 +304,7 @@ class SplitClient:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_environment(state.get("environment"), [p for _, p in self.part.parameters], "load this client state")
-        names = [n for n, _ in self.parameters]
-        if sorted(state["parameters"]) != sorted(names):
-            raise ValueError("The saved client state holds other trainable parameters than this client part.")
-        with torch.no_grad():
-            for name, param in self.parameters:
-                param.copy_(state["parameters"][name])
+        copy_named_tensors(state["parameters"], self.parameters, "The saved client state into this client part")
         self.part.write_mask_values()
         self.optimizer.load_state_dict(state["optimizer"])
         self.last_round = int(state["last_round"])

@@ -4,7 +4,7 @@ a mapping of named payloads (codec bytes, or small ints and strings), and so is 
     forward   plan + catchup      -> cut          (catch up, then the cut of this round's batch), or `behind`
                                                    (its last round) when it holds less than the catch-up assumes
     probe     plan + cotangent    -> scalars
-    update    update              -> last_round
+    update    update              -> last_round + update_norm (of what it applied: the same on every holder)
     catchup   catchup             -> last_round + digest (of the client part's trainable weights)
 
 A handler that raises sends no reply: the server drops the client for the round (see [`FederatedRun`]).
@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..update_norms import UpdateSnapshot
 from .client import SplitClient, weights_digest
 from .codec import decode, encode
 from .messages import CatchUp, ClientUpdate, Cotangent, RoundPlan
@@ -42,8 +43,10 @@ def _probe(client: SplitClient, payload: Payload) -> dict[str, Any]:
 
 def _update(client: SplitClient, payload: Payload) -> dict[str, Any]:
     # P scalars per update, or K * P (one set per replying client) with per-client seeds.
-    client.apply(decode(payload["update"], ClientUpdate, num_perturbations=client.settings.scalars_per_update))
-    return {"last_round": client.last_round}
+    update = decode(payload["update"], ClientUpdate, num_perturbations=client.settings.scalars_per_update)
+    snapshot = UpdateSnapshot(p for _, p in client.parameters)
+    client.apply(update)
+    return {"last_round": client.last_round, "update_norm": snapshot.norm()}
 
 
 def _catchup(client: SplitClient, payload: Payload) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 
 from torch import nn
 
+from ..update_norms import StandingStillGuard
 from .client import SplitClient, weights_digest
 from .codec import MessageError, decode, encode
 from .messages import CatchUp, ClientForward, ClientUpdate, ProbeReply, RoundPlan
@@ -133,6 +134,11 @@ class FederatedRun:
         self.next_round = 0
         self._finished: set[int] = set()
         self.record: SplitClient | None = None
+        # A part configured to train whose applied update is exactly zero round after round warns (update_norms).
+        self.guards = {
+            "server": StandingStillGuard("server") if self.server.parameters else None,
+            "client": StandingStillGuard("client") if self.server.trajectory.parameter_names else None,
+        }
         self.snapshot = None  # the record's state at its last snapshot round (a ClientCheckpoint)
         if self.reliability.checkpoint_every:
             if base_model is None:
@@ -312,14 +318,36 @@ class FederatedRun:
         logger.info("HO-SFL round %s", json.dumps(record))
         self._commit(update)
         acks = self._exchange("update", {c: {"update": update_bytes} for c in finishers}, r)
+        norms = []
         for c in finishers:
-            fault = self._fault(acks.get(c, TimeoutError("no reply")), c, r, "update")
+            ack = acks.get(c, TimeoutError("no reply"))
+            fault = self._fault(ack, c, r, "update")
             if fault is None:
                 self.applied[c] = r
+                if isinstance(ack, Mapping) and isinstance(ack.get("update_norm"), float):
+                    norms.append(ack["update_norm"])
             else:
                 self.counters["fed/missed_updates"] += 1
                 self._drop(fault, attempt)
+        self._observe_updates(record, norms)
         return update
+
+    def _observe_updates(self, record: dict[str, Any], client_norms: list[float]) -> None:
+        """Logs each part's applied-update norm in the round's record and feeds the guards (a part configured to
+        train that stands still warns). Every holder applies the same update, so the clients' norms agree."""
+        record["server_update_norm"] = self.server.last_update_norm
+        if self.guards["server"] is not None:
+            self.guards["server"].observe(self.server.last_update_norm, record["round"])
+        if client_norms:
+            if len(set(client_norms)) > 1:
+                logger.warning(
+                    "HO-SFL round %s: the clients applied updates of different norms %s; holders have diverged.",
+                    record["round"],
+                    sorted(set(client_norms)),
+                )
+            record["client_update_norm"] = client_norms[0]
+            if self.guards["client"] is not None:
+                self.guards["client"].observe(client_norms[0], record["round"])
 
     def _commit(self, update: ClientUpdate) -> None:
         """After the server's step, before anyone applies the update: the record and the server checkpoint."""

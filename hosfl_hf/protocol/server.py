@@ -15,10 +15,12 @@ from transformers import Trainer
 
 from ..federation import sample_clients
 from ..lora import upcast_trainable_adapters
+from ..named_tensors import copy_named_tensors
 from ..rng import environment, mix, rng_spec, round_seeds
 from ..search_space import client_update_targets
 from ..split import CutActivations, split_model
 from ..trajectory import TRAJECTORY_NAME, Trajectory
+from ..update_norms import UpdateSnapshot
 from .messages import ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
 from .settings import RoundSettings
 
@@ -82,6 +84,7 @@ class SplitServer:
         self._round_cuts: dict[int, ClientForward] = {}  # this round's accepted cuts, in backward order
         self._round_losses: dict[int, float] = {}
         self._grads_from: list[int] = []  # clients whose gradient is in the parameters' .grad, in order
+        self.last_update_norm = 0.0
 
     # ----------------------------------------------------------------------------------------------- round
     def plan(self, round_index: int, attempt: int = 0, exclude: Collection[int] = ()) -> RoundPlan:
@@ -161,7 +164,9 @@ class SplitServer:
                 self._loss(self._round_cuts[client], len(finishers))
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for _, p in self.parameters], self.args.max_grad_norm)
+        snapshot = UpdateSnapshot(p for _, p in self.parameters)
         self.optimizer.step()
+        self.last_update_norm = snapshot.norm()  # the server's applied update, logged as server_update_norm
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._round_cuts, self._round_losses, self._grads_from = {}, {}, []
@@ -194,12 +199,7 @@ class SplitServer:
     def load(self, folder: str | os.PathLike) -> None:
         """Loads a state written by [`save`] (bit for bit)."""
         weights = load_file(os.path.join(folder, SERVER_WEIGHTS))
-        names = [n for n, _ in self.parameters]
-        if sorted(weights) != sorted(names):
-            raise ValueError(f"The server checkpoint in {folder} holds other parameters than this server part.")
-        with torch.no_grad():
-            for name, param in self.parameters:
-                param.copy_(weights[name])
+        copy_named_tensors(weights, self.parameters, f"The server checkpoint in {folder} into this server part")
         state = torch.load(os.path.join(folder, SERVER_STATE), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -22,8 +22,9 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from ...named_tensors import copy_named_tensors
 from ...protocol import FederatedRun, SplitServer
-from ...split import split_model
+from ...split import split_model, unwrap_causal_lm
 from ...trajectory import replay_trajectory
 from .config import build_args, build_reliability, load_model, resolve
 from .messages import RECORD, pack, unpack
@@ -142,10 +143,14 @@ def _save(model: Any, server: SplitServer, args: Any, config: dict[str, Any], su
     """The artifacts of `HOSFLTrainer.save_model`, from the server's part and the replayed client part."""
     from ...hub import HOSFLSplitConfig, build_model_card
 
-    trained = dict(server.split.model.named_parameters())
-    for name, param in model.named_parameters():
-        if name in dict(server.parameters):
-            param.data.copy_(trained[name].data)
+    # The server part's names are the causal LM's (split_model unwraps peft): copy into the same unwrapped model.
+    written = copy_named_tensors(
+        server.parameters,
+        unwrap_causal_lm(model).named_parameters(),
+        "the server's trained weights into the saved model",
+        partial_target=True,
+    )
+    logger.info("HO-SFL output: %s trained server tensors written", written)
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
