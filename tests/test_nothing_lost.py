@@ -300,3 +300,43 @@ def test_flower_output_with_lora_holds_the_trained_server_adapters(tmp_path):
             assert torch.equal(flower[name], reference[name]), name
     live = {n.replace(".default.", "."): v for n, v in initial.items()}
     assert all(not torch.equal(flower[n], live[n]) for n in server if "lora_B" in n)
+
+
+def test_protocol_logs_both_parts_update_norms_and_warns_on_a_standing_part(tmp_path):
+    """The protocol's round (in-process transport; the Flower app runs the same FederatedRun): each round's record
+    holds the server's and the clients' applied-update norms (every client applied the same update), and a zero
+    client learning rate warns once, naming the client part."""
+    import copy
+
+    from hosfl_hf.protocol import FederatedRun, InProcessTransport, RoundSettings, SplitClient, SplitServer
+
+    def federated_run(**overrides):
+        args = tiny_args(tmp_path, max_steps=4, **overrides)
+        settings = RoundSettings.from_args(args, split_layer=2)
+        base = tiny_llama()
+        server = SplitServer(copy.deepcopy(base), settings, args)
+        clients = {
+            c: SplitClient(copy.deepcopy(base), c, settings, counting_dataset(), stack_collator) for c in range(4)
+        }
+        return FederatedRun(server, InProcessTransport(clients))
+
+    run = federated_run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run.run(4)
+    assert all(r["server_update_norm"] > 0 and r["client_update_norm"] > 0 for r in run.log)
+    run = federated_run(client_learning_rate=0.0)
+    with pytest.warns(RuntimeWarning, match="The client part is configured to train"):
+        run.run(4)
+    assert all(r["client_update_norm"] == 0.0 for r in run.log)
+
+
+def test_env_reports_the_tested_versions(monkeypatch):
+    import importlib.metadata
+
+    from hosfl_hf.versions import TESTED_VERSIONS, version_report
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "9.9" if p == "peft" else TESTED_VERSIONS.get(p, "0"))
+    report = version_report()
+    assert f"peft: 9.9 (tested with {TESTED_VERSIONS['peft']})" in report
+    assert f"transformers: {TESTED_VERSIONS['transformers']}" in report

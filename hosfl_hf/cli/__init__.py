@@ -59,17 +59,11 @@ __all__ = [
 
 
 def _env() -> None:
-    import importlib.metadata as metadata
-
     import torch
 
-    lines = [f"Python: {platform.python_version()} ({platform.platform()})"]
-    packages = ("hosfl-hf", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "flwr")
-    for package in packages:
-        try:
-            lines.append(f"{package}: {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            lines.append(f"{package}: not installed")
+    from ..versions import version_report
+
+    lines = [f"Python: {platform.python_version()} ({platform.platform()})", *version_report()]
     lines.append(f"CUDA available: {torch.cuda.is_available()}")
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}")
