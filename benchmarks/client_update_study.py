@@ -200,7 +200,7 @@ def measure_cosine(
     the full client gradient (all client LoRA weights and all client base weights of the blocks)."""
     from hosfl_hf import split_model
     from hosfl_hf.diagnostics import client_update_cosine
-    from hosfl_hf.protocol.client import ClientPart
+    from hosfl_hf.client_part import ClientPart
     from hosfl_hf.rng import client_round_seeds
     from hosfl_hf.search_space import ClientSearchSpace
     from hosfl_hf.tasks import get_task

@@ -7,7 +7,7 @@ from .lora import client_4bit_config, split_lora_config
 from .search_space import ClientMask, ClientSearchSpace, sensitivity_mask
 from .split import SPLIT_REGISTRY, CutActivations, SplitModel, split_model
 from .trainer import HOSFLTrainer
-from .trajectory import Trajectory, TrajectoryRound, replay_trajectory
+from .trajectory import ClientUpdate, Trajectory, replay_trajectory
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from . import sft
 
         return getattr(sft, name)
+    if name == "TrajectoryRound":
+        from . import trajectory
+
+        return trajectory.TrajectoryRound
     raise AttributeError(f"module 'hosfl_hf' has no attribute {name!r}")
 
 
@@ -25,6 +29,7 @@ __all__ = [
     "SPLIT_REGISTRY",
     "ClientMask",
     "ClientSearchSpace",
+    "ClientUpdate",
     "CutActivations",
     "HOSFLConfig",
     "HOSFLSFTConfig",
@@ -33,7 +38,6 @@ __all__ = [
     "HOSFLTrainer",
     "SplitModel",
     "Trajectory",
-    "TrajectoryRound",
     "client_4bit_config",
     "load_client_mask_values",
     "merge_for_inference",

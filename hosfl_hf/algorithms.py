@@ -15,19 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .federation import RoundTraffic
+from .federation import RoundTraffic, tensor_bytes
 from .zeroth_order import zo_gradients
 
 if TYPE_CHECKING:  # the rules call back into the trainer; no import at run time
     from .trainer import HOSFLTrainer, _ClientUpdate
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientRule", "ServerRule", "get_algorithm"]
-
-
-def _num_bytes(*tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 # --------------------------------------------------------------------------------------------------- server rules
@@ -81,7 +75,7 @@ class ClientRule:
 
     def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
         """One client batch after the server's backward: what the client does, and the traffic it costs."""
-        trainer._count_traffic(step["cut"].num_bytes() + _num_bytes(step["labels"]), 0)
+        trainer._count_traffic(step["cut"].num_bytes() + tensor_bytes(step["labels"]), 0)
 
     def close(
         self, trainer: HOSFLTrainer, round_index: int, seeds: list[int], averaged: list[float] | None
@@ -101,7 +95,7 @@ class ProjectedZO(ClientRule):
     search_levers = True
 
     def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
-        activation_bytes = step["cut"].num_bytes() + _num_bytes(step["labels"], step["cotangent"])
+        activation_bytes = step["cut"].num_bytes() + tensor_bytes(step["labels"], step["cotangent"])
         if not trainer.client_parameters:
             trainer._count_traffic(activation_bytes, 0)
             return
@@ -141,8 +135,8 @@ class BackpropClient(ClientRule):
     def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
         # lambda_i / K through the client's part: the K gradients sum to the average.
         step["graph"].backward(step["cotangent"] / trainer.current_gradient_accumulation_steps)
-        activation_bytes = step["cut"].num_bytes() + _num_bytes(step["labels"], step["cotangent"])
-        trainer._count_traffic(activation_bytes, 2 * _num_bytes(*(p for _, p in trainer.client_parameters)))
+        activation_bytes = step["cut"].num_bytes() + tensor_bytes(step["labels"], step["cotangent"])
+        trainer._count_traffic(activation_bytes, 2 * tensor_bytes(*(p for _, p in trainer.client_parameters)))
 
     def close(self, trainer, round_index, seeds, averaged):
         return trainer._close_first_order_round(round_index)
@@ -156,7 +150,7 @@ class WholeModel(ClientRule):
     weights_sync: bool = False
 
     def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
-        weights = 2 * _num_bytes(*(p for _, p in trainer._server_trainable())) if self.weights_sync else 0
+        weights = 2 * tensor_bytes(*(p for _, p in trainer._server_trainable())) if self.weights_sync else 0
         trainer._count_traffic(0, weights)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from torch.utils.data import Sampler
 
 from .rng import cpu_generator, mix, numpy_generator
 
-__all__ = ["FederatedRoundSampler", "RoundTraffic", "partition_dataset", "sample_clients"]
+__all__ = ["FederatedRoundSampler", "RoundTraffic", "partition_dataset", "sample_clients", "tensor_bytes"]
 
 
 def partition_dataset(
@@ -133,6 +134,11 @@ class FederatedRoundSampler(Sampler[int]):
         for round_index in range(start, start + self.rounds_per_epoch):
             for client in self.clients(round_index):
                 yield from self.client_batch(round_index, client)
+
+
+def tensor_bytes(*tensors: Any) -> int:
+    """Bytes of the tensors' data (entries that are not tensors, e.g. `None` labels, count 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 @dataclass

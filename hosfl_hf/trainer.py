@@ -22,9 +22,10 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from .algorithms import ALGORITHMS, _zo_sync_bytes, get_algorithm
+from .client_part import CLIENT_INPUTS, ClientPart
 from .config import HOSFLConfig
-from .federation import FederatedRoundSampler, sample_clients
-from .protocol.client import ClientPart
+from .federation import FederatedRoundSampler, sample_clients, tensor_bytes
+from .model_card import HOSFL_TAGS
 from .protocol.codec import decode, encode
 from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeReply
 from .protocol.settings import RoundSettings
@@ -47,12 +48,6 @@ NO_SPLIT = frozenset(name for name, a in ALGORITHMS.items() if not a.split)
 ZO_EVERYWHERE = frozenset(name for name, a in ALGORITHMS.items() if not a.server.backprop)
 
 
-def _num_bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-# Inputs that stay on the client; everything else in a batch (besides labels) is forwarded to the server part.
-CLIENT_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 CLIENT_STATE_NAME = "hosfl_client_state.pt"
 CLIENT_KEY = "hosfl_client"  # the batch field naming the client that sent the batch
 # Settings a resumed run must share with its checkpoint: any change would make the saved trajectory replay wrongly
@@ -117,7 +112,7 @@ class HOSFLTrainer(Trainer):
         trajectory ([`Trajectory`]): seeds, averaged scalars and client learning rate of every round.
     """
 
-    _tag_names = ["hosfl", "split-federated-learning", "zeroth-order", "hosfl_hf"]
+    _tag_names = list(HOSFL_TAGS)
     _name = "HO-SFL"
 
     def __init__(
@@ -561,7 +556,7 @@ class HOSFLTrainer(Trainer):
         self._round_traffic[2] += 2 * len(seeds)
         if self.algorithm.split:  # ZO-SFL
             # Per direction two cuts go up (theta + mu u, theta - mu u); seeds and the loss difference are shared.
-            activation_bytes = 2 * len(seeds) * (self._last_cut_bytes + _num_bytes(inputs.get("labels")))
+            activation_bytes = 2 * len(seeds) * (self._last_cut_bytes + tensor_bytes(inputs.get("labels")))
             self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
         return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
 
@@ -679,7 +674,7 @@ class HOSFLTrainer(Trainer):
             update = self._transport(message, ClientUpdate, num_perturbations=len(seeds))
             self.client_part.apply(update, self.client_optimizer)
             self.client_lr_scheduler.step()
-            self.trajectory.rounds.append(update.to_trajectory_round())
+            self.trajectory.rounds.append(update)
             self._round_metrics["client_learning_rate"].append(lr)
 
         return _ClientUpdate(round_index, apply=apply)
@@ -960,7 +955,7 @@ class HOSFLTrainer(Trainer):
             from .hub import HOSFL_CONFIG_NAME
 
             os.makedirs(self.args.output_dir, exist_ok=True)
-            for name in (HOSFL_CONFIG_NAME, "hosfl_trajectory.json", "README.md"):
+            for name in (HOSFL_CONFIG_NAME, TRAJECTORY_NAME, "README.md"):
                 source = os.path.join(checkpoint_folder, name)
                 if os.path.isfile(source):
                     shutil.copy(source, os.path.join(self.args.output_dir, name))

@@ -17,19 +17,30 @@ from .rng import RNG_SPEC, SUPPORTED_VERSIONS, check_environment
 from .split import split_model
 from .zeroth_order import build_client_optimizer
 
-__all__ = ["TRAJECTORY_NAME", "Trajectory", "TrajectoryRound", "replay_trajectory"]
+__all__ = ["TRAJECTORY_NAME", "ClientUpdate", "Trajectory", "replay_trajectory"]
 
 TRAJECTORY_NAME = "hosfl_trajectory.json"
 
 
 @dataclass
-class TrajectoryRound:
-    """One round of client updates: `scalars[p]` is the clients' average for seed `seeds[p]`, applied with `lr`."""
+class ClientUpdate:
+    """One applied round, the one record of it: every holder of the client part applies
+    `(1/(P mu)) sum_p scalars[p] u(seeds[p])` with learning rate `lr`. It is the message the server sends to the
+    holders ("averaged scalars down") and the round a [`Trajectory`] records."""
 
     round: int
     seeds: list[int]
     scalars: list[float]
     lr: float
+
+
+def __getattr__(name: str):
+    if name == "TrajectoryRound":  # the trajectory's round was a second class of the same record
+        import warnings
+
+        warnings.warn("TrajectoryRound is deprecated: use ClientUpdate.", FutureWarning, stacklevel=2)
+        return ClientUpdate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -62,7 +73,7 @@ class Trajectory:
     client_weight_decay: float = 0.0
     rng: dict[str, Any] = field(default_factory=lambda: dict(RNG_SPEC))
     environment: dict[str, Any] | None = None
-    rounds: list[TrajectoryRound] = field(default_factory=list)
+    rounds: list[ClientUpdate] = field(default_factory=list)
     client_seeds: str = "shared"
     search_space: dict[str, Any] | None = None
     client_mask: dict[str, Any] | None = None
@@ -73,7 +84,7 @@ class Trajectory:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Trajectory:
         data = dict(data)
-        data["rounds"] = [TrajectoryRound(**r) for r in data.get("rounds", [])]
+        data["rounds"] = [ClientUpdate(**r) for r in data.get("rounds", [])]
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -125,9 +136,8 @@ def replay_trajectory(
         )
     if start_round and trajectory.client_optimizer != "sgd":
         raise ValueError("Only SGD trajectories can be replayed from a mid-run round; replay AdamW from round 0.")
+    from .client_part import ClientPart
     from .lora import upcast_trainable_adapters
-    from .protocol.client import ClientPart
-    from .protocol.messages import ClientUpdate
     from .search_space import ClientSearchSpace
 
     parts = split_model(model, trajectory.split_layer)
@@ -160,5 +170,5 @@ def replay_trajectory(
         weight_decay=trajectory.client_weight_decay,
     )
     for record in trajectory.rounds[start_round:]:
-        part.apply(ClientUpdate.from_trajectory_round(record), optimizer)
+        part.apply(record, optimizer)
     return model

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from hosfl_hf import HOSFLConfig, HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
 from hosfl_hf.diagnostics import client_update_cosine
 from hosfl_hf.protocol import CatchUp, RoundSettings, SplitClient, SplitServer, run_rounds
-from hosfl_hf.protocol.client import ClientPart
+from hosfl_hf.client_part import ClientPart
 from hosfl_hf.rng import client_round_seeds, direction, direction_seed, guide_coefficient
 from hosfl_hf.search_space import ClientMask, ClientSearchSpace, client_update_targets, sensitivity_mask
 from hosfl_hf.zeroth_order import NormalizedSGD, apply_zo_update, build_client_optimizer, zo_gradients

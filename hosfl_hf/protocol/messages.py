@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..trajectory import TrajectoryRound
+from ..trajectory import ClientUpdate
 
 __all__ = [
     "CatchUp",
@@ -72,24 +72,6 @@ class ProbeReply:
     round: int
     client: int
     scalars: list[float]
-
-
-@dataclass
-class ClientUpdate:
-    """One applied round: every holder of the client part applies `(1/(P mu)) sum_p scalars[p] u(seeds[p])` with
-    learning rate `lr`. The same record as a [`TrajectoryRound`]."""
-
-    round: int
-    seeds: list[int]
-    scalars: list[float]
-    lr: float
-
-    def to_trajectory_round(self) -> TrajectoryRound:
-        return TrajectoryRound(round=self.round, seeds=list(self.seeds), scalars=list(self.scalars), lr=self.lr)
-
-    @classmethod
-    def from_trajectory_round(cls, record: TrajectoryRound) -> ClientUpdate:
-        return cls(round=record.round, seeds=list(record.seeds), scalars=list(record.scalars), lr=record.lr)
 
 
 @dataclass

@@ -175,12 +175,12 @@ class SplitServer:
         )
         self._client_lr.step()  # no gradient: only keeps the scheduler's step-order check quiet
         self.client_lr_scheduler.step()
-        self.trajectory.rounds.append(update.to_trajectory_round())
+        self.trajectory.rounds.append(update)
         return update
 
     def history(self, after_round: int) -> list[ClientUpdate]:
         """The applied rounds after `after_round` (what a client that last applied `after_round` must replay)."""
-        return [ClientUpdate.from_trajectory_round(r) for r in self.trajectory.rounds if r.round > after_round]
+        return [r for r in self.trajectory.rounds if r.round > after_round]
 
     # ------------------------------------------------------------------------------------------------ state
     def save(self, folder: str | os.PathLike) -> None:

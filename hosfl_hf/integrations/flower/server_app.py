@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from ...named_tensors import copy_named_tensors
 from ...protocol import FederatedRun, SplitServer
 from ...split import split_model, unwrap_causal_lm
-from ...trajectory import replay_trajectory
+from ...trajectory import TRAJECTORY_NAME, replay_trajectory
 from .config import build_args, build_reliability, load_model, resolve
 from .messages import RECORD, pack, unpack
 
@@ -154,7 +154,7 @@ def _save(model: Any, server: SplitServer, args: Any, config: dict[str, Any], su
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
-    server.trajectory.save(os.path.join(out, "hosfl_trajectory.json"))
+    server.trajectory.save(os.path.join(out, TRAJECTORY_NAME))
     split_config = HOSFLSplitConfig.from_training_args(args, split_model(model, args.split_layer), config["model"])
     split_config.save_pretrained(out)
     card = build_model_card(split_config, library_name="transformers", comm=summary["comm"])
