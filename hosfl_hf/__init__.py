@@ -2,7 +2,7 @@
 
 from . import _backends  # noqa: F401  (first: quiets optional back-ends before they are imported)
 from .config import HOSFLConfig
-from .hub import HOSFLSplitConfig, load_client_mask_values, merge_for_inference
+from .hub import HOSFLRunRecord, load_client_mask_values, merge_for_inference
 from .lora import client_4bit_config, split_lora_config
 from .search_space import ClientMask, ClientSearchSpace, sensitivity_mask
 from .split import SPLIT_REGISTRY, CutActivations, SplitModel, split_model
@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from . import sft
 
         return getattr(sft, name)
+    if name == "HOSFLSplitConfig":
+        from . import split_config
+
+        return split_config.HOSFLSplitConfig
     if name == "TrajectoryRound":
         from . import trajectory
 
@@ -34,7 +38,7 @@ __all__ = [
     "HOSFLConfig",
     "HOSFLSFTConfig",
     "HOSFLSFTTrainer",
-    "HOSFLSplitConfig",
+    "HOSFLRunRecord",
     "HOSFLTrainer",
     "SplitModel",
     "Trajectory",

@@ -3,7 +3,7 @@
 A folder written by `HOSFLTrainer.save_model(folder)` holds what `transformers` / `peft` write (for a LoRA run:
 `adapter_model.safetensors` + `adapter_config.json`, loadable by `PeftModel.from_pretrained(base, folder)`), plus
 
-* `hosfl_config.json`: [`HOSFLSplitConfig`] (`hosfl_hf.split_config`), how the model was split and trained (split
+* `hosfl_config.json`: [`HOSFLRunRecord`] (`hosfl_hf.split_config`), how the model was split and trained (split
   layer, zeroth-order and federation settings, RNG specification);
 * `hosfl_trajectory.json`: the client trajectory (seeds and averaged scalars of every round);
 * `hosfl_client_mask_values.safetensors` (a run with a static mask of client base weights, `client_mask`): the
@@ -28,13 +28,13 @@ from torch import nn
 
 from .memory import parameter_memory
 from .model_card import CITATION, HOSFL_TAGS, build_model_card, final_metrics
-from .split_config import ADAPTER_CONFIG_NAME, CLIENT_MASK_VALUES_NAME, HOSFL_CONFIG_NAME, HOSFLSplitConfig
+from .split_config import ADAPTER_CONFIG_NAME, CLIENT_MASK_VALUES_NAME, HOSFL_CONFIG_NAME, HOSFLRunRecord
 
 __all__ = [
     "CITATION",
     "HOSFL_CONFIG_NAME",
     "HOSFL_TAGS",
-    "HOSFLSplitConfig",
+    "HOSFLRunRecord",
     "build_model_card",
     "final_metrics",
     "load_client_mask_values",
@@ -101,7 +101,7 @@ def load_client_mask_values(
         from huggingface_hub import hf_hub_download
 
         values_file = hf_hub_download(path, CLIENT_MASK_VALUES_NAME, **hub)
-    recorded = HOSFLSplitConfig.from_pretrained(path, **hub).client_mask
+    recorded = HOSFLRunRecord.from_pretrained(path, **hub).client_mask
     if recorded is None:
         raise ValueError(f"{path} has {CLIENT_MASK_VALUES_NAME} but its {HOSFL_CONFIG_NAME} records no client_mask.")
     indices = ClientMask.from_dict(recorded).indices
@@ -236,7 +236,7 @@ def push_to_hub(
             with open(adapter_path, encoding="utf-8") as f:
                 adapter = json.load(f)
         card = build_model_card(
-            HOSFLSplitConfig.from_pretrained(folder),
+            HOSFLRunRecord.from_pretrained(folder),
             hub_model_id=repo_id,
             library_name="peft" if adapter is not None else "transformers",
             adapter=adapter,
@@ -250,3 +250,12 @@ def push_to_hub(
         create_pr=create_pr,
         ignore_patterns=["_*", "checkpoint-*", *(ignore_patterns or [])],
     )
+
+
+def __getattr__(name: str):
+    if name == "HOSFLSplitConfig":  # its former name, which did not say that it is the run's record
+        import warnings
+
+        warnings.warn("HOSFLSplitConfig is deprecated: use HOSFLRunRecord.", FutureWarning, stacklevel=2)
+        return HOSFLRunRecord
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .split_config import HOSFLSplitConfig
+from .split_config import HOSFLRunRecord
 
 __all__ = ["CITATION", "HOSFL_TAGS", "TEMPLATE_PATH", "build_model_card", "final_metrics"]
 
@@ -83,7 +83,7 @@ def final_metrics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def build_model_card(
-    config: HOSFLSplitConfig,
+    config: HOSFLRunRecord,
     *,
     model_name: str | None = None,
     hub_model_id: str | None = None,
@@ -100,7 +100,7 @@ def build_model_card(
     """The model card (`README.md`) of an HO-SFL model.
 
     Args:
-        config ([`HOSFLSplitConfig`]): how the model was split and trained.
+        config ([`HOSFLRunRecord`]): how the model was split and trained.
         model_name (`str`, *optional*): title of the card (defaults to the repo name or "HO-SFL model").
         hub_model_id (`str`, *optional*): the repo the card is for (used in the loading example).
         library_name (`str`, *optional*, defaults to `"peft"`): `"peft"` for adapters, `"transformers"` for a full

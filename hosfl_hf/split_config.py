@@ -1,4 +1,4 @@
-"""[`HOSFLSplitConfig`] (`hosfl_config.json`): how a model was split and trained with HO-SFL, saved next to the
+"""[`HOSFLRunRecord`] (`hosfl_config.json`): how a model was split and trained with HO-SFL, saved next to the
 weights and read back to resume, replay or merge."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from .rng import RNG_SPEC
 
-__all__ = ["ADAPTER_CONFIG_NAME", "CLIENT_MASK_VALUES_NAME", "HOSFL_CONFIG_NAME", "HOSFLSplitConfig"]
+__all__ = ["ADAPTER_CONFIG_NAME", "CLIENT_MASK_VALUES_NAME", "HOSFL_CONFIG_NAME", "HOSFLRunRecord"]
 
 HOSFL_CONFIG_NAME = "hosfl_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -29,7 +29,7 @@ def _package_version() -> str:
 
 
 @dataclass
-class HOSFLSplitConfig:
+class HOSFLRunRecord:
     r"""How an HO-SFL model was split and trained: what a holder of the client part, or anyone reproducing the run,
     needs besides the weights. Saved as `hosfl_config.json` next to them.
 
@@ -128,7 +128,7 @@ class HOSFLSplitConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HOSFLSplitConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> HOSFLRunRecord:
         """Builds the config from a dict; keys unknown to this version (written by a newer one) are ignored."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -139,7 +139,7 @@ class HOSFLSplitConfig:
     @classmethod
     def from_training_args(
         cls, args: Any, split: Any = None, base_model_name_or_path: str | None = None
-    ) -> HOSFLSplitConfig:
+    ) -> HOSFLRunRecord:
         """The config of a run from its [`HOSFLConfig`] and its [`SplitModel`].
 
         Args:
@@ -192,7 +192,7 @@ class HOSFLSplitConfig:
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
-    ) -> HOSFLSplitConfig:
+    ) -> HOSFLRunRecord:
         """Reads `hosfl_config.json` from a local folder or a Hub repository.
 
         Args:
@@ -259,3 +259,12 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def __getattr__(name: str):
+    if name == "HOSFLSplitConfig":  # its former name, which did not say that it is the run's record
+        import warnings
+
+        warnings.warn("HOSFLSplitConfig is deprecated: use HOSFLRunRecord.", FutureWarning, stacklevel=2)
+        return HOSFLRunRecord
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

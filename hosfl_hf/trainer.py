@@ -52,7 +52,7 @@ CLIENT_STATE_NAME = "hosfl_client_state.pt"
 CLIENT_KEY = "hosfl_client"  # the batch field naming the client that sent the batch
 # Settings a resumed run must share with its checkpoint: any change would make the saved trajectory replay wrongly
 # or change the shards, the client sampling or the seeds of the remaining rounds.
-# Plus every training field of HOSFLSplitConfig.
+# Plus every training field of HOSFLRunRecord.
 RESUME_FIELDS = ("split_layer", "num_layers", "model_type", "client_mask")
 
 
@@ -830,15 +830,15 @@ class HOSFLTrainer(Trainer):
     def _check_resume_settings(self, checkpoint: str) -> None:
         """Refuses a checkpoint whose split, federation or zeroth-order settings differ from this run's: the saved
         trajectory would be continued (and replayed) with other values than the ones it was recorded with."""
-        from .hub import HOSFL_CONFIG_NAME, HOSFLSplitConfig
+        from .hub import HOSFL_CONFIG_NAME, HOSFLRunRecord
 
         if not os.path.isfile(os.path.join(checkpoint, HOSFL_CONFIG_NAME)):
             raise ValueError(f"{checkpoint} is not an HO-SFL checkpoint: {HOSFL_CONFIG_NAME} is missing.")
-        saved = HOSFLSplitConfig.from_pretrained(checkpoint).to_dict()
+        saved = HOSFLRunRecord.from_pretrained(checkpoint).to_dict()
         current = self.hosfl_split_config().to_dict()
         changed = [
             f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
-            for name in RESUME_FIELDS + HOSFLSplitConfig._TRAINING_FIELDS
+            for name in RESUME_FIELDS + HOSFLRunRecord._TRAINING_FIELDS
             if saved.get(name) != current[name]
         ]
         if saved.get("rng", {}).get("version") != current["rng"]["version"]:
@@ -850,7 +850,7 @@ class HOSFLTrainer(Trainer):
             raise ValueError(
                 f"Cannot resume from {checkpoint}: these settings differ from the checkpoint's: "
                 + "; ".join(changed)
-                + ". Resume with the checkpoint's settings (HOSFLSplitConfig.from_pretrained(checkpoint)"
+                + ". Resume with the checkpoint's settings (HOSFLRunRecord.from_pretrained(checkpoint)"
                 ".training_kwargs()), or start a new run in another output_dir."
             )
 
@@ -870,10 +870,10 @@ class HOSFLTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ hub artifacts
     def hosfl_split_config(self) -> Any:
-        """The split and training settings of this run ([`~hosfl_hf.hub.HOSFLSplitConfig`], `hosfl_config.json`)."""
-        from .hub import HOSFLSplitConfig
+        """The split and training settings of this run ([`~hosfl_hf.hub.HOSFLRunRecord`], `hosfl_config.json`)."""
+        from .hub import HOSFLRunRecord
 
-        config = HOSFLSplitConfig.from_training_args(self.args, self.split, self._base_model_name())
+        config = HOSFLRunRecord.from_training_args(self.args, self.split, self._base_model_name())
         config.client_mask = self.round_settings.client_mask
         config.rng = dict(self.trajectory.rng)
         return config

@@ -198,7 +198,7 @@ def test_cli_sensitivity_mask_alone_is_the_client_update(
     """--client_mask_density chooses a mask at set-up and --client_mask_only makes it the whole client update: the
     saved config and trajectory record it, only masked base tensors are in the client update, and their trained
     values are saved beside the adapters."""
-    from hosfl_hf import HOSFLSplitConfig, Trajectory
+    from hosfl_hf import HOSFLRunRecord, Trajectory
     from hosfl_hf.search_space import ClientMask
 
     out = tmp_path / "out"
@@ -216,7 +216,7 @@ def test_cli_sensitivity_mask_alone_is_the_client_update(
         save_strategy="no",
     )
     assert cli(argv) == 0
-    config = HOSFLSplitConfig.from_pretrained(out)
+    config = HOSFLRunRecord.from_pretrained(out)
     mask = ClientMask.from_dict(config.client_mask)
     assert mask.density == 0.05 and mask.size > 0
     assert (mask.scales is not None) == (direction_scales == "gradient_rms")

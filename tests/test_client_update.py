@@ -13,7 +13,7 @@ import torch
 from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
 from peft import LoraConfig
 
-from hosfl_hf import HOSFLConfig, HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
+from hosfl_hf import HOSFLConfig, HOSFLRunRecord, HOSFLTrainer, Trajectory, replay_trajectory, split_model
 from hosfl_hf.diagnostics import client_update_cosine
 from hosfl_hf.protocol import CatchUp, RoundSettings, SplitClient, SplitServer, run_rounds
 from hosfl_hf.client_part import ClientPart
@@ -108,7 +108,7 @@ def test_every_option_replays_bit_identically(tmp_path, name):
     changed = [n for n in after if not torch.equal(after[n], before[n])]
     assert changed, "the client update changed nothing"
 
-    config = HOSFLSplitConfig.from_pretrained(tmp_path / "saved")
+    config = HOSFLRunRecord.from_pretrained(tmp_path / "saved")
     for key, value in overrides.items():
         assert getattr(config, key) == value, key
     trajectory = Trajectory.load(tmp_path / "saved")
@@ -219,7 +219,7 @@ def test_mask_indices_round_trip(tmp_path, direction_scales):
     assert RoundSettings.from_dict(json.loads(json.dumps(settings.to_dict()))).mask == mask
     trainer = trained(tmp_path, tiny_llama(), mask=str(tmp_path / "mask.json"), client_zo_modules=["embed"])
     trainer.save_model(str(tmp_path / "saved"))
-    assert ClientMask.from_dict(HOSFLSplitConfig.from_pretrained(tmp_path / "saved").client_mask) == mask
+    assert ClientMask.from_dict(HOSFLRunRecord.from_pretrained(tmp_path / "saved").client_mask) == mask
     assert ClientMask.from_dict(Trajectory.load(tmp_path / "saved").client_mask) == mask
 
 

@@ -10,7 +10,7 @@ from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
-from hosfl_hf import CutActivations, HOSFLSplitConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
+from hosfl_hf import CutActivations, HOSFLRunRecord, HOSFLTrainer, Trajectory, replay_trajectory, split_model
 from hosfl_hf.rng import round_seeds
 from hosfl_hf.zeroth_order import ZerothOrderEstimator
 
@@ -199,7 +199,7 @@ def test_data_seed_is_recorded(tmp_path):
     trainer = make_trainer(tmp_path, data_seed=11, max_steps=1)
     config = trainer.hosfl_split_config()
     assert config.data_seed == 11 and config.training_kwargs()["data_seed"] == 11
-    assert HOSFLSplitConfig.from_dict(config.to_dict()).data_seed == 11
+    assert HOSFLRunRecord.from_dict(config.to_dict()).data_seed == 11
 
 
 def test_best_model_at_end_keeps_trajectory_and_weights_together(tmp_path):

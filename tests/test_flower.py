@@ -144,7 +144,7 @@ def test_loopback_deployment_writes_the_trainers_artifacts(tmp_path):
     written artifacts load, and the client part equals the in-process trainer's bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    from hosfl_hf import HOSFLSplitConfig
+    from hosfl_hf import HOSFLRunRecord
     from hosfl_hf.integrations.flower.local import LocalDeployment
 
     config = write_inputs(tmp_path, 2)
@@ -155,7 +155,7 @@ def test_loopback_deployment_writes_the_trainers_artifacts(tmp_path):
     trainer = trainer_reference(tmp_path / "trainer", 2)
     check_against_trainer(tmp_path / "out", tmp_path / "state", trainer)
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert HOSFLSplitConfig.from_pretrained(tmp_path / "out").split_layer == 2
+    assert HOSFLRunRecord.from_pretrained(tmp_path / "out").split_layer == 2
     assert (tmp_path / "out" / "README.md").is_file()
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -15,7 +17,9 @@ from ...config import HOSFLConfig
 from ...protocol import ReliabilitySettings, RoundSettings
 
 __all__ = [
+    "APP_CONFIG",
     "DEFAULT_RUN_CONFIG",
+    "SETTINGS_FIELDS",
     "build_args",
     "build_reliability",
     "load_dataset",
@@ -25,31 +29,39 @@ __all__ = [
     "write_app",
 ]
 
-# Every key must also be declared in the app's pyproject.toml (`flwr run` refuses undeclared keys).
-DEFAULT_RUN_CONFIG: dict[str, Any] = {
+# The settings every node must agree on are HOSFLConfig's: each of these fields is the run-config key of its name in
+# kebab case (`client_weight_decay` -> `client-weight-decay`), with HOSFLConfig's type and meaning; nothing here
+# declares them a second time. `None` is written as "", a list as comma-separated values, a dict as a JSON object.
+SETTINGS_FIELDS: tuple[str, ...] = (
+    *(f.name for f in fields(RoundSettings) if f.name not in ("batch_size", "mixed_precision", "client_mask")),
+    "algorithm",
+    "learning_rate",
+    "weight_decay",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "client_lr_scheduler_type",
+    "client_warmup_steps",
+    "client_lr_scheduler_kwargs",
+)
+# Where the app's defaults differ from HOSFLConfig's: a run that finishes in seconds on a tiny model.
+APP_DEFAULTS: dict[str, Any] = {
+    "split_layer": 2,
+    "num_clients": 3,
+    "clients_per_round": 2,
+    "learning_rate": 3e-3,
+    "client_learning_rate": 1e-3,
+    "lr_scheduler_type": "linear",
+    "seed": 7,
+}
+# Keys of the app itself: what to load and where to write, and the server's fault policy.
+APP_CONFIG: dict[str, Any] = {
     "model": "",  # a local folder with a *ForCausalLM (save_pretrained), or a Hub id where the Hub is reachable
     "dataset": "",  # a JSON-lines file of tokenized rows: input_ids, labels (optional: attention_mask)
-    "split-layer": 2,
-    "num-rounds": 3,
-    "num-clients": 3,
-    "clients-per-round": 2,
-    "batch-size": 4,
-    "num-perturbations": 2,
-    "zo-eps": 1e-3,
-    "learning-rate": 3e-3,
-    "client-learning-rate": 1e-3,
-    "client-optimizer": "adamw",
-    "client-seeds": "shared",  # or "per_client": each client probes its own seeds (K * P directions per round)
-    "client-zo-blocks": "",  # e.g. "0,1,2,3": only these client blocks' trainable parameters are updated
-    "client-zo-modules": "",  # e.g. "lora_B": only parameters whose name contains one of these (comma-separated)
+    "num-rounds": 3,  # HOSFLConfig.max_steps
+    "batch-size": 4,  # HOSFLConfig.per_device_train_batch_size
     "client-mask": "",  # a ClientMask JSON file (hosfl_hf.search_space.sensitivity_mask), the same on every node
-    "lr-scheduler-type": "linear",
-    "client-lr-scheduler-type": "",  # the client's own schedule shape; "": the server's (lr-scheduler-type)
-    "client-warmup-steps": -1,  # the client schedule's warmup rounds; < 0: the server's
-    "client-lr-scheduler-kwargs": "",  # a JSON object of the client schedule's extra arguments; "": none
-    "max-grad-norm": 1.0,
     "lora-r": 0,  # > 0: LoRA adapters of this rank on every linear layer of both parts (seeded by `seed`)
-    "seed": 7,
     "output-dir": "hosfl-flower-output",
     "state-dir": "",  # where each client keeps its state between messages (default: the temp folder)
     "reply-timeout": 600.0,  # seconds a node has to answer; a later node is dropped for the round
@@ -59,6 +71,53 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "checkpoint-every": 0,  # > 0: client-state snapshot every N rounds; a straggler behind it gets snapshot + tail
     "checkpoint-dir": "",  # server checkpoint after every round; a run finding one there resumes from it
 }
+FLOWER_ALGORITHMS = ("hosfl",)
+"""The algorithms the Flower app runs today (the protocol's round); the others run in `HOSFLTrainer`."""
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _to_run_config(value: Any) -> Any:
+    """A setting as a TOML scalar (what a Flower run config holds)."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return value
+
+
+def _field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(HOSFLConfig)}
+
+
+def _from_run_config(name: str, value: Any, annotation: str) -> Any:
+    """A run-config value back as the HOSFLConfig field `name` (annotation `annotation`) takes it."""
+    optional = "None" in annotation
+    if optional and (value == "" or value is None):
+        return None
+    if annotation.startswith("list["):
+        cast = int if annotation.startswith("list[int]") else str
+        return [cast(v.strip()) for v in str(value).split(",") if v.strip()] or None
+    for kind, cast in (("bool", bool), ("int", int), ("float", float)):
+        if annotation.split(" |")[0] == kind:
+            try:
+                return cast(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"Run-config '{_key(name)}' must be a {kind}, got {value!r}.") from None
+    return value if isinstance(value, str) or not optional else str(value)
+
+
+def _settings_defaults() -> dict[str, Any]:
+    defaults = HOSFLConfig.__dataclass_fields__
+    return {_key(name): _to_run_config(APP_DEFAULTS.get(name, defaults[name].default)) for name in SETTINGS_FIELDS}
+
+
+# Every key must also be declared in the app's pyproject.toml (`flwr run` refuses undeclared keys): `write_app`.
+DEFAULT_RUN_CONFIG: dict[str, Any] = {**APP_CONFIG, **_settings_defaults()}
 
 
 def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,29 +133,20 @@ def resolve(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
-    """The [`HOSFLConfig`] of the run (server optimizer, schedule, clipping) and the shared [`RoundSettings`]."""
-    client_warmup = int(config["client-warmup-steps"])  # < 0: the server's warmup
+    """The [`HOSFLConfig`] of the run (its settings from the run config's `SETTINGS_FIELDS` keys, the server's
+    optimizer, schedule and clipping among them) and the shared [`RoundSettings`]."""
+    types = _field_types()
+    settings = {name: _from_run_config(name, config[_key(name)], types[name]) for name in SETTINGS_FIELDS}
+    if settings["algorithm"] not in FLOWER_ALGORITHMS:
+        raise ValueError(
+            f"algorithm={settings['algorithm']!r} does not run over Flower yet: the Flower app runs "
+            f"{list(FLOWER_ALGORITHMS)}. Run the other algorithms with HOSFLTrainer (in one process)."
+        )
     args = HOSFLConfig(
+        **settings,
         output_dir=str(config["output-dir"]),
-        split_layer=int(config["split-layer"]),
-        num_clients=int(config["num-clients"]),
-        clients_per_round=int(config["clients-per-round"]),
         per_device_train_batch_size=int(config["batch-size"]),
-        num_perturbations=int(config["num-perturbations"]),
-        zo_eps=float(config["zo-eps"]),
-        learning_rate=float(config["learning-rate"]),
-        client_learning_rate=float(config["client-learning-rate"]),
-        client_optimizer=str(config["client-optimizer"]),
-        client_seeds=str(config["client-seeds"]),
-        client_zo_blocks=[int(b) for b in str(config["client-zo-blocks"]).split(",") if b.strip()] or None,
-        client_zo_modules=[m.strip() for m in str(config["client-zo-modules"]).split(",") if m.strip()] or None,
-        lr_scheduler_type=str(config["lr-scheduler-type"]),
-        client_lr_scheduler_type=str(config["client-lr-scheduler-type"]) or None,
-        client_warmup_steps=client_warmup if client_warmup >= 0 else None,
-        client_lr_scheduler_kwargs=str(config["client-lr-scheduler-kwargs"]) or None,
-        max_grad_norm=float(config["max-grad-norm"]),
         max_steps=int(config["num-rounds"]),
-        seed=int(config["seed"]),
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
         save_strategy="no",

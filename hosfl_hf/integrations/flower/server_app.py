@@ -141,7 +141,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
 
 def _save(model: Any, server: SplitServer, args: Any, config: dict[str, Any], summary: dict[str, Any]) -> None:
     """The artifacts of `HOSFLTrainer.save_model`, from the server's part and the replayed client part."""
-    from ...hub import HOSFLSplitConfig, build_model_card
+    from ...hub import HOSFLRunRecord, build_model_card
 
     # The server part's names are the causal LM's (split_model unwraps peft): copy into the same unwrapped model.
     written = copy_named_tensors(
@@ -155,7 +155,7 @@ def _save(model: Any, server: SplitServer, args: Any, config: dict[str, Any], su
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
     server.trajectory.save(os.path.join(out, TRAJECTORY_NAME))
-    split_config = HOSFLSplitConfig.from_training_args(args, split_model(model, args.split_layer), config["model"])
+    split_config = HOSFLRunRecord.from_training_args(args, split_model(model, args.split_layer), config["model"])
     split_config.save_pretrained(out)
     card = build_model_card(split_config, library_name="transformers", comm=summary["comm"])
     card.save(os.path.join(out, "README.md"))
