@@ -227,7 +227,7 @@ def run_cell(
         # Of the rounds this process ran (all of them unless it resumed a stopped run at `resumed_at_round`).
         "round_seconds": train_seconds / max(1, budget.rounds - (resumed_at or 0)),
         "resumed_at_round": resumed_at,
-        "client_trainable_parameters": sum(p.numel() for _, p in trainer.client_parameters),
+        "client_trainable_parameters": sum(p.numel() for _, p in trainer.client_update_parameters),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 

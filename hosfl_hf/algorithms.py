@@ -52,9 +52,9 @@ class ZerothOrderServer(ServerRule):
 
     def before_step(self, trainer: HOSFLTrainer, seeds: list[int], averaged: list[float]) -> None:
         if self.scope == "server":
-            targets, first_index = trainer.split.server_parameters(), len(trainer.client_parameters)
+            targets, first_index = trainer.split.server_parameters(), len(trainer.client_update_parameters)
         else:
-            targets, first_index = trainer.all_estimator.parameters, 0
+            targets, first_index = trainer.two_point_estimator.parameters, 0
         # Multiplied by the loss scale (a power of two: exact): the loss scaler unscales every gradient of the
         # Trainer's optimizer before its step.
         scale = trainer._grad_scale()
@@ -96,7 +96,7 @@ class ProjectedZO(ClientRule):
 
     def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
         activation_bytes = step["cut"].num_bytes() + tensor_bytes(step["labels"], step["cotangent"])
-        if not trainer.client_parameters:
+        if not trainer.client_update_parameters:
             trainer._count_traffic(activation_bytes, 0)
             return
         seeds = trainer._probe(step)
@@ -106,7 +106,7 @@ class ProjectedZO(ClientRule):
         trainer._count_traffic(activation_bytes, sync)
 
     def close(self, trainer, round_index, seeds, averaged):
-        if averaged is None or not trainer.client_parameters:
+        if averaged is None or not trainer.client_update_parameters:
             return None
         return trainer._zo_client_update(round_index, seeds, averaged)
 
@@ -136,7 +136,7 @@ class BackpropClient(ClientRule):
         # lambda_i / K through the client's part: the K gradients sum to the average.
         step["graph"].backward(step["cotangent"] / trainer.current_gradient_accumulation_steps)
         activation_bytes = step["cut"].num_bytes() + tensor_bytes(step["labels"], step["cotangent"])
-        trainer._count_traffic(activation_bytes, 2 * tensor_bytes(*(p for _, p in trainer.client_parameters)))
+        trainer._count_traffic(activation_bytes, 2 * tensor_bytes(*(p for _, p in trainer.client_update_parameters)))
 
     def close(self, trainer, round_index, seeds, averaged):
         return trainer._close_first_order_round(round_index)

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._backends import keep_4bit_layers_differentiable
 from .split import SplitModel, _find_layers, skeleton_layers, unwrap_causal_lm
 
 __all__ = [
     "client_4bit_config",
+    "keep_4bit_layers_differentiable",
     "get_split_peft_model",
     "layers_pattern_of",
     "split_lora_config",

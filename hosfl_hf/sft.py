@@ -207,7 +207,7 @@ class HOSFLSFTTrainer(HOSFLTrainer, SFTTrainer):
         from .rng import environment
 
         if upcast_trainable_adapters(self.split):
-            self.trajectory.environment = environment(p for _, p in self.client_parameters)
+            self.trajectory.environment = environment(p for _, p in self.client_update_parameters)
 
     def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
         """[`HOSFLTrainer.create_model_card`], with the `sft` and `trl` tags."""

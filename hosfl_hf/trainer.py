@@ -216,16 +216,19 @@ class HOSFLTrainer(Trainer):
         )
         self.estimator = self.client_part.estimator
         # What the client optimizer steps (a masked base tensor: its vector of masked values).
-        self.client_parameters = self.client_part.update_parameters
-        if not self.client_parameters:
+        self.client_update_parameters = self.client_part.update_parameters
+        if not self.client_update_parameters:
             warnings.warn(
                 "The client part has no trainable parameters: only the server trains (split learning with a frozen "
                 "client). Add client LoRA adapters or unfreeze client blocks for HO-SFL.",
                 stacklevel=2,
             )
         # ZO-SFL / MeZO perturb every trainable parameter (client first, then server: the pinned RNG order).
-        self.all_estimator = ZerothOrderEstimator(
-            self.client_parameters + self.split.server_parameters(), args.zo_eps, "two_sided", module=self.split.model
+        self.two_point_estimator = ZerothOrderEstimator(
+            self.client_update_parameters + self.split.server_parameters(),
+            args.zo_eps,
+            "two_sided",
+            module=self.split.model,
         )
         self._last_cut_bytes = 0
         self.trajectory = Trajectory(
@@ -264,9 +267,20 @@ class HOSFLTrainer(Trainer):
             if self.algorithm.server.trains and self._server_trainable()
             else None,
             "client": StandingStillGuard("client")
-            if self.algorithm.client.optimizer and self.client_parameters
+            if self.algorithm.client.optimizer and self.client_update_parameters
             else None,
         }
+
+    @property
+    def client_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Deprecated name of `client_update_parameters` (easily confused with `split.client_parameters()`)."""
+        warnings.warn(
+            "HOSFLTrainer.client_parameters is deprecated: use client_update_parameters (what the client optimizer "
+            "steps) or split.client_parameters() (the trainable client parameters).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.client_update_parameters
 
     # --------------------------------------------------------------------------------------------------- data
     @staticmethod
@@ -341,12 +355,12 @@ class HOSFLTrainer(Trainer):
         """The server's scheduler, plus the client optimizer and its scheduler (same schedule shape, peak
         `client_learning_rate`)."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.algorithm.client.optimizer and self.client_parameters:
+        if self.algorithm.client.optimizer and self.client_update_parameters:
             # Like the server's: the optimizer (and its state) is kept over several train() calls, the schedule is
             # rebuilt for each call (the Trainer resets its scheduler between calls).
             if self.client_optimizer is None:
                 self.client_optimizer = build_client_optimizer(
-                    [p for _, p in self.client_parameters],
+                    [p for _, p in self.client_update_parameters],
                     self.args.client_optimizer,
                     self.args.client_learning_rate,
                     self.args.client_weight_decay,
@@ -548,7 +562,9 @@ class HOSFLTrainer(Trainer):
         model.eval()  # the two losses of a pair must see the same network (no dropout)
         try:
             with torch.no_grad(), self.compute_loss_context_manager():
-                scalars, loss = loss_differences(self.all_estimator, lambda: self.compute_loss(model, inputs), seeds)
+                scalars, loss = loss_differences(
+                    self.two_point_estimator, lambda: self.compute_loss(model, inputs), seeds
+                )
         finally:
             model.train(was_training)
         self._check_new_reply(client, round_index)
@@ -651,7 +667,7 @@ class HOSFLTrainer(Trainer):
         rule = self.algorithm
         seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
         averaged = None
-        if rule.zeroth_order_round and (not rule.server.backprop or self.client_parameters):
+        if rule.zeroth_order_round and (not rule.server.backprop or self.client_update_parameters):
             replies = self._gather_scalars(local, round_index)
             if self.accelerator.scaler is not None and not all(math.isfinite(v) for r in replies.values() for v in r):
                 reason = "non-finite lambda (fp16 loss-scale overflow)"
@@ -682,7 +698,7 @@ class HOSFLTrainer(Trainer):
     def _close_first_order_round(self, round_index: int) -> _ClientUpdate:
         """SplitLoRA: average the client gradients over processes, check and clip them, and take them off the
         parameters until the server step (so that the server's own clipping does not see them)."""
-        params = [p for _, p in self.client_parameters]
+        params = [p for _, p in self.client_update_parameters]
         if any(p.grad is None for p in params):
             raise RuntimeError(f"A client parameter received no gradient in round {round_index}.")
         if self.accelerator.num_processes > 1:
@@ -737,7 +753,7 @@ class HOSFLTrainer(Trainer):
                 "did not advance."
             )
             return
-        snapshot = UpdateSnapshot(p for _, p in self.client_parameters)
+        snapshot = UpdateSnapshot(p for _, p in self.client_update_parameters)
         update.apply()
         self._observe_update("client", snapshot, update.round)
 

@@ -73,7 +73,7 @@ def test_byte_counters_per_method(tmp_path):
     zo_sync = lambda p: 8 * p + 4 * p + 4 * p  # noqa: E731  seeds down, scalars up, averages down
 
     trainer, _ = run(tmp_path / "a", "splitlora")
-    lora_bytes = sum(p.numel() * 4 for _, p in trainer.client_parameters)
+    lora_bytes = sum(p.numel() * 4 for _, p in trainer.client_update_parameters)
     assert trainer.comm == {
         "activation_bytes": per_client_rounds * (2 * cut + labels),
         "sync_bytes": per_client_rounds * 2 * lora_bytes,
@@ -117,7 +117,7 @@ def test_splitlora_client_gradient_equals_full_backprop(tmp_path, monkeypatch):
     captured = {}
 
     def capture(round_index):
-        captured.update({n: p.grad.clone() for n, p in trainer.client_parameters})
+        captured.update({n: p.grad.clone() for n, p in trainer.client_update_parameters})
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "_close_first_order_round", capture)

@@ -22,7 +22,13 @@ from test_split import build_model as build_split_model
 from hosfl_hf import HOSFLConfig, HOSFLSplitConfig, HOSFLTrainer, Trajectory, merge_for_inference, split_model
 from hosfl_hf.hub import HOSFL_CONFIG_NAME, build_model_card, final_metrics
 from hosfl_hf.hub import push_to_hub as push_folder
-from hosfl_hf.lora import client_4bit_config, get_split_peft_model, layers_pattern_of, split_lora_config
+from hosfl_hf.lora import (
+    client_4bit_config,
+    get_split_peft_model,
+    keep_4bit_layers_differentiable,
+    layers_pattern_of,
+    split_lora_config,
+)
 from hosfl_hf.zeroth_order import RNG_SPEC
 
 VOCAB = 32
@@ -467,6 +473,8 @@ def test_4bit_client_with_zeroth_order_lora(tmp_path):
     assert HOSFLSplitConfig.from_pretrained(folder).client_quantization["bnb_4bit_quant_type"] == "nf4"
     assert "4-bit" in (folder / "README.md").read_text()
     reloaded = PeftModel.from_pretrained(load_quantized(), str(folder))
+    # As trained: without bitsandbytes' CPU repacking (its bf16 absmax changes the outputs; see peft_and_hub.md).
+    assert keep_4bit_layers_differentiable(reloaded) == 14
     assert torch.equal(logits(reloaded, INPUT_IDS), reference)
 
 
