@@ -230,7 +230,10 @@ def test_sft_command_learns_a_chat_task_from_a_local_folder(tokenizer, tmp_path,
     assert "[sft] test before training: loss" in printed and "[sft] test choice_accuracy before:" in printed
     metrics = json.loads((out / "all_results.json").read_text())
     assert metrics["after_loss"] < 0.5 * metrics["before_loss"]
-    assert metrics["after_choice_accuracy"] >= 0.9 > metrics["before_choice_accuracy"] - 0.2, metrics
+    # 48 test conversations, half of each answer: the random model is at chance (0.5 here), the trained one near 1.
+    before, after = metrics["before_choice_accuracy"], metrics["after_choice_accuracy"]
+    assert all(48 * value == round(48 * value) for value in (before, after)), metrics
+    assert before <= 0.7 and after >= 0.9 and after - before >= 0.3, metrics
     assert len(json.loads((out / "hosfl_trajectory.json").read_text())["rounds"]) == 40
 
 
