@@ -48,6 +48,14 @@ assert {overrides["algorithm"] for overrides, _ in CASES.values()} == set(ALGORI
 VALUES_PER_TENSOR = 4
 
 
+def versions() -> dict[str, str]:
+    """The releases whose code the pinned numbers depend on besides this package's."""
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
 def digest(named) -> str:
     """sha256 of the names and float32 bytes of `named` (`(name, tensor)` pairs), in name order."""
     h = hashlib.sha256()
@@ -102,7 +110,7 @@ if __name__ == "__main__":
     import tempfile
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"commit": commit, "torch": torch.__version__, "cases": {}}
+    out = {"commit": commit, "torch": torch.__version__, "versions": versions(), "cases": {}}
     for name, case in CASES.items():
         with tempfile.TemporaryDirectory() as tmp:
             out["cases"][name] = run_case(Path(tmp), case)

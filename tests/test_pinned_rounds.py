@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pin_rounds import CASES, PIN_PATH, run_case
+from pin_rounds import CASES, PIN_PATH, run_case, versions
 
 import hosfl_hf.protocol.client as protocol_client
 from hosfl_hf.algorithms import ALGORITHMS
@@ -63,7 +63,10 @@ def test_round_numbers_match_the_pin(name):
     for part in ("client", "server"):  # first the readable values, then everything
         assert got[part]["trainable"] == pinned[part]["trainable"], part
         assert got[part]["values"] == pinned[part]["values"], part
-    assert not mismatches(got, pinned), "to regenerate after an intended change: python tests/pin_rounds.py"
+    assert not mismatches(got, pinned), (
+        f"{mismatches(got, pinned)} differ from the pin (pinned with {PINNED['versions']}, running {versions()}); "
+        "after an intended change, regenerate: python tests/pin_rounds.py"
+    )
 
 
 @pytest.mark.skipif(not SAME_TORCH, reason=f"pinned with torch {PINNED['torch']}, float kernels differ")
