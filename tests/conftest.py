@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import contextlib  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
@@ -80,6 +82,35 @@ def stack_collator(features):
         "input_ids": torch.tensor([f["input_ids"] for f in features]),
         "labels": torch.tensor([f["labels"] for f in features]),
     }
+
+
+# The errors by which a bitsandbytes build says it has no 4-bit kernels for this machine's CPU. Any other error of a
+# 4-bit test (this package's `client_4bit_config`, transformers' loading, a wrong result) fails the test.
+BNB_CPU_LIMITATIONS = (
+    # transformers, before it loads a quantized model: the installed bitsandbytes has no backend for any device here.
+    r"None of the available devices .* are supported by the bitsandbytes version you have installed",
+    # bitsandbytes >= 0.46 dispatches through torch.library: an op that this build has no CPU kernel for.
+    r"Could not run 'bitsandbytes::\w+' with arguments from the 'CPU' backend",
+)
+
+
+def require_bitsandbytes():
+    """Skips when bitsandbytes is missing or older than the release transformers needs for 4-bit loading."""
+    from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION
+
+    return pytest.importorskip("bitsandbytes", minversion=BITSANDBYTES_MIN_VERSION)
+
+
+@contextlib.contextmanager
+def skip_on_bnb_cpu_limitation():
+    """Runs a 4-bit step; skips the test only on a known "no CPU 4-bit kernels" error of bitsandbytes
+    (`BNB_CPU_LIMITATIONS`), and re-raises every other error."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        if any(re.search(pattern, str(error)) for pattern in BNB_CPU_LIMITATIONS):
+            pytest.skip(f"bitsandbytes cannot run 4-bit layers on this CPU: {error}")
+        raise
 
 
 @pytest.fixture(scope="module")

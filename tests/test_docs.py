@@ -28,6 +28,7 @@ EXECUTED = [
     "docs/recipes.md",
     "docs/faq.md",
     "docs/federated.md",
+    "docs/peft_and_hub.md",
 ]
 SKIP_MARK = "# doctest: skip"
 
@@ -198,3 +199,13 @@ def test_skipped_blocks_are_marked_on_their_first_line():
         for _, body, line in code_blocks((ROOT / name).read_text()):
             if SKIP_MARK in body and not body.lstrip().startswith(SKIP_MARK):
                 pytest.fail(f"{name}:{line}: put '{SKIP_MARK}' on the first line of the block")
+
+
+@pytest.mark.parametrize("name", EXECUTED)
+def test_skipped_blocks_compile(name):
+    """A block that cannot run here (the Hub, a GPU, the real model) is at least valid Python."""
+    for language, body, line in code_blocks((ROOT / name).read_text()):
+        if language in ("python", "py", "pycon") and body.lstrip().startswith(SKIP_MARK):
+            examples = doctest.DocTestParser().get_examples(body) if re.search(r"^\s*>>> ", body, re.M) else []
+            source = "\n".join(example.source for example in examples) if examples else body
+            compile(source, f"{name}:{line}", "exec")

@@ -13,7 +13,14 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
+from conftest import (
+    counting_dataset,
+    require_bitsandbytes,
+    skip_on_bnb_cpu_limitation,
+    stack_collator,
+    tiny_args,
+    tiny_llama,
+)
 from hub_server import USER, LoopbackHub
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from test_split import ARCHITECTURES as SPLIT_ARCHITECTURES  # the split suite's model zoo (24 architectures)
@@ -393,20 +400,6 @@ def test_model_card_metadata_and_figures():
 
 
 # ------------------------------------------------------------------------------------------------------- 4-bit
-def _bnb_4bit_cpu_skip_reason() -> str | None:
-    """Why 4-bit tests cannot run here, or None when bitsandbytes runs NF4 Linear4bit forward on the CPU."""
-    try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
-        layer = layer.to("cpu")
-        layer(torch.randn(2, 64))
-    except Exception as error:  # any failure means: not supported on this machine's CPU build
-        return f"bitsandbytes cannot run 4-bit layers on this CPU ({type(error).__name__}: {error})"
-    return None
-
-
 def _tiny_llama_for_4bit(seed: int = 0) -> transformers.LlamaForCausalLM:
     # bitsandbytes' CPU kernels pack weights in blocks of 64 inputs: the hidden size must be a multiple of 64.
     torch.manual_seed(seed)
@@ -433,22 +426,33 @@ def test_client_4bit_config_quantizes_only_client_blocks():
     assert not any(n.startswith(("transformer.h.0.", "transformer.h.1.")) for n in skipped)
 
 
-@pytest.mark.skipif(_bnb_4bit_cpu_skip_reason() is not None, reason=str(_bnb_4bit_cpu_skip_reason()))
+def test_bnb_limitation_guard_skips_only_the_known_messages():
+    """A 4-bit test skips on bitsandbytes' "no CPU kernels" errors only; every other error fails it."""
+    limitation = "Could not run 'bitsandbytes::gemv_4bit' with arguments from the 'CPU' backend. This could be"
+    with pytest.raises(pytest.skip.Exception, match="cannot run 4-bit layers on this CPU"):
+        with skip_on_bnb_cpu_limitation():
+            raise NotImplementedError(limitation)
+    for error in (ValueError("bad llm_int8_skip_modules"), RuntimeError("mat1 and mat2 shapes cannot be multiplied")):
+        with pytest.raises(type(error)):
+            with skip_on_bnb_cpu_limitation():
+                raise error
+
+
 def test_4bit_client_with_zeroth_order_lora(tmp_path):
-    import bitsandbytes as bnb
+    bnb = require_bitsandbytes()
 
     base_dir = tmp_path / "base"
     _tiny_llama_for_4bit().save_pretrained(base_dir)
+    quantization = client_4bit_config(transformers.AutoConfig.from_pretrained(base_dir), 2)
 
     def load_quantized():
         return transformers.AutoModelForCausalLM.from_pretrained(
-            base_dir,
-            quantization_config=client_4bit_config(transformers.AutoConfig.from_pretrained(base_dir), 2),
-            device_map="cpu",
-            dtype=torch.float32,
+            base_dir, quantization_config=quantization, device_map="cpu", dtype=torch.float32
         )
 
-    model = load_quantized()
+    with skip_on_bnb_cpu_limitation():  # the 4-bit load and forward: the only steps that may meet the limitation
+        model = load_quantized()
+        model(input_ids=INPUT_IDS)
     assert isinstance(model.model.layers[1].mlp.down_proj, bnb.nn.Linear4bit)
     assert type(model.model.layers[2].mlp.down_proj) is torch.nn.Linear and type(model.lm_head) is torch.nn.Linear
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port, subprocess_env
+from safetensors.torch import load_file
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer
 from hosfl_hf.cli import build_task, estimate_memory, load_splits, main, make_parser, parse_recipe_args
@@ -186,12 +187,37 @@ def test_mezo_protocol_sizes_are_1000_500_872():
 
 
 # ----------------------------------------------------------------------------------------------- in-process runs
+def recount_accuracy(model, script, tokenizer) -> tuple[int, int]:
+    """(correct, examples) on the recipe's evaluation set, counted here: per example, is the label's verbalizer the
+    one with the larger last-position logit. One batch of the task's collator, as the recipe's evaluation pads."""
+    task = build_task(script)
+    _, raw_eval, _ = load_splits(task, script)
+    rows = task.tokenize(raw_eval, tokenizer, script.max_length)
+    batch = task.trainer_kwargs(tokenizer)["data_collator"]([rows[i] for i in range(len(rows))])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -1, task.verbalizer_ids(tokenizer)]
+    return int((logits.argmax(-1) == labels).sum()), len(rows)
+
+
 @pytest.mark.parametrize("task", ["sst2", "rte"])
 def test_cpu_recipe_runs_in_process(task, tiny_llama_path, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     recipe = f"{task}-smollm2"
     out = tmp_path / "out"
-    metrics = main(*parse_recipe_args(recipe, tiny_flags(tiny_llama_path, out)))
-    assert 0.0 <= metrics["before_accuracy"] <= 1.0 and 0.0 <= metrics["after_accuracy"] <= 1.0
+    script, model_args, training = parse_recipe_args(recipe, tiny_flags(tiny_llama_path, out))
+    metrics = main(script, model_args, training)
+    # Both accuracies are what the models score, recounted from the checkpoint (before: the base, as LoRA starts at
+    # B = 0) and from the saved adapters (after).
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    correct, n = recount_accuracy(base, script, tokenizer)
+    assert n == 16 and metrics["before_accuracy"] == correct / n, (metrics["before_accuracy"], correct)
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_path), str(out)).eval()
+    correct, n = recount_accuracy(trained, script, tokenizer)
+    assert metrics["after_accuracy"] == correct / n, (metrics["after_accuracy"], correct)
     printed = capsys.readouterr().out
     assert f"[{task}] validation accuracy before:" in printed and "(16 examples, 2 rounds)" in printed
     for name in ("adapter_model.safetensors", "hosfl_trajectory.json", "all_results.json", "tokenizer.json"):
@@ -218,10 +244,21 @@ def test_opt13b_recipe_on_a_tiny_opt_with_4bit_client_and_bf16(tiny_opt_path, tm
     lora = [n for n, _ in trainer.split.client_parameters()]
     assert lora and all("lora_" in n for n in lora)
     assert all(p.dtype == torch.float32 for _, p in trainer.split.client_parameters())  # adapters in fp32
+    # The run below builds the same adapters (same seed): their initial values, by the name peft saves them under.
+    initial = {
+        n.replace(".default", ""): p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n
+    }
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in initial} == {0, 1, 2, 3}  # both parts have adapters
     del model, trainer
 
     metrics = main(script, model_args, training)
     assert {"before_accuracy", "after_accuracy", "before_test_accuracy", "test_accuracy"} <= set(metrics)
+    # Every adapter tensor of the client (4-bit blocks, zeroth-order) and of the server (bf16 blocks, backprop) moved,
+    # by about two steps of learning rate 1e-5 (not by another initialisation).
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert set(saved) == set(initial)
+    moved = {n: float((saved[n].float() - initial[n].float()).abs().max()) for n in initial}
+    assert all(0 < m < 1e-3 for m in moved.values()), moved
     printed = capsys.readouterr().out
     assert "[sst2] dev accuracy before:" in printed and "[sst2] test accuracy before:" in printed
     assert "(16 examples, 2 rounds)" in printed

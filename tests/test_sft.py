@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import require_bitsandbytes, skip_on_bnb_cpu_limitation, tiny_args
 from datasets import Dataset
 
 pytest.importorskip("trl")
@@ -230,7 +230,10 @@ def test_sft_command_learns_a_chat_task_from_a_local_folder(tokenizer, tmp_path,
     assert "[sft] test before training: loss" in printed and "[sft] test choice_accuracy before:" in printed
     metrics = json.loads((out / "all_results.json").read_text())
     assert metrics["after_loss"] < 0.5 * metrics["before_loss"]
-    assert metrics["after_choice_accuracy"] >= 0.9 > metrics["before_choice_accuracy"] - 0.2, metrics
+    # 48 test conversations, half of each answer: the random model is at chance (0.5 here), the trained one near 1.
+    before, after = metrics["before_choice_accuracy"], metrics["after_choice_accuracy"]
+    assert all(48 * value == round(48 * value) for value in (before, after)), metrics
+    assert before <= 0.7 and after >= 0.9 and after - before >= 0.3, metrics
     assert len(json.loads((out / "hosfl_trajectory.json").read_text())["rounds"]) == 40
 
 
@@ -263,7 +266,7 @@ def test_sft_resume_from_checkpoint_is_bit_identical_and_saves_hosfl_artifacts(t
 
 def test_sft_with_4bit_client_keeps_float32_adapters(tokenizer, tmp_path):
     """TRL casts the adapters of a quantized model to bf16; the zeroth-order client update needs them in float32."""
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require_bitsandbytes()
     from peft import LoraConfig
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -281,14 +284,13 @@ def test_sft_with_4bit_client_keeps_float32_adapters(tokenizer, tmp_path):
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     quantization = client_4bit_config(AutoConfig.from_pretrained(tmp_path / "base"), 2)
-    try:
+    with skip_on_bnb_cpu_limitation():  # only bitsandbytes' known "no CPU 4-bit kernels" errors skip
         model = AutoModelForCausalLM.from_pretrained(
             tmp_path / "base", quantization_config=quantization, device_map="cpu", dtype=torch.float32
         )
         model(input_ids=torch.tensor([[5, 6, 7]]))
-    except Exception as error:  # pragma: no cover - a CPU build without 4-bit kernels
-        pytest.skip(f"bitsandbytes cannot run 4-bit layers on this CPU: {error}")
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert type(model.model.layers[2].mlp.down_proj) is torch.nn.Linear  # the server's blocks stay unquantized
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = HOSFLSFTTrainer(
         model,

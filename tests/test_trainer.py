@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from conftest import SEQ, counting_dataset, stack_collator, tiny_args, tiny_llama
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from hosfl_hf import HOSFLTrainer, Trajectory, replay_trajectory
@@ -44,6 +45,53 @@ def test_loss_falls_and_metrics_are_logged(tmp_path):
     # Counters are cumulative over all clients and rounds.
     assert logs[-1]["comm/sync_bytes"] > logs[0]["comm/sync_bytes"]
     assert len(trainer.trajectory.rounds) == 40
+
+
+def test_client_update_goes_downhill_and_its_sign_flip_uphill(tmp_path, monkeypatch):
+    """The loss-falls test above cannot see the sign of the client update: the server's step dominates the loss
+    (issue 27: flipping the client update changed its logged losses by 1e-3). Here the server is held (learning rate
+    0), the two clients' batches are the whole 8-row training set each round, and the client takes plain SGD steps on
+    a LoRA adapter. To first order such a step changes the loss by -lr/P sum_p <grad, u_p>^2 <= 0, so the logged loss
+    (the round's, at the weights of its start) must fall every round, and rise every round when every holder negates
+    the averaged scalars."""
+    import hosfl_hf.protocol.client as protocol_client
+
+    def losses(flip: bool) -> list[float]:
+        real = protocol_client.apply_zo_update
+
+        def flipped(parameters, optimizer, seeds, scalars, *args, **kwargs):
+            return real(parameters, optimizer, seeds, [-v for v in scalars], *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            if flip:
+                patch.setattr(protocol_client, "apply_zo_update", flipped)
+            lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+            args = make_args(
+                tmp_path / str(flip),
+                max_steps=6,
+                logging_steps=1,
+                num_clients=2,
+                learning_rate=0.0,
+                client_optimizer="sgd",
+                client_learning_rate=1e-2,
+                client_lr_scheduler_type="constant",
+            )
+            trainer = HOSFLTrainer(
+                tiny_llama(),
+                args,
+                split_layer=2,
+                train_dataset=counting_dataset(8),
+                data_collator=stack_collator,
+                peft_config=lora,
+            )
+            trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    normal, flipped = losses(False), losses(True)
+    assert len(normal) == len(flipped) == 6 and normal[0] == flipped[0]
+    assert all(b < a for a, b in zip(normal, normal[1:])), normal
+    assert all(b > a for a, b in zip(flipped, flipped[1:])), flipped
+    assert flipped[-1] - normal[-1] > 0.005, (normal, flipped)
 
 
 def test_byte_counters_are_exact_for_a_known_shape(tmp_path):
