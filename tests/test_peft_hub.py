@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from test_split import ARCHITECTURES as SPLIT_ARCHITECTURES  # the split suite's model zoo (24 architectures)
 from test_split import build_model as build_split_model
 
-from hosfl_hf import HOSFLConfig, HOSFLSplitConfig, HOSFLTrainer, Trajectory, merge_for_inference, split_model
+from hosfl_hf import HOSFLConfig, HOSFLRunRecord, HOSFLTrainer, Trajectory, merge_for_inference, split_model
 from hosfl_hf.hub import HOSFL_CONFIG_NAME, build_model_card, final_metrics
 from hosfl_hf.hub import push_to_hub as push_folder
 from hosfl_hf.lora import (
@@ -318,7 +318,7 @@ def test_save_model_round_trips_through_peft(trained):
     reloaded = PeftModel.from_pretrained(tiny_llama(), str(folder))
     assert torch.equal(logits(reloaded, INPUT_IDS), logits(trainer.model, INPUT_IDS))
 
-    config = HOSFLSplitConfig.from_pretrained(str(folder))
+    config = HOSFLRunRecord.from_pretrained(str(folder))
     assert config == trainer.hosfl_split_config()
     assert (config.split_layer, config.num_layers, config.model_type, config.layers_path) == (
         2,
@@ -347,22 +347,22 @@ def test_merge_for_inference_gives_the_adapter_logits(trained):
 
 
 def test_hosfl_split_config_round_trip(tmp_path):
-    config = HOSFLSplitConfig(split_layer=3, num_layers=8, model_type="llama", zo_eps=5e-4, algorithm="hosfl")
-    assert HOSFLSplitConfig.from_dict(config.to_dict()) == config
+    config = HOSFLRunRecord(split_layer=3, num_layers=8, model_type="llama", zo_eps=5e-4, algorithm="hosfl")
+    assert HOSFLRunRecord.from_dict(config.to_dict()) == config
     path = config.save_pretrained(tmp_path)
     assert os.path.basename(path) == HOSFL_CONFIG_NAME
-    assert HOSFLSplitConfig.from_pretrained(tmp_path) == config
+    assert HOSFLRunRecord.from_pretrained(tmp_path) == config
     with pytest.warns(UserWarning, match="unknown keys"):
-        assert HOSFLSplitConfig.from_dict({**config.to_dict(), "from_the_future": 1}) == config
+        assert HOSFLRunRecord.from_dict({**config.to_dict(), "from_the_future": 1}) == config
     args = HOSFLConfig(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, **config.training_kwargs())
-    assert HOSFLSplitConfig.from_training_args(args) == HOSFLSplitConfig(split_layer=3, zo_eps=5e-4)
+    assert HOSFLRunRecord.from_training_args(args) == HOSFLRunRecord(split_layer=3, zo_eps=5e-4)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no hosfl_config.json"):
-        HOSFLSplitConfig.from_pretrained(tmp_path / "empty")
+        HOSFLRunRecord.from_pretrained(tmp_path / "empty")
 
 
 def test_model_card_metadata_and_figures():
-    config = HOSFLSplitConfig(split_layer=2, num_layers=4, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
+    config = HOSFLRunRecord(split_layer=2, num_layers=4, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
     log_history = [
         {"loss": 3.5, "step": 1},
         {"loss": 3.1, "step": 2, "comm/activation_bytes": 10},
@@ -395,7 +395,7 @@ def test_model_card_metadata_and_figures():
     assert "2.00 KiB (2,048 bytes)" in text and "3.00 MiB" in text
     assert "`(?:a\\|b)`" in text  # pipes in cells are escaped
     # A local path is no valid `base_model` for the Hub: it is left out of the metadata.
-    local = build_model_card(HOSFLSplitConfig(split_layer=1, base_model_name_or_path="/tmp"))
+    local = build_model_card(HOSFLRunRecord(split_layer=1, base_model_name_or_path="/tmp"))
     assert local.data.base_model is None and local.data.library_name == "peft"
 
 
@@ -474,7 +474,7 @@ def test_4bit_client_with_zeroth_order_lora(tmp_path):
 
     folder = tmp_path / "saved"
     trainer.save_model(str(folder))
-    assert HOSFLSplitConfig.from_pretrained(folder).client_quantization["bnb_4bit_quant_type"] == "nf4"
+    assert HOSFLRunRecord.from_pretrained(folder).client_quantization["bnb_4bit_quant_type"] == "nf4"
     assert "4-bit" in (folder / "README.md").read_text()
     reloaded = PeftModel.from_pretrained(load_quantized(), str(folder))
     # As trained: without bitsandbytes' CPU repacking (its bf16 absmax changes the outputs; see peft_and_hub.md).
@@ -533,7 +533,7 @@ def test_trainer_push_to_hub_uploads_adapters_config_trajectory_and_card(trained
     assert hub.commits[repo][-1]["summary"] == "End of training"
 
     # What arrived loads back from the (loopback) Hub with peft and hosfl_hf.
-    assert HOSFLSplitConfig.from_pretrained(repo) == trainer.hosfl_split_config()
+    assert HOSFLRunRecord.from_pretrained(repo) == trainer.hosfl_split_config()
     from_hub = PeftModel.from_pretrained(tiny_llama(), repo)
     assert torch.equal(logits(from_hub, INPUT_IDS), logits(trainer.model, INPUT_IDS))
 

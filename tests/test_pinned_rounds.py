@@ -24,7 +24,7 @@ import pytest
 import torch
 from pin_rounds import CASES, PIN_PATH, run_case, versions
 
-import hosfl_hf.protocol.client as protocol_client
+import hosfl_hf.client_part as protocol_client
 from hosfl_hf.algorithms import ALGORITHMS
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -91,3 +91,17 @@ def test_bad_values_are_refused_by_name():
         build_args(resolve({"model": "m", "dataset": "d", "num-clients": "many"}))
     with pytest.raises(ValueError, match="Unknown hosfl_hf run-config keys \\['zo-epsilon'\\]"):
         resolve({"model": "m", "dataset": "d", "zo-epsilon": 0.1})
+
+
+def test_renamed_records_keep_deprecated_aliases():
+    import hosfl_hf
+    from hosfl_hf import ClientUpdate, HOSFLRunRecord, Trajectory
+
+    with pytest.warns(FutureWarning, match="use HOSFLRunRecord"):
+        assert hosfl_hf.HOSFLSplitConfig is HOSFLRunRecord
+    with pytest.warns(FutureWarning, match="use ClientUpdate"):
+        assert hosfl_hf.TrajectoryRound is ClientUpdate
+    # One record: what the server sends the holders is what the trajectory keeps, and it round-trips.
+    trajectory = Trajectory(split_layer=1, parameter_names=["w"], zo_eps=1e-3, client_optimizer="sgd")
+    trajectory.rounds.append(ClientUpdate(round=0, seeds=[1, 2], scalars=[0.5, -0.25], lr=1e-3))
+    assert Trajectory.from_dict(trajectory.to_dict()).rounds == trajectory.rounds

@@ -54,7 +54,7 @@ def test_client_update_goes_downhill_and_its_sign_flip_uphill(tmp_path, monkeypa
     a LoRA adapter. To first order such a step changes the loss by -lr/P sum_p <grad, u_p>^2 <= 0, so the logged loss
     (the round's, at the weights of its start) must fall every round, and rise every round when every holder negates
     the averaged scalars."""
-    import hosfl_hf.protocol.client as protocol_client
+    import hosfl_hf.client_part as protocol_client
 
     def losses(flip: bool) -> list[float]:
         real = protocol_client.apply_zo_update
