@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .client_update import ClientUpdate
 from .named_tensors import copy_named_tensors
 from .search_space import (
     ClientMask,
@@ -19,7 +20,6 @@ from .search_space import (
     mask_direction_guide,
     mask_direction_scales,
 )
-from .trajectory import ClientUpdate
 from .zeroth_order import ZerothOrderEstimator, apply_zo_update
 
 __all__ = ["CLIENT_INPUTS", "ClientPart"]

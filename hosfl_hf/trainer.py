@@ -29,7 +29,7 @@ from .model_card import HOSFL_TAGS
 from .protocol.codec import decode, encode
 from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeReply
 from .protocol.settings import RoundSettings
-from .rng import environment, rng_spec, round_seeds
+from .rng import round_seeds
 from .split import CutActivations, split_model
 from .split_config import CLIENT_MASK_VALUES_NAME
 from .trajectory import TRAJECTORY_NAME, Trajectory
@@ -231,18 +231,7 @@ class HOSFLTrainer(Trainer):
             module=self.split.model,
         )
         self._last_cut_bytes = 0
-        self.trajectory = Trajectory(
-            split_layer=split_layer,
-            parameter_names=[n for n, _ in self.client_part.parameters],
-            zo_eps=args.zo_eps,
-            client_optimizer=args.client_optimizer,
-            client_weight_decay=args.client_weight_decay,
-            environment=environment(p for _, p in self.client_part.parameters),
-            client_seeds=args.client_seeds,
-            search_space=settings.search_space.to_dict() if settings.search_space is not None else None,
-            client_mask=settings.client_mask,
-            rng=rng_spec(guided=self.client_part.guide is not None),
-        )
+        self.trajectory = settings.new_trajectory(self.client_part.parameters)
         self.client_optimizer: torch.optim.Optimizer | None = None
         self.client_lr_scheduler: Any = None
         # Totals over all processes (reduced at the end of every round): logs, checkpoints and the model card.

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .client_update import ClientUpdate
 from .rng import RNG_SPEC, SUPPORTED_VERSIONS, check_environment
 from .split import split_model
 from .zeroth_order import build_client_optimizer
@@ -20,18 +21,6 @@ from .zeroth_order import build_client_optimizer
 __all__ = ["TRAJECTORY_NAME", "ClientUpdate", "Trajectory", "replay_trajectory"]
 
 TRAJECTORY_NAME = "hosfl_trajectory.json"
-
-
-@dataclass
-class ClientUpdate:
-    """One applied round, the one record of it: every holder of the client part applies
-    `(1/(P mu)) sum_p scalars[p] u(seeds[p])` with learning rate `lr`. It is the message the server sends to the
-    holders ("averaged scalars down") and the round a [`Trajectory`] records."""
-
-    round: int
-    seeds: list[int]
-    scalars: list[float]
-    lr: float
 
 
 def __getattr__(name: str):

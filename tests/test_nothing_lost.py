@@ -278,6 +278,9 @@ def test_flower_output_with_lora_holds_the_trained_server_adapters(tmp_path):
     finally:
         stop_process(process)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file(), output[-6000:]
+    # A watchable run: a line per round and a closing summary that names the output folder.
+    assert all(f"HO-SFL round {r}/3 | clients 2/2 | loss " in output for r in (1, 2, 3)), output[-6000:]
+    assert f"HO-SFL output: {tmp_path / 'out'}" in output and "HO-SFL finished: 3 rounds" in output
 
     resolved = resolve(config)
     initial = {k: v.detach().clone() for k, v in load_model(resolved).named_parameters() if v.requires_grad}

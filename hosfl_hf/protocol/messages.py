@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..trajectory import ClientUpdate
+from ..client_update import ClientUpdate
 
 __all__ = [
     "CatchUp",

@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,6 +103,8 @@ class FederatedRun:
         reliability: the fault policy.
         base_model (`nn.Module`, *optional*): the run's initial model; needed for history compaction (the server's
             record of the client part is built from it).
+        on_round (`Callable`, *optional*): called with each applied round's record (the entry of `log`), e.g. to
+            print progress.
         checkpoint_dir (`str`, *optional*): where the server checkpoint is written after every round.
         num_labels (`int`, *optional*): labels of a cut must lie in `[0, num_labels)` (or be -100); by default the
             model's vocabulary size (causal LM) when the server has no custom loss.
@@ -116,8 +118,10 @@ class FederatedRun:
         base_model: nn.Module | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         num_labels: int | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.server, self.transport = server, transport
+        self.on_round = on_round
         self.reliability = reliability or ReliabilitySettings()
         self.settings = server.settings
         self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
@@ -330,6 +334,8 @@ class FederatedRun:
                 self.counters["fed/missed_updates"] += 1
                 self._drop(fault, attempt)
         self._observe_updates(record, norms)
+        if self.on_round is not None:
+            self.on_round(record)
         return update
 
     def _observe_updates(self, record: dict[str, Any], client_norms: list[float]) -> None:

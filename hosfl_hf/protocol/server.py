@@ -16,7 +16,7 @@ from transformers import Trainer
 from ..federation import sample_clients
 from ..lora import upcast_trainable_adapters
 from ..named_tensors import copy_named_tensors
-from ..rng import environment, mix, rng_spec, round_seeds
+from ..rng import mix, round_seeds
 from ..search_space import client_update_targets
 from ..split import CutActivations, split_model
 from ..trajectory import TRAJECTORY_NAME, Trajectory
@@ -54,19 +54,7 @@ class SplitServer:
         upcast_trainable_adapters(split)
         # The client update's targets (search space, then mask), as every holder of the client part has them.
         client_targets, _ = client_update_targets(split, settings.search_space, settings.mask)
-        space = settings.search_space
-        self.trajectory = Trajectory(
-            split_layer=settings.split_layer,
-            parameter_names=[n for n, _ in client_targets],
-            zo_eps=settings.zo_eps,
-            client_optimizer=settings.client_optimizer,
-            client_weight_decay=settings.client_weight_decay,
-            environment=environment(p for _, p in client_targets),
-            client_seeds=settings.client_seeds,
-            search_space=space.to_dict() if space is not None else None,
-            client_mask=settings.client_mask,
-            rng=rng_spec(guided=settings.mask is not None and settings.mask.guide is not None),
-        )
+        self.trajectory = settings.new_trajectory(client_targets)
         for block in list(split.layers)[: settings.split_layer]:
             block.to("meta")  # the client's blocks: skipped by the server's forward
         self.split = split

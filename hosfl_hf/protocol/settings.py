@@ -154,6 +154,26 @@ class RoundSettings:
             min_size=self.batch_size,
         )
 
+    def new_trajectory(self, client_targets: list[tuple[str, torch.Tensor]]) -> Any:
+        """The empty [`Trajectory`] of a run with these settings over the client update's targets (what every
+        holder's `ClientPart.parameters` are, in order): the one place a run's trajectory header is built."""
+        from ..rng import environment, rng_spec
+        from ..trajectory import Trajectory
+
+        space, mask = self.search_space, self.mask
+        return Trajectory(
+            split_layer=self.split_layer,
+            parameter_names=[n for n, _ in client_targets],
+            zo_eps=self.zo_eps,
+            client_optimizer=self.client_optimizer,
+            client_weight_decay=self.client_weight_decay,
+            environment=environment(p for _, p in client_targets),
+            client_seeds=self.client_seeds,
+            search_space=space.to_dict() if space is not None else None,
+            client_mask=self.client_mask,
+            rng=rng_spec(guided=mask is not None and mask.guide is not None),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -28,6 +28,7 @@ from ...split import split_model, unwrap_causal_lm
 from ...trajectory import TRAJECTORY_NAME, replay_trajectory
 from .config import build_args, build_reliability, load_model, resolve
 from .messages import RECORD, pack, unpack
+from .progress import RoundPrinter, print_summary
 
 __all__ = ["FlowerTransport", "app", "build_server_app", "serve"]
 
@@ -103,7 +104,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     nodes = _partitions(grid, settings.num_clients, timeout)
     transport = FlowerTransport(grid, nodes, timeout)
     checkpoint_dir = str(config["checkpoint-dir"]) or None
-    kwargs = dict(reliability=build_reliability(config), base_model=model)
+    kwargs = dict(reliability=build_reliability(config), base_model=model, on_round=RoundPrinter(args.max_steps))
     resumed_at = None
     if checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
         run = FederatedRun.resume(checkpoint_dir, server, transport, **kwargs)
@@ -136,6 +137,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     }
     reference = replay_trajectory(model, server.trajectory)
     _save(reference, server, args, config, summary)
+    print_summary(summary, os.path.abspath(args.output_dir))
     return summary
 
 
