@@ -22,9 +22,14 @@ import textwrap
 from collections import defaultdict
 
 import numpy as np
-from grid import NO_SPLIT, cell_depth, cell_name, plan_cells  # one rule for where no-split cells are filed
+from grid import (  # one rule for where no-split cells are filed, one order of the methods (the registry's)
+    METHODS,
+    NO_SPLIT,
+    cell_depth,
+    cell_name,
+    plan_cells,
+)
 
-METHODS = ["hosfl", "splitlora", "zo_sfl", "fedavg_lora", "centralized", "mezo", "frozen_client", "client_only"]
 LABELS = {
     "hosfl": "HO-SFL",
     "splitlora": "SplitLoRA (FO-SFL)",
