@@ -199,8 +199,8 @@ def measure_cosine(
     """The cosine of the configuration's estimate with the true client gradient on one calibration batch, against
     the full client gradient (all client LoRA weights and all client base weights of the blocks)."""
     from hosfl_hf import split_model
-    from hosfl_hf.diagnostics import client_update_cosine
     from hosfl_hf.client_part import ClientPart
+    from hosfl_hf.diagnostics import client_update_cosine
     from hosfl_hf.rng import client_round_seeds
     from hosfl_hf.search_space import ClientSearchSpace
     from hosfl_hf.tasks import get_task

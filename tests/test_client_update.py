@@ -14,9 +14,9 @@ from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
 from peft import LoraConfig
 
 from hosfl_hf import HOSFLConfig, HOSFLRunRecord, HOSFLTrainer, Trajectory, replay_trajectory, split_model
+from hosfl_hf.client_part import ClientPart
 from hosfl_hf.diagnostics import client_update_cosine
 from hosfl_hf.protocol import CatchUp, RoundSettings, SplitClient, SplitServer, run_rounds
-from hosfl_hf.client_part import ClientPart
 from hosfl_hf.rng import client_round_seeds, direction, direction_seed, guide_coefficient
 from hosfl_hf.search_space import ClientMask, ClientSearchSpace, client_update_targets, sensitivity_mask
 from hosfl_hf.zeroth_order import NormalizedSGD, apply_zo_update, build_client_optimizer, zo_gradients
