@@ -28,11 +28,14 @@ from peft import LoraConfig, get_peft_model
 from transformers.trainer_utils import get_last_checkpoint
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer
+from hosfl_hf.algorithms import ALGORITHMS
 from hosfl_hf.models import load_model_and_tokenizer
 from hosfl_hf.tasks import get_task
 from hosfl_hf.trainer import NO_SPLIT, ZO_EVERYWHERE  # NO_SPLIT methods do not depend on the depth
 
-METHODS = ["hosfl", "splitlora", "frozen_client", "zo_sfl", "client_only", "fedavg_lora", "centralized", "mezo"]
+# Every method, in the algorithm registry's order (one order for the grid and the report). The grid runs them by TIER
+# first (the headline comparison, then the other split methods, then the rest), in the registry's order within a tier.
+METHODS = list(ALGORITHMS)
 TIER = {"hosfl": 0, "splitlora": 0, "frozen_client": 0, "zo_sfl": 1, "client_only": 1}
 
 
