@@ -13,33 +13,18 @@ import threading  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from hosfl_hf import testing  # noqa: E402
 
 VOCAB = 32
 SEQ = 12
 
 
 def tiny_llama(seed: int = 0, layers: int = 4, tie: bool = False) -> LlamaForCausalLM:
-    """A random tiny Llama of `layers` blocks. transformers initialises weights from the global RNG only, so the
-    seeded draw runs inside `fork_rng`: the caller's global RNG state is the same after the call."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(_tiny_config(layers, tie))
-
-
-def _tiny_config(layers: int, tie: bool) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    """The suite's random tiny Llama of `layers` blocks (`hosfl_hf.testing.tiny_llama`; the caller's global RNG
+    state is kept)."""
+    return testing.tiny_llama(seed, num_hidden_layers=layers, tie_word_embeddings=tie)
 
 
 def counting_dataset(n: int = 200, seed: int = 0) -> Dataset:

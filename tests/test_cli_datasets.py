@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
+from hosfl_hf import testing
 from hosfl_hf.cli import cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models (conftest.py)
@@ -20,7 +20,7 @@ def tiny_checkpoint(path: Path) -> str:
     """A tiny random Llama and a byte-level word tokenizer: a word after a space is `Ġword` (one token); the bare
     words `yes` / `no` are not in the vocabulary (so `"yes"` without a leading space is the unknown token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = (
         ["<pad>", "<s>", "</s>", "<unk>", "Ċ"]
@@ -32,20 +32,7 @@ def tiny_checkpoint(path: Path) -> str:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    testing.tiny_llama(0, vocab_size=len(vocab), max_position_embeddings=64).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -17,7 +17,7 @@ from conftest import counting_dataset, stack_collator, subprocess_env, tiny_args
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
-from hosfl_hf import HOSFLTrainer, split_model
+from hosfl_hf import HOSFLTrainer, split_model, testing
 from hosfl_hf.named_tensors import copy_named_tensors, require_same_names
 from hosfl_hf.split import CutActivations
 from hosfl_hf.update_norms import StandingStillGuard, UpdateSnapshot
@@ -45,18 +45,7 @@ def _bnb_or_skip():
 def _whole_model_4bit(tmp_path: Path) -> transformers.LlamaForCausalLM:
     """A 4-block Llama (hidden 64: bitsandbytes packs 64 inputs per block) re-loaded with every linear layer in
     4-bit NF4, as QLoRA users load models."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(
-            vocab_size=32,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=0,
-        )
-        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    testing.tiny_llama(0, hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
     quantization = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )

@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from test_split import ARCHITECTURES as SPLIT_ARCHITECTURES  # the split suite's model zoo (24 architectures)
 from test_split import build_model as build_split_model
 
-from hosfl_hf import HOSFLConfig, HOSFLRunRecord, HOSFLTrainer, Trajectory, merge_for_inference, split_model
+from hosfl_hf import HOSFLConfig, HOSFLRunRecord, HOSFLTrainer, Trajectory, merge_for_inference, split_model, testing
 from hosfl_hf.hub import HOSFL_CONFIG_NAME, build_model_card, final_metrics
 from hosfl_hf.hub import push_to_hub as push_folder
 from hosfl_hf.lora import (
@@ -402,17 +402,7 @@ def test_model_card_metadata_and_figures():
 # ------------------------------------------------------------------------------------------------------- 4-bit
 def _tiny_llama_for_4bit(seed: int = 0) -> transformers.LlamaForCausalLM:
     # bitsandbytes' CPU kernels pack weights in blocks of 64 inputs: the hidden size must be a multiple of 64.
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return testing.tiny_llama(seed, vocab_size=VOCAB, hidden_size=64, intermediate_size=128)
 
 
 def test_client_4bit_config_quantizes_only_client_blocks():

@@ -12,7 +12,13 @@ from datasets import Dataset
 
 pytest.importorskip("trl")
 
-from hosfl_hf import HOSFLSFTConfig, HOSFLSFTTrainer, Trajectory, replay_trajectory  # noqa: E402
+from hosfl_hf import (  # noqa: E402
+    HOSFLSFTConfig,
+    HOSFLSFTTrainer,
+    Trajectory,
+    replay_trajectory,
+    testing,  # noqa: E402
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models (conftest.py)
 
@@ -42,21 +48,14 @@ def tokenizer():
 
 
 def tiny_model(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return testing.tiny_llama(
+        seed,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config)
 
 
 def review(i: int) -> tuple[str, str]:
@@ -268,21 +267,15 @@ def test_sft_with_4bit_client_keeps_float32_adapters(tokenizer, tmp_path):
     """TRL casts the adapters of a quantized model to bf16; the zeroth-order client update needs them in float32."""
     bnb = require_bitsandbytes()
     from peft import LoraConfig
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from hosfl_hf import client_4bit_config
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,  # bitsandbytes' CPU kernels pack 64 inputs per block
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
+    # bitsandbytes' CPU kernels pack 64 inputs per block
+    base = testing.tiny_llama(
+        0, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, pad_token_id=tokenizer.pad_token_id
     )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    base.save_pretrained(tmp_path / "base")
     quantization = client_4bit_config(AutoConfig.from_pretrained(tmp_path / "base"), 2)
     with skip_on_bnb_cpu_limitation():  # only bitsandbytes' known "no CPU 4-bit kernels" errors skip
         model = AutoModelForCausalLM.from_pretrained(

@@ -13,6 +13,7 @@ from conftest import tiny_llama
 from torch import nn
 
 from hosfl_hf.split import split_model
+from hosfl_hf.testing import tiny_llama_config
 from hosfl_hf.zeroth_order import (
     ZerothOrderEstimator,
     apply_zo_update,
@@ -166,18 +167,10 @@ def test_projected_scalars_on_linear_map():
 
 # ------------------------------------------------------------------------------------- estimator vs true gradient
 def _tiny_llama(dtype=torch.float32):
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+    config = tiny_llama_config(
+        vocab_size=64, hidden_size=16, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
         max_position_embeddings=32,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
