@@ -7,7 +7,7 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from .protocol.codec import decode, encode
 from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeReply
 from .protocol.settings import RoundSettings
 from .rng import round_seeds
+from .server_part import ServerPart
 from .split import CutActivations, split_model
 from .split_config import CLIENT_MASK_VALUES_NAME
 from .trajectory import TRAJECTORY_NAME, Trajectory
@@ -177,6 +178,7 @@ class HOSFLTrainer(Trainer):
             data_collator = self._default_collator(train_dataset, processing_class)
 
         self._loss_func = compute_loss_func
+        self.server_part = ServerPart(self.split, compute_loss_func)
         self.algorithm = get_algorithm(args.algorithm)
         super().__init__(
             model=model,
@@ -389,23 +391,22 @@ class HOSFLTrainer(Trainer):
         labels = inputs.pop("labels", None)
         client_inputs = {k: inputs.pop(k) for k in CLIENT_INPUTS if k in inputs}
         training = model.training and torch.is_grad_enabled()
-        lm_labels = None if self._loss_func is not None else labels
         if not self.algorithm.split:
             cut = client_graph = None
+            lm_labels = None if self._loss_func is not None else labels
             outputs = model(**client_inputs, **inputs, labels=lm_labels, use_cache=False)
+            loss = self._loss_func(outputs, labels) if self._loss_func is not None else outputs.loss
+            if loss is None:
+                raise ValueError("The model returned no loss: the batch needs 'labels' (or pass compute_loss_func).")
         else:
             first_order_client = training and self.algorithm.client.graph
             cut = self.client_part.forward(client_inputs, grad=first_order_client)
             client_graph = cut.hidden_states if first_order_client else None
             if training and self._round_context is not None:
                 cut, labels = self._send_cut(cut, labels)
-                lm_labels = None if self._loss_func is not None else labels
-            cut = replace(cut, hidden_states=cut.hidden_states.detach().requires_grad_(training))
+            # The server part's forward to the loss (SplitServer runs the same), through the Trainer's wrapped model.
+            loss, outputs, cut = self.server_part.loss(cut, labels, grad=training, model=model, **inputs)
             self._last_cut_bytes = cut.num_bytes()
-            outputs = self.split.server(cut, labels=lm_labels, model=model, **inputs)
-        loss = self._loss_func(outputs, labels) if self._loss_func is not None else outputs.loss
-        if loss is None:
-            raise ValueError("The server part returned no loss: the batch needs 'labels' (or pass compute_loss_func).")
         self._check_finite_loss(loss)
         if training:
             self._pending = (client_inputs, cut, labels, client_graph)
@@ -507,7 +508,7 @@ class HOSFLTrainer(Trainer):
             if self.algorithm.client.cotangent:
                 # The Trainer backpropagated loss_i / K (times the fp16 loss scale): lambda_i = dloss_i/dz
                 # = grad * K / scale. A non-finite lambda (fp16 overflow) is the server's own finding: not sent.
-                cotangent = cut.hidden_states.grad / self._grad_scale() * self.current_gradient_accumulation_steps
+                cotangent = ServerPart.cotangent(cut, self.current_gradient_accumulation_steps, self._grad_scale())
                 if torch.isfinite(cotangent).all():
                     message = Cotangent(round=round_index, client=client, cotangent=cotangent)
                     received = self._transport(

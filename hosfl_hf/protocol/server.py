@@ -18,6 +18,7 @@ from ..lora import upcast_trainable_adapters
 from ..named_tensors import copy_named_tensors
 from ..rng import mix, round_seeds
 from ..search_space import client_update_targets
+from ..server_part import ServerPart
 from ..split import CutActivations, split_model
 from ..trajectory import TRAJECTORY_NAME, Trajectory
 from ..update_norms import UpdateSnapshot
@@ -58,6 +59,7 @@ class SplitServer:
         for block in list(split.layers)[: settings.split_layer]:
             block.to("meta")  # the client's blocks: skipped by the server's forward
         self.split = split
+        self.part = ServerPart(split, loss_func)
         self.parameters = split.server_parameters()
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
         params = [p for _, p in self.parameters]
@@ -89,16 +91,15 @@ class SplitServer:
             round=round_index, clients=clients, seeds=round_seeds(s.seed, round_index, s.num_perturbations)
         )
 
-    def _loss(self, cut: ClientForward, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z = cut.hidden_states.detach().requires_grad_(True)
-        activations = CutActivations(hidden_states=z, attention_mask=cut.attention_mask, position_ids=cut.position_ids)
-        labels = None if self.loss_func is not None else cut.labels
-        outputs = self.split.server(activations, labels=labels)
-        loss = self.loss_func(outputs, cut.labels) if self.loss_func is not None else outputs.loss
+    def _loss(self, cut: ClientForward, k: int) -> tuple[torch.Tensor, CutActivations]:
+        activations = CutActivations(
+            cut.hidden_states, attention_mask=cut.attention_mask, position_ids=cut.position_ids
+        )
+        loss, _, activations = self.part.loss(activations, cut.labels)
         if not torch.isfinite(loss.detach()).all():
             raise ValueError(f"The server loss of client {cut.client} in round {cut.round} is not finite.")
         (loss / k).backward()
-        return loss, z
+        return loss, activations
 
     def backward(self, cut: ClientForward) -> Cotangent:
         """Runs the server part on a client's cut, backpropagates `loss_i / K` (gradients accumulate over the round's
@@ -109,16 +110,16 @@ class SplitServer:
                 then not part of the round: [`step`] rebuilds the gradient from the accepted cuts only.
         """
         k = self.settings.clients_per_round
-        loss, z = self._loss(cut, k)  # a non-finite loss raises before any gradient is written
+        loss, activations = self._loss(cut, k)  # a non-finite loss raises before any gradient is written
         self._grads_from.append(cut.client)
         grads = [p.grad for _, p in self.parameters if p.grad is not None]
-        if not torch.isfinite(z.grad).all() or not all(bool(torch.isfinite(g).all()) for g in grads):
+        cotangent = ServerPart.cotangent(activations, k)
+        if not torch.isfinite(cotangent).all() or not all(bool(torch.isfinite(g).all()) for g in grads):
             raise ValueError(f"The server gradient of client {cut.client}'s cut in round {cut.round} is not finite.")
         self.last_loss = float(loss.detach())
         self._round_cuts[cut.client] = cut
         self._round_losses[cut.client] = self.last_loss
-        # As in HOSFLTrainer: lambda_i = grad(loss_i / K) * K.
-        return Cotangent(round=cut.round, client=cut.client, cotangent=z.grad * k)
+        return Cotangent(round=cut.round, client=cut.client, cotangent=cotangent)
 
     def round_loss(self, clients: list[int]) -> float:
         """The mean server loss of `clients` (those that finished) in the current round."""
