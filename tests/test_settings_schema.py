@@ -78,6 +78,9 @@ def test_each_key_reaches_the_run_with_its_hosflconfig_meaning():
 
 
 def test_defaults_are_hosflconfigs_where_the_app_sets_none():
+    from transformers import HfArgumentParser
+
+    HfArgumentParser(HOSFLConfig)  # it rewrites the dataclass fields' types in place (the CLI does this first)
     _, args = build_args(resolve({"model": "m", "dataset": "d"}))
     reference = HOSFLConfig(output_dir="x")
     for name in ("zo_estimator", "aggregation", "client_weight_decay", "scalar_bound", "partition", "warmup_steps"):

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import tempfile
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
@@ -90,25 +92,27 @@ def _to_run_config(value: Any) -> Any:
     return value
 
 
-def _field_types() -> dict[str, str]:
-    return {f.name: str(f.type) for f in fields(HOSFLConfig)}
+def _field_types() -> dict[str, Any]:
+    # Resolved types, not the annotation strings: transformers' HfArgumentParser rewrites `Field.type` in place.
+    return typing.get_type_hints(HOSFLConfig)
 
 
-def _from_run_config(name: str, value: Any, annotation: str) -> Any:
-    """A run-config value back as the HOSFLConfig field `name` (annotation `annotation`) takes it."""
-    optional = "None" in annotation
+def _from_run_config(name: str, value: Any, hint: Any) -> Any:
+    """A run-config value back as the HOSFLConfig field `name` (of type `hint`) takes it."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
     if optional and (value == "" or value is None):
         return None
-    if annotation.startswith("list["):
-        cast = int if annotation.startswith("list[int]") else str
+    kind = next(a for a in args if a is not type(None)) if optional else hint
+    if typing.get_origin(kind) is list:
+        cast = typing.get_args(kind)[0]
         return [cast(v.strip()) for v in str(value).split(",") if v.strip()] or None
-    for kind, cast in (("bool", bool), ("int", int), ("float", float)):
-        if annotation.split(" |")[0] == kind:
-            try:
-                return cast(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"Run-config '{_key(name)}' must be a {kind}, got {value!r}.") from None
-    return value if isinstance(value, str) or not optional else str(value)
+    if kind in (bool, int, float):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Run-config '{_key(name)}' must be a {kind.__name__}, got {value!r}.") from None
+    return value
 
 
 def _settings_defaults() -> dict[str, Any]:
