@@ -218,6 +218,7 @@ class HOSFLTrainer(Trainer):
         self.client_part = ClientPart(
             self.split, args.zo_eps, args.zo_estimator, dtype, space=settings.search_space, mask=settings.mask
         )
+        self.client_part.defense = settings.defense if settings.defense.active else None  # docs/privacy.md
         self.estimator = self.client_part.estimator
         # What the client optimizer steps (a masked base tensor: its vector of masked values).
         self.client_parameters = self.client_part.update_parameters
@@ -387,6 +388,8 @@ class HOSFLTrainer(Trainer):
         else:
             first_order_client = training and self.algorithm.client.graph
             cut = self.client_part.forward(client_inputs, grad=first_order_client)
+            if training and self._round_context is not None:  # the client's defense on what leaves it
+                cut = replace(cut, hidden_states=self.client_part.release(cut.hidden_states, *self._round_context))
             client_graph = cut.hidden_states if first_order_client else None
             if training and self._round_context is not None:
                 cut, labels = self._send_cut(cut, labels)

@@ -46,6 +46,8 @@ class ClientPart:
         space ([`ClientSearchSpace`], *optional*): the trainable client parameters the update covers (the others
             are frozen); `None` for all of them.
         mask ([`ClientMask`], *optional*): a static sparse mask of client base weights the update also covers.
+        defense ([`~hosfl_hf.privacy.CutDefense`], *optional*): clipping and noise on the cut that leaves the client
+            (`release`); the probes use the clean cut, so the noise cancels from the scalars.
 
     Attributes:
         parameters: the tensors the directions perturb, in pinned order (selected trainable parameters, then the
@@ -66,8 +68,10 @@ class ClientPart:
         autocast_dtype: torch.dtype | None = None,
         space: ClientSearchSpace | None = None,
         mask: ClientMask | None = None,
+        defense: Any = None,
     ):
         self.split = split
+        self.defense = defense if defense is not None and defense.active else None
         self.parameters, self.masks = client_update_targets(split, space, mask)
         self.scales = mask_direction_scales(self.parameters, self.masks, mask)
         self.guide = mask_direction_guide(self.parameters, self.masks, mask)
@@ -128,12 +132,28 @@ class ClientPart:
         with self.precision():
             return self.split.client(**inputs, grad=grad)
 
+    def release(self, hidden: torch.Tensor, round_index: int, client: int) -> torch.Tensor:
+        """The cut activations that leave the client: `hidden` through the defense (`hidden` itself without one)."""
+        if self.defense is None:
+            return hidden
+        return self.defense.release(hidden, round_index, client)
+
     def probe(
         self, inputs: dict[str, torch.Tensor], reference: torch.Tensor, cotangent: torch.Tensor, seeds: list[int]
     ) -> list[float]:
-        """The `P` scalars `<lambda, z(theta + mu u_p) - z(theta)>`."""
+        """The `P` scalars `<lambda, z(theta + mu u_p) - z(theta)>`.
+
+        With a defense, `z` is the clipped clean cut: the reference is recomputed here (the `reference` passed in may
+        be the noisy cut that was sent), and the noise, the same realisation in both terms, is never added, so it
+        cancels exactly."""
+        if self.defense is None:
+            return self.estimator.projected_scalars(
+                lambda: self.forward(inputs).hidden_states, reference, cotangent, seeds
+            )
+        clip = self.defense.clip
+        clean = clip(self.forward(inputs).hidden_states)
         return self.estimator.projected_scalars(
-            lambda: self.forward(inputs).hidden_states, reference, cotangent, seeds
+            lambda: clip(self.forward(inputs).hidden_states), clean, cotangent, seeds
         )
 
     def apply(self, update: ClientUpdate, optimizer: torch.optim.Optimizer) -> None:
@@ -181,6 +201,7 @@ class SplitClient:
             settings.autocast_dtype,
             space=settings.search_space,
             mask=settings.mask,
+            defense=settings.defense,
         )
         # What the optimizer steps (trainable parameters; a masked base tensor's vector of masked values).
         self.parameters = self.part.update_parameters
@@ -217,7 +238,7 @@ class SplitClient:
         return ClientForward(
             round=plan.round,
             client=self.client_id,
-            hidden_states=hidden,
+            hidden_states=self.part.release(hidden, plan.round, self.client_id),
             labels=batch.get("labels"),
             attention_mask=inputs.get("attention_mask"),
             position_ids=inputs.get("position_ids"),

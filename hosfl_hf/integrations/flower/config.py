@@ -58,6 +58,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "activation-bound": 1e6,  # cuts with a larger entry are rejected (poisoned activations); 0: no bound
     "checkpoint-every": 0,  # > 0: client-state snapshot every N rounds; a straggler behind it gets snapshot + tail
     "checkpoint-dir": "",  # server checkpoint after every round; a run finding one there resumes from it
+    "cut-noise": 0.0,  # client-side Gaussian noise on the cut, times each token's RMS (docs/privacy.md); 0: none
+    "cut-clip-norm": 0.0,  # per-token L2 clipping of the cut before the noise; 0: none
 }
 
 
@@ -97,6 +99,8 @@ def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
         max_grad_norm=float(config["max-grad-norm"]),
         max_steps=int(config["num-rounds"]),
         seed=int(config["seed"]),
+        cut_noise=float(config["cut-noise"]),
+        cut_clip_norm=float(config["cut-clip-norm"]) or None,
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
         save_strategy="no",
