@@ -21,6 +21,7 @@ Two attacks, both built from what that server has:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -222,21 +223,60 @@ def white_box_search(
                 pending += 1
                 continue
             tried = torch.arange(vocab) if candidates is None else candidates[row, t]
-            k = tried.shape[0]
-            new = torch.full((k, pending + 1), pad_id, dtype=torch.long)
-            new[:, -1] = tried
-            step_cache = cache if k == 1 else _repeat(cache, k)
-            positions = None if position_ids is None else position_ids[row, done : t + 1].expand(k, -1)
-            hidden = _cached_step(split, new, mask[: t + 1].expand(k, -1), step_cache, positions)[:, -1].float()
-            if defense is not None:
-                hidden = defense.clip(hidden)
-            best = int((hidden - observed[row, t].float()).pow(2).sum(-1).argmin())
-            recovered[row, t] = tried[best]
-            cache = step_cache
-            if k > 1:
-                cache.batch_select_indices(torch.tensor([best]))
+            target = observed[row, t].float()
+            positions = None if position_ids is None else position_ids[row, done : t + 1]
+            best, cache = _search_position(
+                split, cache, tried, pending, mask[: t + 1], positions, target, defense, pad_id
+            )
+            recovered[row, t] = best
             pending, done = 0, t + 1
     return recovered
+
+
+# Candidates are tried in these stages: a stage whose best candidate matches the received activation to this relative
+# distance ends the search (without noise the right token matches to rounding error; with noise no stage ends it).
+STAGES = (1, 4, 16)
+EXACT = 1e-4
+CHUNK = 256  # candidates per forward after the stages (a whole vocabulary)
+
+
+def _search_position(
+    split: Any,
+    cache: Any,
+    tried: torch.Tensor,
+    pending: int,
+    mask: torch.Tensor,
+    positions: torch.Tensor | None,
+    target: torch.Tensor,
+    defense: CutDefense | None,
+    pad_id: int = 0,
+) -> tuple[int, Any]:
+    """The nearest candidate at one position, and the cache extended by it."""
+    best_token, best_distance, best_cache = -1, math.inf, None
+    exact = defense is None or defense.noise == 0  # with noise no candidate matches exactly: no stages
+    stages = [b for b in STAGES if b < len(tried)] if exact else []
+    bounds = stages + list(range((stages[-1] if stages else 0) + CHUNK, len(tried), CHUNK)) + [len(tried)]
+    start = 0
+    for stop in bounds:
+        chunk = tried[start:stop]
+        k = chunk.shape[0]
+        new = torch.full((k, pending + 1), pad_id, dtype=torch.long)
+        new[:, -1] = chunk
+        step_cache = _repeat(cache, k)
+        step_positions = None if positions is None else positions.expand(k, -1)
+        hidden = _cached_step(split, new, mask.expand(k, -1), step_cache, step_positions)[:, -1].float()
+        if defense is not None:
+            hidden = defense.clip(hidden)
+        distance = (hidden - target).pow(2).sum(-1).sqrt()
+        index = int(distance.argmin())
+        if float(distance[index]) < best_distance:
+            best_token, best_distance = int(chunk[index]), float(distance[index])
+            step_cache.batch_select_indices(torch.tensor([index]))
+            best_cache = step_cache
+        if best_distance <= EXACT * float(target.norm()):
+            break
+        start = stop
+    return best_token, best_cache
 
 
 def _repeat(cache: Any, k: int) -> Any:
