@@ -3,6 +3,7 @@ bounded in time, the noise lowers what they recover, the noise cancels from the 
 defense runs on the client in the trainer and in the protocol alike (replay stays bit-exact)."""
 
 import copy
+import json
 import time
 
 import pytest
@@ -212,3 +213,29 @@ def test_audit_rejects_bad_input(public):
         audit_privacy(tiny_llama(), 1, [], public)
     with pytest.raises(ValueError, match="top_k"):
         audit_privacy(tiny_llama(), 1, public[:2], public, top_k=-1)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def test_privacy_audit_command_on_the_users_dataset_flags(tmp_path, capsys, single_thread):
+    from test_cli_datasets import tiny_checkpoint, toy_rows, write_jsonl
+
+    from hosfl_hf.cli import cli
+
+    model = tiny_checkpoint(tmp_path / "tiny")
+    data = tmp_path / "toy"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", toy_rows(200, seed=0))
+    out = tmp_path / "audit.json"
+    argv = ["privacy-audit", "--model_name_or_path", model, "--dataset_name", str(data)]
+    argv += ["--prompt_template", "Text: {text}\nLabel:", "--verbalizers", " no", " yes"]
+    argv += ["--split_layer", "1", "--cut_noise", "0", "4", "--num_sentences", "12"]
+    argv += ["--public_dataset", str(data), "--public_limit", "150", "--top_k", "0", "--output", str(out)]
+    start = time.perf_counter()
+    assert cli(argv) == 0
+    assert time.perf_counter() - start < 60
+    printed = capsys.readouterr().out
+    assert "| split | noise |" in printed and "Labels travel in clear" in printed
+    results = json.loads(out.read_text())
+    assert [(r["split_layer"], r["noise"]) for r in results] == [(1, 0.0), (1, 4.0)]
+    assert results[0]["white_box_top1"] >= 0.95 and results[0]["labels"]["num_labels"] == 12
+    assert results[1]["learned_top1"] < results[0]["learned_top1"]
