@@ -7,9 +7,9 @@ Knowing a defense's parameters (not its secret noise seed), it trains its attack
 
 Two attacks, both built from what that server has:
 
-- [`LinearInversion`] (learned): ridge regressions from a token's cut activation (divided by its RMS) to the token
-  (least squares on one-hot targets) and to its input embedding (nearest neighbour by cosine), fitted on public text
-  run through the known client part (through the defense too, with the attacker's own noise).
+- [`LinearInversion`] (learned): ridge regressions from a token's cut activation (divided by its RMS) to its input
+  embedding (decoded by nearest neighbour, cosine) and to the token (least squares on one-hot targets), fitted on
+  public text run through the known client part (through the defense too, with the attacker's own noise).
 - [`white_box_search`] (exact): a causal client part makes position `t` depend on tokens `<= t` only, so the server
   recovers a sentence token by token: each candidate token (the whole vocabulary, or the learned inversion's top
   `k`) is appended to the recovered prefix, run through the known client part (one cached step), and the candidate
@@ -100,7 +100,7 @@ class LinearInversion:
 
     @classmethod
     def fit(
-        cls, hidden: torch.Tensor, tokens: torch.Tensor, embeddings: torch.Tensor, ridge: float = 1e-2
+        cls, hidden: torch.Tensor, tokens: torch.Tensor, embeddings: torch.Tensor, ridge: float = 1e-3
     ) -> LinearInversion:
         """Fits both maps in closed form (one shared solve).
 
@@ -123,30 +123,35 @@ class LinearInversion:
 
     @torch.no_grad()
     def candidates(self, hidden: torch.Tensor, k: int = 1, chunk: int = 1024) -> torch.Tensor:
-        """The `k` most likely tokens of each activation, best first: `(N, k)`. The first is the one-hot map's
-        argmax; the others alternate between the two maps' rankings (duplicates skipped)."""
+        """The `k` most likely tokens of each activation, best first: `(N, k)`. The embedding map's nearest
+        neighbours come first (it generalises to tokens the public text lacks: 93 % top-1 against 50 % for the
+        one-hot map on SmolLM2 at split 1), the last quarter of the list is the one-hot map's best tokens not yet
+        listed."""
         out = []
+        vocab = self.embeddings.shape[0]
+        k = min(k, vocab)
         for start in range(0, hidden.shape[0], chunk):
             x = _features(hidden[start : start + chunk]).float()
-            token_rank = (x @ self.token_weight).topk(min(k, self.token_weight.shape[1]), dim=-1).indices
-            if k == 1:
-                out.append(token_rank)
-                continue
             embed = torch.nn.functional.normalize(x @ self.embed_weight, dim=-1) @ self.embeddings.T
-            embed_rank = embed.topk(min(k, embed.shape[1]), dim=-1).indices
-            out.append(_interleave(token_rank, embed_rank, k))
+            embed_rank = embed.topk(k, dim=-1).indices
+            if k == 1:
+                out.append(embed_rank)
+                continue
+            token_rank = (x @ self.token_weight).topk(k, dim=-1).indices
+            out.append(_merge(embed_rank, token_rank, k - k // 4, k))
         return torch.cat(out)
 
 
-def _interleave(first: torch.Tensor, second: torch.Tensor, k: int) -> torch.Tensor:
+def _merge(first: torch.Tensor, second: torch.Tensor, keep: int, k: int) -> torch.Tensor:
+    """Per row: the first `keep` of `first`, then `second`'s and `first`'s next entries not yet listed, up to `k`."""
     rows = []
     for a, b in zip(first.tolist(), second.tolist()):
-        seen: dict[int, None] = {}
-        for pair in zip(a, b):
-            for token in pair:
-                if len(seen) < k:
-                    seen.setdefault(token)
-        rows.append(list(seen) + [list(seen)[0]] * (k - len(seen)))
+        seen = dict.fromkeys(a[:keep])
+        for token in b + a[keep:]:
+            if len(seen) == k:
+                break
+            seen.setdefault(token)
+        rows.append(list(seen))
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -296,7 +301,7 @@ class PrivacyAudit:
     Attributes:
         split_layer, noise, clip_norm: the configuration attacked.
         num_sentences, num_tokens: the private sample (non-padding tokens).
-        learned_top1: share of tokens the learned inversion's first guess recovers.
+        learned_top1: share of tokens the learned inversion's first guess (embedding map) recovers.
         learned_topk: share of tokens among its `top_k` candidates (what the white-box search can reach).
         white_box_top1: share of tokens the white-box search recovers (`None` if not run).
         learned_sentences, white_box_sentences: share of sentences recovered whole.
@@ -363,7 +368,7 @@ def audit_privacy(
     labels: Sequence[Any] | None = None,
     top_k: int = 32,
     white_box: bool = True,
-    ridge: float = 1e-2,
+    ridge: float = 1e-3,
     batch_size: int = 16,
     pad_id: int = 0,
 ) -> PrivacyAudit:
