@@ -2,6 +2,10 @@
 scale, with paired seeds.
 
     python benchmarks/privacy_accuracy.py --noises 0 1 2 --seeds 0 1 --rounds 30 --threads 2
+    python benchmarks/privacy_accuracy.py --inference_only --noises 0 0.25 0.5 1 2 --seeds 0 1   # minutes
+
+`--inference_only` measures the pretrained model (no fine-tune) through the noisy cut at each noise scale: the cost
+the server's blocks pay for noisy input, with `--seeds` as noise secrets on the same sentences (paired).
 
 Every run of a seed shares the shards, client sampling, batches, LoRA initialisation and split (the grid's harness,
 `benchmarks/grid.py`: split 10, 10 clients, 3 per round, batch 8, P = 2, LoRA r8 on q/v in both parts): only the
@@ -52,6 +56,30 @@ def accuracy(trainer: HOSFLTrainer, dataset, tokenizer, verbalizers: list[int], 
     return correct / len(dataset)
 
 
+@torch.no_grad()
+def inference_only(noises: list[float], seeds: list[int], eval_limit: int, data_dir: str | None) -> list[dict]:
+    """Zero-shot accuracy of the pretrained model through the noisy cut at split 10: one row per (noise, secret)."""
+    from hosfl_hf.split import split_model
+
+    task = get_task("sst2")
+    model, tokenizer = load_model_and_tokenizer("smollm2")
+    model.eval()
+    validation = task.tokenize(task.load("validation", data_dir, eval_limit), tokenizer, 128)
+    verbalizers = task.verbalizer_ids(tokenizer)
+    holder = type("Holder", (), {"split": split_model(model, SPLIT_LAYER)})()
+    rows = []
+    for noise in noises:
+        for seed in seeds if noise > 0 else seeds[:1]:
+            defense = CutDefense(noise=noise, secret=seed) if noise > 0 else None
+            start = time.perf_counter()
+            acc = accuracy(holder, validation, tokenizer, verbalizers, defense)
+            rows.append({"noise": noise, "seed": seed, "accuracy": acc, "eval_examples": len(validation)})
+            print(
+                f"inference noise {noise:g} secret {seed}: {acc:.4f} ({time.perf_counter() - start:.0f} s)", flush=True
+            )
+    return rows
+
+
 def run(noise: float, seed: int, rounds: int, eval_limit: int, data_dir: str | None) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -97,11 +125,12 @@ def run(noise: float, seed: int, rounds: int, eval_limit: int, data_dir: str | N
     }
 
 
-def write(out: str, results: list[dict]) -> None:
+def write(out: str, results: list[dict], inference: list[dict] | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "privacy_accuracy.json")
+    inference = inference if inference is not None else load(out).get("inference", [])
     with open(path + ".tmp", "w") as f:
-        json.dump({"results": results}, f, indent=1)
+        json.dump({"results": results, "inference": inference}, f, indent=1)
     os.replace(path + ".tmp", path)
     by_seed = {(r["noise"], r["seed"]): r for r in results}
     lines = [
@@ -124,8 +153,28 @@ def write(out: str, results: list[dict]) -> None:
             f"| {100 * r['accuracy_clean']:.1f} % | {100 * r['accuracy_noisy']:.1f} % | {delta} "
             f"| {r['mean_train_loss']:.4f} | {r['round_seconds']:.1f} |"
         )
+    if inference:
+        lines += [
+            "",
+            "## Inference through the noisy cut (pretrained model, no fine-tune)",
+            "",
+            f"SmolLM2-135M-Instruct, split {SPLIT_LAYER}, the `Review: ...\\nSentiment:` prompt, accuracy on the same "
+            f"{inference[0]['eval_examples']} SST-2 validation sentences for every row; `secret` is the noise seed.",
+            "",
+            "| noise | secret | accuracy |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {r['noise']:g} | {r['seed']} | {100 * r['accuracy']:.1f} % |" for r in inference]
     with open(os.path.join(out, "privacy_accuracy.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def load(out: str) -> dict:
+    path = os.path.join(out, "privacy_accuracy.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def plot(out: str) -> None:
@@ -134,11 +183,15 @@ def plot(out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(out, "privacy_accuracy.json")) as f:
-        results = json.load(f)["results"]
+    data = load(out)
+    results, inference = data.get("results", []), data.get("inference", [])
     fig, ax = plt.subplots(figsize=(5, 4))
+    if inference:
+        noises = sorted({r["noise"] for r in inference})
+        means = [100 * np.mean([r["accuracy"] for r in inference if r["noise"] == n]) for n in noises]
+        ax.plot(noises, means, "s--", label="pretrained, noisy-cut inference")
     noises = sorted({r["noise"] for r in results})
-    for key, label in (("accuracy_clean", "clean inference"), ("accuracy_noisy", "noisy-cut inference")):
+    for key, label in (("accuracy_clean", "fine-tuned, clean inference"), ("accuracy_noisy", "fine-tuned, noisy cut")):
         means = [100 * np.mean([r[key] for r in results if r["noise"] == n]) for n in noises]
         ax.plot(noises, means, "o-", label=label)
         for r in results:
@@ -160,16 +213,17 @@ def main() -> None:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "results"))
     parser.add_argument("--plot", action="store_true", help="only draw the plot from the written file")
+    parser.add_argument("--inference_only", action="store_true", help="the pretrained model through the noisy cut")
     args = parser.parse_args()
     if args.plot:
         plot(args.out)
         return
     torch.set_num_threads(args.threads)
-    path = os.path.join(args.out, "privacy_accuracy.json")
-    results = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            results = [r for r in json.load(f)["results"] if r["rounds"] == args.rounds]
+    results = [r for r in load(args.out).get("results", []) if r["rounds"] == args.rounds]
+    if args.inference_only:
+        write(args.out, results, inference_only(args.noises, args.seeds, args.eval_limit, args.data_dir))
+        plot(args.out)
+        return
     done = {(r["noise"], r["seed"]) for r in results}
     for seed in args.seeds:
         for noise in args.noises:

@@ -26,7 +26,7 @@ from hosfl_hf.privacy import CutDefense, PrivacyAudit, audit_privacy
 from hosfl_hf.tasks import get_task
 
 # (split layer, noise) in priority order: the split-layer row first, then the noise row at the recipes' split.
-DEFAULT_CONFIGS = ["1:0", "5:0", "10:0", "20:0", "10:0.5", "10:1", "10:2", "1:1", "20:1", "1:2", "20:2"]
+DEFAULT_CONFIGS = ["1:0", "5:0", "10:0", "20:0", "10:0.25", "10:0.5", "10:1", "1:0.5", "1:1", "20:0.5"]
 
 
 def parse_config(text: str) -> tuple[int, float]:
@@ -105,9 +105,9 @@ def plot(out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, help="split:noise pairs, e.g. 10:0.5")
-    parser.add_argument("--sentences", type=int, default=50)
-    parser.add_argument("--max_tokens", type=int, default=20)
-    parser.add_argument("--public", type=int, default=2000)
+    parser.add_argument("--sentences", type=int, default=25)
+    parser.add_argument("--max_tokens", type=int, default=16)
+    parser.add_argument("--public", type=int, default=1000)
     parser.add_argument("--top_k", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data_dir", default=None)

@@ -115,11 +115,15 @@ class LinearInversion:
         vocab = embeddings.shape[0]
         gram = x.T @ x
         gram += torch.eye(gram.shape[0], dtype=gram.dtype) * ridge * gram.diagonal().mean()
-        onehot_target = torch.zeros(x.shape[1], vocab, dtype=torch.float64).index_add_(1, tokens, x.T)
+        # One-hot targets of tokens absent from the public text have zero weights: solve for the present ones only.
+        present, index = tokens.unique(return_inverse=True)
+        onehot_target = torch.zeros(x.shape[1], len(present), dtype=torch.float64).index_add_(1, index, x.T)
         embed_target = x.T @ embeddings.double()[tokens]
         solution = torch.linalg.solve(gram, torch.cat([onehot_target, embed_target], dim=1))
+        token_weight = torch.zeros(x.shape[1], vocab)
+        token_weight[:, present] = solution[:, : len(present)].float()
         unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
-        return cls(solution[:, :vocab].float(), solution[:, vocab:].float(), unit)
+        return cls(token_weight, solution[:, len(present) :].float(), unit)
 
     @torch.no_grad()
     def candidates(self, hidden: torch.Tensor, k: int = 1, chunk: int = 1024) -> torch.Tensor:
