@@ -153,6 +153,8 @@ def write(out: str, results: list[dict], inference: list[dict] | None = None) ->
             f"| {100 * r['accuracy_clean']:.1f} % | {100 * r['accuracy_noisy']:.1f} % | {delta} "
             f"| {r['mean_train_loss']:.4f} | {r['round_seconds']:.1f} |"
         )
+    if not results:
+        lines[-2:] = ["No fine-tuned run stored yet (run without `--inference_only`)."]
     if inference:
         lines += [
             "",
@@ -191,7 +193,8 @@ def plot(out: str) -> None:
         means = [100 * np.mean([r["accuracy"] for r in inference if r["noise"] == n]) for n in noises]
         ax.plot(noises, means, "s--", label="pretrained, noisy-cut inference")
     noises = sorted({r["noise"] for r in results})
-    for key, label in (("accuracy_clean", "fine-tuned, clean inference"), ("accuracy_noisy", "fine-tuned, noisy cut")):
+    curves = (("accuracy_clean", "fine-tuned, clean inference"), ("accuracy_noisy", "fine-tuned, noisy cut"))
+    for key, label in curves if results else ():
         means = [100 * np.mean([r[key] for r in results if r["noise"] == n]) for n in noises]
         ax.plot(noises, means, "o-", label=label)
         for r in results:
@@ -216,6 +219,8 @@ def main() -> None:
     parser.add_argument("--inference_only", action="store_true", help="the pretrained model through the noisy cut")
     args = parser.parse_args()
     if args.plot:
+        data = load(args.out)
+        write(args.out, data.get("results", []), data.get("inference", []))
         plot(args.out)
         return
     torch.set_num_threads(args.threads)

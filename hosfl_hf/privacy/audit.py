@@ -384,7 +384,8 @@ def audit_privacy(
     [`white_box_search`] over them.
 
     Args:
-        model (`nn.Module`): the causal LM at the client's weights (what the server knows).
+        model (`nn.Module`): the causal LM at the client's weights (what the server knows). It is put in eval mode and
+            split as [`split_model`] does (trainable tied embeddings are untied); its weights are not changed.
         split_layer (`int`): the blocks the client holds.
         private (`Sequence[Sequence[int]]`): the user's token sequences (what training would send).
         public (`Sequence[Sequence[int]]`): public token sequences the attacker trains on.
