@@ -40,6 +40,8 @@ class ClientPart:
         space ([`ClientSearchSpace`], *optional*): the trainable client parameters the update covers (the others
             are frozen); `None` for all of them.
         mask ([`ClientMask`], *optional*): a static sparse mask of client base weights the update also covers.
+        defense ([`~hosfl_hf.privacy.CutDefense`], *optional*): clipping and noise on the cut that leaves the client
+            (`release`); the probes use the clean cut, so the noise cancels from the scalars.
 
     Attributes:
         parameters: the tensors the directions perturb, in pinned order (selected trainable parameters, then the
@@ -60,8 +62,10 @@ class ClientPart:
         autocast_dtype: torch.dtype | None = None,
         space: ClientSearchSpace | None = None,
         mask: ClientMask | None = None,
+        defense: Any = None,
     ):
         self.split = split
+        self.defense = defense if defense is not None and defense.active else None
         self.parameters, self.masks = client_update_targets(split, space, mask)
         self.scales = mask_direction_scales(self.parameters, self.masks, mask)
         self.guide = mask_direction_guide(self.parameters, self.masks, mask)
@@ -116,12 +120,28 @@ class ClientPart:
         with self.precision():
             return self.split.client(**inputs, grad=grad)
 
+    def release(self, hidden: torch.Tensor, round_index: int, client: int) -> torch.Tensor:
+        """The cut activations that leave the client: `hidden` through the defense (`hidden` itself without one)."""
+        if self.defense is None:
+            return hidden
+        return self.defense.release(hidden, round_index, client)
+
     def probe(
         self, inputs: dict[str, torch.Tensor], reference: torch.Tensor, cotangent: torch.Tensor, seeds: list[int]
     ) -> list[float]:
-        """The `P` scalars `<lambda, z(theta + mu u_p) - z(theta)>`."""
+        """The `P` scalars `<lambda, z(theta + mu u_p) - z(theta)>`.
+
+        With a defense, `z` is the clipped clean cut: the reference is recomputed here (the `reference` passed in may
+        be the noisy cut that was sent), and the noise, the same realisation in both terms, is never added, so it
+        cancels exactly."""
+        if self.defense is None:
+            return self.estimator.projected_scalars(
+                lambda: self.forward(inputs).hidden_states, reference, cotangent, seeds
+            )
+        clip = self.defense.clip
+        clean = clip(self.forward(inputs).hidden_states)
         return self.estimator.projected_scalars(
-            lambda: self.forward(inputs).hidden_states, reference, cotangent, seeds
+            lambda: clip(self.forward(inputs).hidden_states), clean, cotangent, seeds
         )
 
     def apply(self, update: ClientUpdate, optimizer: torch.optim.Optimizer) -> None:

@@ -114,6 +114,16 @@ class HOSFLConfig(TrainingArguments):
             For `"trimmed_mean"`: the fraction of clients dropped at each end, per seed.
         scalar_bound (`float` or `None`, *optional*, defaults to `None`):
             Clip each client's scalars to `[-scalar_bound, scalar_bound]` before aggregating.
+        cut_noise (`float`, *optional*, defaults to `0.0`):
+            Client-side Gaussian noise on the cut activations sent to the server, `sigma` of
+            [`~hosfl_hf.privacy.CutDefense`]: times each token's RMS, or times `cut_clip_norm / sqrt(hidden_size)`
+            with clipping. The probes use the clean cut, so the noise cancels from the scalars. See
+            `docs/privacy.md`.
+        cut_clip_norm (`float` or `None`, *optional*, defaults to `None`):
+            Per-token L2 clipping of the cut before the noise (`None`: none).
+        cut_noise_seed (`int` or `None`, *optional*, defaults to `None`):
+            The clients' secret noise seed, for reproducible simulations only (a server that knows it removes the
+            noise); `None` draws the noise from OS entropy.
 
     Precision and clipping (one rule for every method):
 
@@ -203,6 +213,16 @@ class HOSFLConfig(TrainingArguments):
     scalar_bound: float | None = field(
         default=None, metadata={"help": "Clip each client's scalars to [-bound, bound] before aggregating."}
     )
+    cut_noise: float = field(
+        default=0.0,
+        metadata={"help": "Client-side Gaussian noise on the cut, times each token's RMS (docs/privacy.md); 0: none."},
+    )
+    cut_clip_norm: float | None = field(
+        default=None, metadata={"help": "Per-token L2 clipping of the cut before the noise; None: none."}
+    )
+    cut_noise_seed: int | None = field(
+        default=None, metadata={"help": "Secret seed of the cut noise (simulations only); None: OS entropy."}
+    )
 
     def __post_init__(self):
         def fail(name: str, value: object, expected: str) -> None:
@@ -278,6 +298,9 @@ class HOSFLConfig(TrainingArguments):
             isinstance(self.scalar_bound, (int, float)) and math.isfinite(self.scalar_bound) and self.scalar_bound > 0
         ):
             fail("scalar_bound", self.scalar_bound, "it must be a finite number > 0, or None")
+        from .privacy.defense import CutDefense
+
+        CutDefense(self.cut_noise, self.cut_clip_norm, self.cut_noise_seed)  # raises on an invalid value
         if self.gradient_accumulation_steps not in (1, self.clients_per_round):
             fail(
                 "gradient_accumulation_steps",

@@ -7,7 +7,7 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -214,7 +214,13 @@ class HOSFLTrainer(Trainer):
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         settings = self.round_settings
         self.client_part = ClientPart(
-            self.split, args.zo_eps, args.zo_estimator, dtype, space=settings.search_space, mask=settings.mask
+            self.split,
+            args.zo_eps,
+            args.zo_estimator,
+            dtype,
+            space=settings.search_space,
+            mask=settings.mask,
+            defense=settings.defense,  # noise on the cut that leaves the client (docs/privacy.md)
         )
         self.estimator = self.client_part.estimator
         # What the client optimizer steps (a masked base tensor: its vector of masked values).
@@ -401,6 +407,8 @@ class HOSFLTrainer(Trainer):
         else:
             first_order_client = training and self.algorithm.client.graph
             cut = self.client_part.forward(client_inputs, grad=first_order_client)
+            if training and self._round_context is not None:  # the client's defense on what leaves it
+                cut = replace(cut, hidden_states=self.client_part.release(cut.hidden_states, *self._round_context))
             client_graph = cut.hidden_states if first_order_client else None
             if training and self._round_context is not None:
                 cut, labels = self._send_cut(cut, labels)

@@ -48,6 +48,8 @@ CHANGED = {
     "client-lr-scheduler-type": "constant",
     "client-warmup-steps": 1,
     "client-lr-scheduler-kwargs": '{"num_cycles": 0.5}',
+    "cut-noise": 0.5,
+    "cut-clip-norm": 2.0,
 }
 EXPECTED = {
     "client_zo_blocks": [0],
@@ -58,7 +60,7 @@ EXPECTED = {
 
 def test_every_shared_setting_is_a_run_config_key():
     shared = {f.name for f in fields(RoundSettings)} - {"batch_size", "mixed_precision", "client_mask"}
-    assert shared <= set(SETTINGS_FIELDS)
+    assert shared - set(SETTINGS_FIELDS) == {"cut_noise_seed"}  # a client secret: never in the server's run config
     assert {name.replace("_", "-") for name in SETTINGS_FIELDS} == set(CHANGED)
     assert set(DEFAULT_RUN_CONFIG) == set(APP_CONFIG) | set(CHANGED)
     assert all(isinstance(v, (str, int, float, bool)) for v in DEFAULT_RUN_CONFIG.values())  # TOML scalars

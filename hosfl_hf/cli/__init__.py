@@ -15,6 +15,7 @@ hosfl-hf train --config my_run.yaml --seed 1          # any run: YAML file, flag
 hosfl-hf train --dataset_name my_data/ --prompt_template "Review: {text}\nSentiment:" --verbalizers " bad" " good"
 hosfl-hf sft --dataset_name chats/ --max_steps 40     # instruction tuning (TRL data handling: hosfl-hf[sft])
 hosfl-hf memory --model facebook/opt-13b --split_layer 10 --batch_size 16
+hosfl-hf privacy-audit --task sst2 --split_layer 1 10 --cut_noise 0 1   # what the server reads (docs/privacy.md)
 hosfl-hf env                                          # versions, for bug reports
 python -m hosfl_hf ...                                # the same without the console script
 ```
@@ -117,6 +118,14 @@ def _sft(argv: Sequence[str]) -> None:
     sft_main(*parser.parse_args_and_config(argv))
 
 
+def _privacy_audit(argv: Sequence[str]) -> None:
+    from .privacy import make_privacy_parser, privacy_main
+
+    parser = make_privacy_parser()
+    parser.prog = "hosfl-hf privacy-audit"
+    privacy_main(*parser.parse_args_and_config(argv))
+
+
 def _commands() -> dict[str, tuple[str, Any]]:
     """The console's commands: name -> (one-line help, function of the remaining arguments)."""
     commands: dict[str, tuple[str, Any]] = {
@@ -126,12 +135,16 @@ def _commands() -> dict[str, tuple[str, Any]]:
         commands[name] = (recipe.description, partial(_train, name))
     commands["sft"] = ("Instruction tuning (SFT) on chat / prompt-completion / text data (needs trl).", _sft)
     commands["memory"] = ("Estimate the GPU memory of a run (an estimate, not a measurement).", _memory)
+    commands["privacy-audit"] = (
+        "Play the server: token recovery from the cut on your data (docs/privacy.md).",
+        _privacy_audit,
+    )
     commands["env"] = ("Print versions, for bug reports.", lambda argv: _env())
     return commands
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """`hosfl-hf <command> [flags]`: `train`, one command per recipe, `sft`, `memory` and `env`."""
+    """`hosfl-hf <command> [flags]`: `train`, one command per recipe, `sft`, `memory`, `privacy-audit` and `env`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     registry = _commands()
     commands = {name: text for name, (text, _) in registry.items()}

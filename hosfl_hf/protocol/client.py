@@ -56,6 +56,7 @@ class SplitClient:
             settings.autocast_dtype,
             space=settings.search_space,
             mask=settings.mask,
+            defense=settings.defense,
         )
         # What the optimizer steps (trainable parameters; a masked base tensor's vector of masked values).
         self.parameters = self.part.update_parameters
@@ -92,7 +93,7 @@ class SplitClient:
         return ClientForward(
             round=plan.round,
             client=self.client_id,
-            hidden_states=hidden,
+            hidden_states=self.part.release(hidden, plan.round, self.client_id),
             labels=batch.get("labels"),
             attention_mask=inputs.get("attention_mask"),
             position_ids=inputs.get("position_ids"),

@@ -41,6 +41,9 @@ class RoundSettings:
     client_zo_modules: list[str] | None = None
     client_seeds: str = "shared"
     client_mask: dict[str, Any] | None = None
+    cut_noise: float = 0.0
+    cut_clip_norm: float | None = None
+    cut_noise_seed: int | None = None
 
     def __post_init__(self):
         if self.client_seeds not in ("shared", "per_client"):
@@ -60,6 +63,14 @@ class RoundSettings:
         if self.client_zo_blocks is None and self.client_zo_modules is None:
             return None
         return ClientSearchSpace(self.client_zo_blocks, self.client_zo_modules)
+
+    @property
+    def defense(self) -> Any:
+        """The clients' [`~hosfl_hf.privacy.CutDefense`] on the cut (`cut_noise`, `cut_clip_norm`; the noise seed
+        `cut_noise_seed` is meant for simulations: `None` draws every client's noise from OS entropy)."""
+        from ..privacy.defense import CutDefense
+
+        return CutDefense(self.cut_noise, self.cut_clip_norm, self.cut_noise_seed)
 
     @property
     def mask(self) -> Any:

@@ -34,8 +34,11 @@ __all__ = [
 # The settings every node must agree on are HOSFLConfig's: each of these fields is the run-config key of its name in
 # kebab case (`client_weight_decay` -> `client-weight-decay`), with HOSFLConfig's type and meaning; nothing here
 # declares them a second time. `None` is written as "", a list as comma-separated values, a dict as a JSON object.
+# `cut_noise_seed` is left out on purpose: the run config is the server operator's, and a server that knows the
+# clients' noise seed removes the noise (each ClientApp draws it from OS entropy; docs/privacy.md).
+NOT_IN_RUN_CONFIG = ("batch_size", "mixed_precision", "client_mask", "cut_noise_seed")
 SETTINGS_FIELDS: tuple[str, ...] = (
-    *(f.name for f in fields(RoundSettings) if f.name not in ("batch_size", "mixed_precision", "client_mask")),
+    *(f.name for f in fields(RoundSettings) if f.name not in NOT_IN_RUN_CONFIG),
     "algorithm",
     "learning_rate",
     "weight_decay",
