@@ -11,9 +11,9 @@ import torch
 from conftest import counting_dataset, stack_collator, tiny_args, tiny_llama
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer, Trajectory, replay_trajectory, split_model
+from hosfl_hf.client_part import ClientPart
 from hosfl_hf.privacy import CutDefense, LinearInversion, audit_privacy, cut_tokens, white_box_search
 from hosfl_hf.protocol import CatchUp, Cotangent, RoundPlan, RoundSettings, SplitClient, SplitServer, run_rounds
-from hosfl_hf.protocol.client import ClientPart
 
 VOCAB = 32
 
@@ -239,3 +239,63 @@ def test_privacy_audit_command_on_the_users_dataset_flags(tmp_path, capsys, sing
     assert [(r["split_layer"], r["noise"]) for r in results] == [(1, 0.0), (1, 4.0)]
     assert results[0]["white_box_top1"] >= 0.95 and results[0]["labels"]["num_labels"] == 12
     assert results[1]["learned_top1"] < results[0]["learned_top1"]
+
+
+def test_flower_clients_apply_the_defense(tmp_path):
+    """Over Flower (simulation) each ClientApp adds the noise on its node: the server's first-round loss is not the
+    noise-free one, and every client still ends with the server's record of the client part (the noise never enters
+    the scalars, the update or the replay)."""
+    pytest.importorskip("flwr")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    from hosfl_hf.integrations.flower.config import build_args, load_dataset, load_model, make_collator, resolve
+    from hosfl_hf.integrations.flower.local import stop_process
+    from hosfl_hf.protocol import FederatedRun, InProcessTransport
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for row in counting_dataset():
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    config = {
+        "model": str(tmp_path / "model"),
+        "dataset": str(tmp_path / "train.jsonl"),
+        "num-rounds": 2,
+        "num-clients": 2,
+        "clients-per-round": 2,
+        "cut-noise": 1.0,
+        "output-dir": str(tmp_path / "out"),
+        "state-dir": str(tmp_path / "state"),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
+    script = Path(__file__).parent / "flower_simulation.py"
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "config.json"), "2"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        output, _ = process.communicate(timeout=420)
+    finally:
+        stop_process(process)
+    summary_path = tmp_path / "out" / "flower_summary.json"
+    assert summary_path.is_file(), output[-6000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["clients_identical"] and summary["rounds"] == 2
+
+    # The same run without noise, in process: the first round's server loss differs only by the clients' noise.
+    clean = resolve({**config, "cut-noise": 0.0})
+    settings, args = build_args(clean)
+    dataset, collator = load_dataset(clean), make_collator(clean)
+    server = SplitServer(load_model(clean), settings, args)
+    clients = {c: SplitClient(load_model(clean), c, settings, dataset, collator) for c in range(2)}
+    run = FederatedRun(server, InProcessTransport(clients))
+    run.run(1)
+    assert abs(summary["history"][0]["loss"] - run.log[0]["loss"]) > 1e-3
