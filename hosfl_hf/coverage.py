@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .testing import HEADS, HIDDEN, LAYERS, TINY_OVERRIDES, VOCAB, _quiet, padded_batch, tiny_causal_lm, tiny_config
+from .testing import HEADS, HIDDEN, LAYERS, TINY_OVERRIDES, VOCAB, padded_batch, quiet, tiny_causal_lm, tiny_config
 
 __all__ = [
     "TINY_OVERRIDES",
@@ -93,7 +93,7 @@ def _num_layers(model: nn.Module) -> int | None:
     from .split import _find_layers
 
     try:
-        with _quiet():
+        with quiet():
             return len(_find_layers(model)[1])
     except ValueError:
         return None
@@ -113,7 +113,7 @@ def check_model_type(model_type: str, cuts: Iterable[int] | None = None, seed: i
     input_ids, mask = padded_batch(min(vocab, VOCAB), seed=seed)
     real = mask.bool()
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet():
             reference = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         if not torch.isfinite(reference[real]).all():
             raise RuntimeError("non-finite logits on real tokens")
@@ -127,7 +127,7 @@ def check_model_type(model_type: str, cuts: Iterable[int] | None = None, seed: i
     diffs = []
     for k in cuts:
         try:
-            with _quiet():
+            with quiet():
                 parts = split_model(model, split_layer=k)
         except ValueError as error:
             result.cuts[k] = "refused"
@@ -139,7 +139,7 @@ def check_model_type(model_type: str, cuts: Iterable[int] | None = None, seed: i
             continue
         result.layers_path = parts.layers_path
         try:
-            with torch.no_grad(), _quiet():
+            with torch.no_grad(), quiet():
                 cut = parts.client(input_ids=input_ids, attention_mask=mask)
                 logits = parts.server(cut).logits
                 diff = (logits - reference)[real].abs().max().item()
@@ -191,7 +191,7 @@ def _check_router_loss(model: nn.Module, k: int, input_ids: torch.Tensor, mask: 
     try:
         for c in configs:
             c.output_router_logits = True
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet():
             full = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
             try:
                 parts = split_model(model, split_layer=k)

@@ -22,6 +22,7 @@ from torch import nn
 __all__ = [
     "TINY_OVERRIDES",
     "padded_batch",
+    "quiet",
     "tiny_causal_lm",
     "tiny_config",
     "tiny_llama",
@@ -177,7 +178,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any] | Callable[[Any], None]] = {
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
+    """Silences warnings and printed output while odd model types are built and run (the coverage sweep)."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
@@ -236,7 +238,7 @@ def tiny_config(model_type: str) -> Any:
     override = TINY_OVERRIDES.get(model_type)
     if isinstance(override, dict):
         kwargs.update(override)
-    with contextlib.suppress(Exception), _quiet():
+    with contextlib.suppress(Exception), quiet():
         config = AutoConfig.for_model(model_type, **kwargs)
     layers = override.get("num_hidden_layers", LAYERS) if isinstance(override, dict) else LAYERS
     for cfg in _sub_configs(config):
@@ -263,7 +265,7 @@ def tiny_causal_lm(model_type: str, seed: int = 0, std: float = 0.15) -> nn.Modu
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type)
-    with torch.random.fork_rng(devices=[]), _quiet():
+    with torch.random.fork_rng(devices=[]), quiet():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)

@@ -139,3 +139,51 @@ def pytest_configure(config):
     # `finally` blocks and fixture teardowns stop what they started, by pid.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+
+
+def write_flower_inputs(folder, **run_config) -> dict:
+    """The Flower app's inputs in `folder` (the tiny Llama saved as `model/`, the counting rows as `train.jsonl`) and
+    a run config over them, with `run_config` on top."""
+    import json
+
+    tiny_llama().save_pretrained(folder / "model")
+    with open(folder / "train.jsonl", "w") as f:
+        for row in counting_dataset():
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    return {
+        "model": str(folder / "model"),
+        "dataset": str(folder / "train.jsonl"),
+        "output-dir": str(folder / "out"),
+        "state-dir": str(folder / "state"),
+        **run_config,
+    }
+
+
+def run_flower_simulation(folder, config: dict, num_nodes: int, *extra: str, timeout: float = 420) -> str:
+    """Runs tests/flower_simulation.py on `config` with `num_nodes` SuperNodes in its own process group (the wait is
+    bounded and the group is stopped by pid whatever happens); returns its output."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hosfl_hf.integrations.flower.local import stop_process
+
+    (folder / "config.json").write_text(json.dumps(config))
+    env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(folder / "flwr"))
+    script = Path(__file__).parent / "flower_simulation.py"
+    command = [sys.executable, str(script), str(folder / "config.json"), str(num_nodes), *extra]
+    process = subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=folder,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        stop_process(process)
+    return output

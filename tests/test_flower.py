@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import counting_dataset, stack_collator, subprocess_env, tiny_args, tiny_llama
+from conftest import counting_dataset, stack_collator, subprocess_env, tiny_args, tiny_llama, write_flower_inputs
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
@@ -36,20 +36,7 @@ def run(command, timeout, **kwargs):
 
 
 def write_inputs(folder: Path, rounds: int) -> dict:
-    tiny_llama().save_pretrained(folder / "model")
-    rows = counting_dataset()
-    with open(folder / "train.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
-    return {
-        "model": str(folder / "model"),
-        "dataset": str(folder / "train.jsonl"),
-        "num-rounds": rounds,
-        "num-clients": CLIENTS,
-        "clients-per-round": 2,
-        "output-dir": str(folder / "out"),
-        "state-dir": str(folder / "state"),
-    }
+    return write_flower_inputs(folder, **{"num-rounds": rounds, "num-clients": CLIENTS, "clients-per-round": 2})
 
 
 def trainer_reference(tmp_path, rounds):

@@ -4,16 +4,20 @@ every artifact re-loads to the in-memory weights (the Flower app with LoRA inclu
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import counting_dataset, stack_collator, subprocess_env, tiny_args, tiny_llama
+from conftest import (
+    counting_dataset,
+    run_flower_simulation,
+    stack_collator,
+    tiny_args,
+    tiny_llama,
+    write_flower_inputs,
+)
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
@@ -240,32 +244,9 @@ def test_flower_output_with_lora_holds_the_trained_server_adapters(tmp_path):
     one parameter group), and the server adapters are not the initial ones."""
     pytest.importorskip("flwr")
     from hosfl_hf.integrations.flower.config import build_args, load_dataset, load_model, make_collator, resolve
-    from hosfl_hf.integrations.flower.local import stop_process
 
-    tiny_llama().save_pretrained(tmp_path / "model")
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for row in counting_dataset():
-            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
-    config = {
-        "model": str(tmp_path / "model"),
-        "dataset": str(tmp_path / "train.jsonl"),
-        "num-rounds": 3,
-        "num-clients": 2,
-        "clients-per-round": 2,
-        "lora-r": 2,
-        "output-dir": str(tmp_path / "out"),
-        "state-dir": str(tmp_path / "state"),
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
-    command = [sys.executable, str(HERE / "flower_simulation.py"), str(tmp_path / "config.json"), "2"]
-    process = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    try:
-        output, _ = process.communicate(timeout=420)
-    finally:
-        stop_process(process)
+    config = write_flower_inputs(tmp_path, **{"num-rounds": 3, "num-clients": 2, "clients-per-round": 2, "lora-r": 2})
+    output = run_flower_simulation(tmp_path, config, 2)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file(), output[-6000:]
     # A watchable run: a line per round and a closing summary that names the output folder.
     assert all(f"HO-SFL round {r}/3 | clients 2/2 | loss " in output for r in (1, 2, 3)), output[-6000:]

@@ -246,45 +246,14 @@ def test_flower_clients_apply_the_defense(tmp_path):
     noise-free one, and every client still ends with the server's record of the client part (the noise never enters
     the scalars, the update or the replay)."""
     pytest.importorskip("flwr")
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from conftest import subprocess_env
+    from conftest import run_flower_simulation, write_flower_inputs
 
     from hosfl_hf.integrations.flower.config import build_args, load_dataset, load_model, make_collator, resolve
-    from hosfl_hf.integrations.flower.local import stop_process
     from hosfl_hf.protocol import FederatedRun, InProcessTransport
 
-    tiny_llama().save_pretrained(tmp_path / "model")
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for row in counting_dataset():
-            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
-    config = {
-        "model": str(tmp_path / "model"),
-        "dataset": str(tmp_path / "train.jsonl"),
-        "num-rounds": 2,
-        "num-clients": 2,
-        "clients-per-round": 2,
-        "cut-noise": 1.0,
-        "output-dir": str(tmp_path / "out"),
-        "state-dir": str(tmp_path / "state"),
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
-    script = Path(__file__).parent / "flower_simulation.py"
-    process = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "config.json"), "2"],
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        output, _ = process.communicate(timeout=420)
-    finally:
-        stop_process(process)
+    run_config = {"num-rounds": 2, "num-clients": 2, "clients-per-round": 2, "cut-noise": 1.0}
+    config = write_flower_inputs(tmp_path, **run_config)
+    output = run_flower_simulation(tmp_path, config, 2)
     summary_path = tmp_path / "out" / "flower_summary.json"
     assert summary_path.is_file(), output[-6000:]
     summary = json.loads(summary_path.read_text())
