@@ -302,8 +302,7 @@ class SplitModel:
                     attention_mask=attention_mask,
                     position_ids=position_ids,
                     inputs_embeds=inputs_embeds,
-                    use_cache=False,
-                    **kwargs,
+                    **{"use_cache": False, **kwargs},  # a caller may run it over a KV cache (the privacy audit)
                 )
         except _CutReached as cut:
             hidden_states = cut.hidden_states

@@ -159,38 +159,15 @@ def _merge(first: torch.Tensor, second: torch.Tensor, keep: int, k: int) -> torc
     return torch.tensor(rows, dtype=torch.long)
 
 
-class _Stop(BaseException):
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
-
-
-def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
 @torch.no_grad()
 def _cached_step(
     split: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any, position_ids: torch.Tensor | None
 ) -> torch.Tensor:
     """Runs the client part on new tokens over a KV cache of the prefix; returns the cut at the new tokens."""
-
-    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        raise _Stop(_hidden_arg(args, kwargs))
-
-    handle = split.layers[split.split_layer].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        split.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-        )
-    except _Stop as cut:
-        return cut.hidden
-    finally:
-        handle.remove()
-    raise RuntimeError(f"The model never called decoder block {split.split_layer}: cannot run its client part.")
+    cut = split.client(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+    )
+    return cut.hidden_states
 
 
 @torch.no_grad()
