@@ -1,13 +1,18 @@
-"""The methods `HOSFLTrainer` runs, as a registry: each is a server rule and a client rule on a split (or on the whole
-model). Adding a method is one entry in `ALGORITHMS` (and, at most, one new rule class).
+"""The methods the round runs, as a strategy registry: each is a server rule and a client rule, on a split (or on
+the whole model). Adding a method is one entry in `ALGORITHMS` (and, at most, one new rule class that overrides only
+what differs, the way a Flower `Strategy` subclass does).
 
-The rules hold what differs between methods; the trainer calls them at fixed points of the round:
+The round ([`~hosfl_hf.protocol.FederatedRun`] over [`~hosfl_hf.protocol.SplitServer`] and
+[`~hosfl_hf.protocol.SplitClient`], whatever the transport: the trainer's in-process clients, the protocol's, Flower)
+calls the rules at fixed points:
 
 * `ServerRule`: does the server backpropagate (`backprop`), does it train (`trains`: `client_only` keeps it at
   learning rate 0), and, for the zeroth-order baselines, `before_step` writes the server's gradient estimate;
-* `ClientRule`: does the client need lambda (`cotangent`) or its autograd graph (`graph`), does it keep an optimizer,
-  `reply` (what the client does with lambda for one batch, and the traffic), and `close` (the client update of the
-  round, applied by every holder after the server's step).
+* `ClientRule`: does the client need lambda (`cotangent`), what it answers lambda with (`reply`, a `reply_type`
+  message, on the client), how the server turns the finishers' replies into the round's client update (`close`), and
+  how every holder applies that update (`apply`).
+
+The rules take the round's objects (a client, a server), never a trainer: the trainer is one backend of the server.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .federation import RoundTraffic, tensor_bytes
+import torch
+
 from .zeroth_order import zo_gradients
 
-if TYPE_CHECKING:  # the rules call back into the trainer; no import at run time
-    from .trainer import HOSFLTrainer, _ClientUpdate
+if TYPE_CHECKING:  # the rules are called by the round's objects; no import at run time (they import this module)
+    from .protocol.client import SplitClient
+    from .protocol.messages import Cotangent, RoundPlan
+    from .protocol.server import SplitServer
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientRule", "ServerRule", "get_algorithm"]
 
@@ -27,7 +35,7 @@ __all__ = ["ALGORITHMS", "Algorithm", "ClientRule", "ServerRule", "get_algorithm
 # --------------------------------------------------------------------------------------------------- server rules
 @dataclass(frozen=True)
 class ServerRule:
-    """First-order server (the Trainer backpropagates the server's loss and steps its optimizer).
+    """First-order server (the server backpropagates its loss and steps its optimizer).
 
     Args:
         trains: `False` keeps the server part fixed (its optimizer runs at learning rate 0), but lambda is still
@@ -37,7 +45,7 @@ class ServerRule:
     trains: bool = True
     backprop = True
 
-    def before_step(self, trainer: HOSFLTrainer, seeds: list[int], averaged: list[float]) -> None:
+    def before_step(self, server: Any, seeds: list[int], averaged: list[float]) -> None:
         """Called after the round's scalars are averaged, before the server's optimizer step."""
 
 
@@ -45,20 +53,17 @@ class ServerRule:
 class ZerothOrderServer(ServerRule):
     """The server's parameters (`scope="server"`, ZO-SFL: after the client's in the RNG order) or every trainable
     parameter (`scope="model"`, MeZO) get the two-point estimate `(1/(P mu)) sum_p vbar_p u_p` as gradient, stepped by
-    the Trainer's optimizer. No backprop anywhere; the estimate is not clipped."""
+    the server's optimizer. No backprop anywhere; the estimate is not clipped."""
 
     scope: str = "server"
     backprop = False
 
-    def before_step(self, trainer: HOSFLTrainer, seeds: list[int], averaged: list[float]) -> None:
-        if self.scope == "server":
-            targets, first_index = trainer.split.server_parameters(), len(trainer.client_update_parameters)
-        else:
-            targets, first_index = trainer.two_point_estimator.parameters, 0
-        # Multiplied by the loss scale (a power of two: exact): the loss scaler unscales every gradient of the
-        # Trainer's optimizer before its step.
-        scale = trainer._grad_scale()
-        for param, grad in zo_gradients(targets, seeds, averaged, trainer.args.zo_eps, first_index):
+    def before_step(self, server: Any, seeds: list[int], averaged: list[float]) -> None:
+        targets, first_index = server.zeroth_order_targets(self.scope)
+        # Multiplied by the loss scale (a power of two: exact): a loss scaler unscales every gradient of the
+        # server's optimizer before its step.
+        scale = server.loss_scale()
+        for param, grad in zo_gradients(targets, seeds, averaged, server.settings.zo_eps, first_index):
             param.grad = (grad * scale if scale != 1.0 else grad).to(param.dtype)
 
 
@@ -68,20 +73,37 @@ class ClientRule:
     """A frozen client: it sends its cut and never changes (split learning with a frozen client)."""
 
     cotangent = False  # the client needs lambda
-    graph = False  # the client forward keeps its autograd graph (it backpropagates lambda)
+    graph = False  # the client backpropagates lambda through its part
     optimizer = False  # the client part has an optimizer (every holder applies the same update)
     zeroth_order = False  # the client update is built from the round's averaged scalars
     search_levers = False  # projected scalars per client: per-client seeds and a base-weight mask apply
+    reply_kind: str | None = None  # the exchange in which the client answers lambda (None: it finishes with its cut)
 
-    def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
-        """One client batch after the server's backward: what the client does, and the traffic it costs."""
-        trainer._count_traffic(step["cut"].num_bytes() + tensor_bytes(step["labels"]), 0)
-
-    def close(
-        self, trainer: HOSFLTrainer, round_index: int, seeds: list[int], averaged: list[float] | None
-    ) -> _ClientUpdate | None:
-        """The round's client update (applied after the server's step), or `None`."""
+    @property
+    def reply_type(self) -> type | None:
+        """The message of the client's answer to lambda."""
         return None
+
+    @property
+    def update_type(self) -> type | None:
+        """The message every holder applies (`None`: the client part never changes)."""
+        return None
+
+    def reply(self, client: SplitClient, plan: RoundPlan, cotangent: Cotangent) -> Any:
+        """On the client: its answer to lambda for this round's batch."""
+        raise RuntimeError("This client does not answer lambda.")
+
+    def close(self, server: SplitServer, plan: RoundPlan, replies: dict[int, Any]) -> Any:
+        """On the server, before its step: the round's client update from the finishers' replies, or `None`."""
+        return None
+
+    def apply(self, client: SplitClient, update: Any) -> None:
+        """On every holder of the client part: applies the round's update."""
+        raise RuntimeError("This client part never changes.")
+
+    def check_reply(self, message: Any, client: SplitClient | SplitServer) -> dict[str, Any]:
+        """The codec's checks of a reply (keyword arguments of `decode`)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -93,53 +115,121 @@ class ProjectedZO(ClientRule):
     optimizer = True
     zeroth_order = True
     search_levers = True
+    reply_kind: str | None = "probe"
 
-    def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
-        activation_bytes = step["cut"].num_bytes() + tensor_bytes(step["labels"], step["cotangent"])
-        if not trainer.client_update_parameters:
-            trainer._count_traffic(activation_bytes, 0)
-            return
-        seeds = trainer._probe(step)
-        sync = _zo_sync_bytes(len(seeds))
-        if trainer.round_settings.client_seeds == "per_client":  # the other clients' scalars come down too
-            sync += 4 * len(seeds) * (trainer.current_gradient_accumulation_steps - 1)
-        trainer._count_traffic(activation_bytes, sync)
+    @property
+    def reply_type(self) -> type:
+        from .protocol.messages import ProbeReply
 
-    def close(self, trainer, round_index, seeds, averaged):
-        if averaged is None or not trainer.client_update_parameters:
-            return None
-        return trainer._zo_client_update(round_index, seeds, averaged)
+        return ProbeReply
 
+    @property
+    def update_type(self) -> type:
+        from .protocol.messages import ClientUpdate
 
-@dataclass(frozen=True)
-class LossDifferenceZO(ProjectedZO):
-    """ZO-SFL's client: the client shares the two-point loss differences of the whole split model (computed in the
-    trainer's zeroth-order step), and applies the same update as HO-SFL's client from them."""
+        return ClientUpdate
 
-    cotangent = False
-    search_levers = False  # its scalars are loss differences of the whole split model under the round's seeds
+    def reply(self, client, plan, cotangent):
+        from .protocol.messages import ProbeReply
 
-    def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
-        raise RuntimeError("ZO-SFL's client replies in the trainer's zeroth-order step.")
+        inputs, reference = client.round_inputs(plan)
+        seeds = client.settings.probe_seeds(plan.round, client.client_id)
+        scalars = client.part.probe(inputs, reference, cotangent.cotangent, seeds)
+        return ProbeReply(round=plan.round, client=client.client_id, scalars=scalars)
+
+    def close(self, server, plan, replies):
+        from .protocol.messages import ClientUpdate
+
+        seeds, averaged = _zeroth_order_terms(server, plan, replies)
+        return ClientUpdate(round=plan.round, seeds=seeds, scalars=averaged, lr=0.0)
+
+    def apply(self, client, update):
+        client.part.apply(update, client.optimizer)
+
+    def check_reply(self, message, client):
+        return {"num_perturbations": client.settings.num_perturbations}
 
 
 @dataclass(frozen=True)
 class BackpropClient(ClientRule):
-    """SplitLoRA's client: it backpropagates lambda through its part; one client-optimizer step on the averaged,
-    clipped gradients of the round. Sync: the client's trainable weights down and up (FedAvg)."""
+    """SplitLoRA's client: it backpropagates `lambda_i / K` through its part and sends the gradient; every holder
+    takes one client-optimizer step on the finishers' summed gradient, clipped to `max_grad_norm`. Sync: the
+    gradient up and down (the size of the client's trainable weights, as FedAvg's weights)."""
 
     cotangent = True
     graph = True
     optimizer = True
+    reply_kind: str | None = "probe"
 
-    def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
+    @property
+    def reply_type(self) -> type:
+        from .protocol.messages import ClientGradient
+
+        return ClientGradient
+
+    @property
+    def update_type(self) -> type:
+        from .protocol.messages import GradientUpdate
+
+        return GradientUpdate
+
+    def reply(self, client, plan, cotangent):
+        from .protocol.messages import ClientGradient
+
+        _, graph = client.round_inputs(plan)  # the cut with its graph (kept from the forward, or recomputed)
+        params = [p for _, p in client.parameters]
+        for p in params:
+            p.grad = None
         # lambda_i / K through the client's part: the K gradients sum to the average.
-        step["graph"].backward(step["cotangent"] / trainer.current_gradient_accumulation_steps)
-        activation_bytes = step["cut"].num_bytes() + tensor_bytes(step["labels"], step["cotangent"])
-        trainer._count_traffic(activation_bytes, 2 * tensor_bytes(*(p for _, p in trainer.client_update_parameters)))
+        graph.backward(cotangent.cotangent.to(graph.device) / client.settings.clients_per_round)
+        if any(p.grad is None for p in params):
+            raise RuntimeError(f"A client parameter received no gradient in round {plan.round}.")
+        flat = torch.cat([p.grad.detach().float().flatten().cpu() for p in params])
+        for p in params:
+            p.grad = None
+        return ClientGradient(round=plan.round, client=client.client_id, gradient=flat)
 
-    def close(self, trainer, round_index, seeds, averaged):
-        return trainer._close_first_order_round(round_index)
+    def close(self, server, plan, replies):
+        from .protocol.messages import GradientUpdate
+
+        total = None
+        for c in plan.clients:  # summed in the plan's order, as the Trainer's backward accumulates them
+            if c in replies:
+                total = replies[c].gradient.clone() if total is None else total.add_(replies[c].gradient)
+        total = server.reduce_mean(total)
+        grads = list(torch.split(total, server.client_update_sizes))
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            return server.non_finite_client_update(plan.round, "non-finite client gradients")
+        norm = server.args.max_grad_norm
+        if norm and norm > 0:  # torch.nn.utils.clip_grad_norm_(..., foreach=False) on the client's gradients
+            total_norm = torch.nn.utils.get_total_norm(grads, 2.0, False, foreach=False)
+            coefficient = torch.clamp(norm / (total_norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coefficient)
+        return GradientUpdate(round=plan.round, gradient=torch.cat(grads), lr=0.0)
+
+    def apply(self, client, update):
+        params = [p for _, p in client.parameters]
+        for p, g in zip(params, torch.split(update.gradient, [p.numel() for p in params])):
+            p.grad = g.view(p.shape).to(device=p.device, dtype=p.dtype)
+        for group in client.optimizer.param_groups:
+            group["lr"] = update.lr
+        client.optimizer.step()
+        client.optimizer.zero_grad(set_to_none=True)
+        client.part.write_mask_values()
+
+    def check_reply(self, message, client):
+        return {"shape": (sum(client.client_update_sizes),)}
+
+
+@dataclass(frozen=True)
+class LossDifferenceZO(ProjectedZO):
+    """ZO-SFL's client: the client shares the two-point loss differences of the whole split model under the round's
+    seeds, and applies the same update as HO-SFL's client from them."""
+
+    cotangent = False
+    search_levers = False  # its scalars are loss differences of the whole split model under the round's seeds
+    reply_kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,14 +239,21 @@ class WholeModel(ClientRule):
 
     weights_sync: bool = False
 
-    def reply(self, trainer: HOSFLTrainer, step: dict[str, Any]) -> None:
-        weights = 2 * tensor_bytes(*(p for _, p in trainer._server_trainable())) if self.weights_sync else 0
-        trainer._count_traffic(0, weights)
+    def close(self, server, plan, replies):
+        if not server.algorithm.server.backprop:  # MeZO: the replies are the server's own loss differences
+            _zeroth_order_terms(server, plan, replies)
+        return None
 
 
-def _zo_sync_bytes(num_perturbations: int) -> int:
-    # P int64 seeds down, P fp32 scalars up, P averaged fp32 scalars down.
-    return RoundTraffic.hybrid_order(0, 0, 0, num_perturbations).sync_bytes
+def _zeroth_order_terms(server: SplitServer, plan: RoundPlan, replies: dict[int, Any]) -> tuple[list, list]:
+    """The round's seeds and aggregated scalars (shared seeds: the plan's and the per-seed aggregate; per-client
+    seeds: every replying client's own), logged as `zo/projected_grad`; a zeroth-order server writes its gradient
+    estimate from them."""
+    scalars = {c: r.scalars for c, r in replies.items()}
+    seeds, averaged = server.settings.update_terms(scalars, plan.round)
+    server.round_metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * server.settings.zo_eps))
+    server.algorithm.server.before_step(server, seeds, averaged)
+    return seeds, averaged
 
 
 # -------------------------------------------------------------------------------------------------------- registry
@@ -168,6 +265,13 @@ class Algorithm:
     split: bool
     server: ServerRule
     client: ClientRule
+
+    @property
+    def on_round_loop(self) -> bool:
+        """The method runs on the round's loop ([`~hosfl_hf.protocol.FederatedRun`]): in `HOSFLTrainer`, in one
+        process and over Flower alike. The others (no split, or a zeroth-order server) run in `HOSFLTrainer` only,
+        on its own round, until their client legs (a batch, perturbed cuts) are messages of the protocol."""
+        return self.split and self.server.backprop
 
     @property
     def zeroth_order_round(self) -> bool:

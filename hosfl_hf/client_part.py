@@ -84,6 +84,7 @@ class ClientPart:
             position: nn.Parameter(self.parameters[position][1].detach().flatten()[idx].float().clone())
             for position, idx in self.masks.items()
         }
+        self.forward_passes = 0
         self.update_parameters = [
             (name, self.mask_values.get(position, param)) for position, (name, param) in enumerate(self.parameters)
         ]
@@ -115,8 +116,10 @@ class ClientPart:
         with torch.autocast(device_type=device, dtype=self.autocast_dtype, cache_enabled=False):
             yield
 
-    def forward(self, inputs: dict[str, torch.Tensor], grad: bool = False) -> Any:
-        """The cut ([`CutActivations`]) at the current weights, in the client's precision."""
+    def forward(self, inputs: dict[str, torch.Tensor], grad: bool = False, count: bool = True) -> Any:
+        """The cut ([`CutActivations`]) at the current weights, in the client's precision (`count`: a forward of
+        the client's round work, counted in `forward_passes`)."""
+        self.forward_passes += count
         with self.precision():
             return self.split.client(**inputs, grad=grad)
 

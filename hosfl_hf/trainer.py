@@ -7,7 +7,6 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,25 +20,24 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .algorithms import ALGORITHMS, _zo_sync_bytes, get_algorithm
+from .algorithms import ALGORITHMS, get_algorithm
 from .client_part import CLIENT_INPUTS, ClientPart
 from .config import HOSFLConfig
-from .federation import FederatedRoundSampler, sample_clients, tensor_bytes
+from .federation import FederatedRoundSampler, RoundTraffic, sample_clients, tensor_bytes
 from .model_card import HOSFL_TAGS
-from .protocol.codec import decode, encode
-from .protocol.messages import ClientForward, ClientUpdate, Cotangent, ProbeReply
+from .protocol.client import SplitClient
+from .protocol.messages import ProbeReply, RoundPlan
+from .protocol.rounds import FederatedRun, OpenRound, ReliabilitySettings
 from .protocol.settings import RoundSettings
+from .protocol.transport import SharedPartTransport
 from .rng import round_seeds
 from .server_part import ServerPart
 from .split import CutActivations, split_model
 from .split_config import CLIENT_MASK_VALUES_NAME
+from .trainer_server import SCALER_SKIPPED, TrainerServer
 from .trajectory import TRAJECTORY_NAME, Trajectory
-from .update_norms import StandingStillGuard, UpdateSnapshot
-from .zeroth_order import (
-    ZerothOrderEstimator,
-    build_client_optimizer,
-    loss_differences,
-)
+from .update_norms import UpdateSnapshot
+from .zeroth_order import ZerothOrderEstimator, loss_differences
 
 __all__ = ["HOSFLTrainer"]
 
@@ -51,19 +49,11 @@ ZO_EVERYWHERE = frozenset(name for name, a in ALGORITHMS.items() if not a.server
 
 CLIENT_STATE_NAME = "hosfl_client_state.pt"
 CLIENT_KEY = "hosfl_client"  # the batch field naming the client that sent the batch
+CUT_KEY = "cut"  # the input of the server's training step: the client's cut, as the round delivered it
 # Settings a resumed run must share with its checkpoint: any change would make the saved trajectory replay wrongly
 # or change the shards, the client sampling or the seeds of the remaining rounds.
 # Plus every training field of HOSFLRunRecord.
 RESUME_FIELDS = ("split_layer", "num_layers", "model_type", "client_mask")
-
-
-@dataclass
-class _ClientUpdate:
-    """The client update of a closed round, applied on every holder after the server's optimizer step."""
-
-    round: int
-    apply: Callable[[], None] | None = None  # None: nothing to apply (frozen client, no client optimizer)
-    skip_reason: str | None = None
 
 
 class _RoundCallback(TrainerCallback):
@@ -238,35 +228,54 @@ class HOSFLTrainer(Trainer):
             "two_sided",
             module=self.split.model,
         )
+        # The round: the protocol's server (with this Trainer as its backend), one client holder that the in-process
+        # clients share, and the protocol's loop over them (faults, validation, aggregation, traffic, update norms).
+        self.holder = SplitClient(None, -1, settings, None, None, part=self.client_part)
+        self.transport = SharedPartTransport(self.holder)
+        self.server = TrainerServer(self, settings)
+        # The trainer's clients are its own data: no activation bound (a diverging run must show its numbers).
+        self.run = FederatedRun(self.server, self.transport, ReliabilitySettings(activation_bound=None))
+        self.trajectory = self.server.trajectory
         self._last_cut_bytes = 0
-        self.trajectory = settings.new_trajectory(self.client_part.parameters)
-        self.client_optimizer: torch.optim.Optimizer | None = None
-        self.client_lr_scheduler: Any = None
         # Totals over all processes (reduced at the end of every round): logs, checkpoints and the model card.
         self.comm = {"activation_bytes": 0, "sync_bytes": 0}
         self.zo_forward_passes = 0
         self.skipped_rounds = 0
         self._round_traffic = [0, 0, 0]  # this process's activation bytes, sync bytes, ZO forwards in the open round
+        self._counted = {"activation_bytes": 0, "sync_bytes": 0, "forwards": 0}  # the loop's counts already added
         self._round_scalars: dict[int, list[float]] = {}
-        self._pending_update: _ClientUpdate | None = None
-        self._round_context: tuple[int, int] | None = None  # (round, client) of the batch in flight
+        self._open_round: OpenRound | None = None  # the round whose client batches are being served
+        self._closed_round: OpenRound | None = None  # closed, committed after the server's optimizer step
+        self._model_in_step: nn.Module | None = None
+        self._server_inputs: dict[int, dict[str, Any]] = {}
+        self._server_result: tuple[torch.Tensor, CutActivations] | None = None
         self._scale_before_step = 1.0
         self._micro_step = 0
         # Round ids stay monotonic over several train() calls: round = _round_base + global_step.
         self._round_base = 0
         self._rounds_done = 0
-        self._pending: tuple[dict[str, torch.Tensor], CutActivations | None, Any, torch.Tensor | None] | None = None
         self._round_metrics: dict[str, list[float]] = defaultdict(list)
         # Each round's applied update is measured per part; a part configured to train that stands still warns.
         self._server_snapshot: UpdateSnapshot | None = None
-        self._guards = {
-            "server": StandingStillGuard("server")
-            if self.algorithm.server.trains and self._server_trainable()
-            else None,
-            "client": StandingStillGuard("client")
-            if self.algorithm.client.optimizer and self.client_update_parameters
-            else None,
-        }
+        self._server_guard = self.run.guards["server"]
+        self.run.guards["server"] = None  # the trainer measures the server's step itself (the Trainer takes it)
+
+    @property
+    def client_optimizer(self) -> torch.optim.Optimizer | None:
+        """The client optimizer (of the in-process holders' shared client part), `None` when the algorithm's client
+        keeps none."""
+        if self.algorithm.client.optimizer and self.client_update_parameters:
+            return self.holder.optimizer
+        return None
+
+    @property
+    def client_lr_scheduler(self) -> Any:
+        """The client learning-rate schedule (the server's: the learning rate travels in every update)."""
+        return self.server.client_lr_scheduler if self.client_optimizer is not None else None
+
+    @property
+    def _uses_round_loop(self) -> bool:
+        return self.algorithm.on_round_loop
 
     @property
     def client_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -325,12 +334,6 @@ class HOSFLTrainer(Trainer):
         return None
 
     # ------------------------------------------------------------------------------------------- optimizers
-    def _server_trainable(self) -> list[tuple[str, nn.Parameter]]:
-        """Parameters the Trainer's optimizer updates: the server part's, or the whole model's without a split."""
-        if not self.algorithm.split:
-            return [(n, p) for n, p in self.split.model.named_parameters() if p.requires_grad]
-        return self.split.server_parameters()
-
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, over the server's trainable parameters only (all of them without a split)."""
         frozen = [] if not self.algorithm.split else [p for _, p in self.split.client_parameters()]
@@ -349,22 +352,11 @@ class HOSFLTrainer(Trainer):
     def create_scheduler(
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
-        """The server's scheduler, plus the client optimizer and its scheduler (same schedule shape, peak
-        `client_learning_rate`)."""
+        """The server's scheduler, plus the client's schedule (same schedule shape, peak `client_learning_rate`; the
+        round's server keeps it, and the learning rate travels in every update). The client optimizer's state is kept
+        over several train() calls; the schedules are rebuilt for each call (the Trainer resets its scheduler)."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.algorithm.client.optimizer and self.client_update_parameters:
-            # Like the server's: the optimizer (and its state) is kept over several train() calls, the schedule is
-            # rebuilt for each call (the Trainer resets its scheduler between calls).
-            if self.client_optimizer is None:
-                self.client_optimizer = build_client_optimizer(
-                    [p for _, p in self.client_update_parameters],
-                    self.args.client_optimizer,
-                    self.args.client_learning_rate,
-                    self.args.client_weight_decay,
-                )
-            for group in self.client_optimizer.param_groups:
-                group["lr"] = group["initial_lr"] = self.args.client_learning_rate
-            self.client_lr_scheduler = self.args.client_schedule(self.client_optimizer, num_training_steps)
+        self.server.build_client_schedule(num_training_steps)
         return scheduler
 
     # ----------------------------------------------------------------------------------------------- round
@@ -392,69 +384,46 @@ class HOSFLTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Client forward (no autograd) -> cut -> server forward; the server's loss for this client batch."""
+        """The server's loss of one client batch: in a training round, from the cut the round delivered (the
+        client's `forward` through the in-process transport, see [`TrainerServer`]); in evaluation (and for the
+        methods whose server estimates by loss differences), after the client part's forward on the batch."""
         inputs = dict(inputs)
+        received = inputs.pop(CUT_KEY, None)
+        if received is not None:
+            return self._server_loss(model, received, inputs, return_outputs)
         labels = inputs.pop("labels", None)
         client_inputs = {k: inputs.pop(k) for k in CLIENT_INPUTS if k in inputs}
         training = model.training and torch.is_grad_enabled()
         if not self.algorithm.split:
-            cut = client_graph = None
             lm_labels = None if self._loss_func is not None else labels
             outputs = model(**client_inputs, **inputs, labels=lm_labels, use_cache=False)
             loss = self._loss_func(outputs, labels) if self._loss_func is not None else outputs.loss
             if loss is None:
                 raise ValueError("The model returned no loss: the batch needs 'labels' (or pass compute_loss_func).")
         else:
-            first_order_client = training and self.algorithm.client.graph
-            cut = self.client_part.forward(client_inputs, grad=first_order_client)
-            if training and self._round_context is not None:  # the client's defense on what leaves it
-                cut = replace(cut, hidden_states=self.client_part.release(cut.hidden_states, *self._round_context))
-            client_graph = cut.hidden_states if first_order_client else None
-            if training and self._round_context is not None:
-                cut, labels = self._send_cut(cut, labels)
-            # The server part's forward to the loss (SplitServer runs the same), through the Trainer's wrapped model.
+            cut = self.client_part.forward(client_inputs, count=False)  # evaluation, or counted by the caller
             loss, outputs, cut = self.server_part.loss(cut, labels, grad=training, model=model, **inputs)
             self._last_cut_bytes = cut.num_bytes()
         self._check_finite_loss(loss)
-        if training:
-            self._pending = (client_inputs, cut, labels, client_graph)
         return (loss, outputs) if return_outputs else loss
 
-    def _transport(self, message: Any, expected: type, **expect: Any) -> Any:
-        """The in-process transport: a message goes through the protocol's codec (exact; validated) as it would
-        between machines."""
-        return decode(encode(message), expected, **expect)
-
-    def _send_cut(
-        self, cut: CutActivations, labels: torch.Tensor | None
-    ) -> tuple[CutActivations, torch.Tensor | None]:
-        """Client -> server: the cut and the labels of one client batch, as a `ClientForward` message."""
-        round_index, client = self._round_context
-        device = cut.hidden_states.device
-        message = self._transport(
-            ClientForward(
-                round=round_index,
-                client=client,
-                hidden_states=cut.hidden_states.detach(),
-                labels=labels,
-                attention_mask=cut.attention_mask,
-                position_ids=cut.position_ids,
-            ),
-            ClientForward,
-            round=round_index,
-            clients=[client],
-            hidden_size=getattr(self.split.model.config, "hidden_size", None),
-        )
+    def _server_loss(self, model: nn.Module, received: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """The server part's forward on a received cut (a `ClientForward`), through the Trainer's wrapped model."""
+        device = self.args.device
 
         def on_device(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return tensor.to(device) if tensor is not None else None
 
-        received = CutActivations(
-            hidden_states=message.hidden_states.to(device),
-            attention_mask=on_device(message.attention_mask),
-            position_ids=on_device(message.position_ids),
+        cut = CutActivations(
+            hidden_states=received.hidden_states.to(device),
+            attention_mask=on_device(received.attention_mask),
+            position_ids=on_device(received.position_ids),
         )
-        return received, on_device(message.labels)
+        loss, outputs, cut = self.server_part.loss(cut, on_device(received.labels), model=model, **inputs)
+        self._last_cut_bytes = cut.num_bytes()
+        self._check_finite_loss(loss)
+        self._server_result = (loss, cut)  # the loss and the cut leaf whose .grad gives lambda
+        return (loss, outputs) if return_outputs else loss
 
     def _check_finite_loss(self, loss: torch.Tensor) -> None:
         """Raises on a non-finite loss, on every process at once (one process raising alone would leave the others
@@ -475,22 +444,31 @@ class HOSFLTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        """One client batch of the round: the server's step (stock backprop), then the client's part of the method.
+        """One client batch of the round, served by the round's loop ([`FederatedRun.serve`]): the client's forward,
+        the server's step (stock backprop, see [`TrainerServer`]) and the client's reply to lambda.
 
-        The last client batch closes the round (aggregation); the client update itself is applied after the
-        server's optimizer step, by `_apply_client_update`."""
+        The last client batch closes the round (aggregation); the client update is committed and applied after the
+        server's optimizer step (`_apply_client_update`)."""
         round_index = self._round_base + self.state.global_step
         client = self._batch_client(inputs, round_index)
-        self._round_context = (round_index, client)
-        if not self.algorithm.server.backprop:
-            loss = self._zeroth_order_step(model, inputs, client, round_index)
+        if not self._uses_round_loop:
+            loss = self._legacy_step(model, inputs, client, round_index)
         else:
-            self._pending = None
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            client_inputs, cut, labels, client_graph = self._pending
-            self._pending = None
-            self._client_step(client, round_index, client_inputs, cut, labels, client_graph)
-        self._round_context = None
+            if self._open_round is None:
+                self._open_round = self.run.open_round(self.server.plan(round_index))
+            state = self._open_round
+            self._model_in_step = model
+            self.transport.batches = {client: inputs}
+            # What the server's forward takes besides the cut (kept for the round: a close may re-run the backward).
+            self._server_inputs[client] = {
+                k: v for k, v in inputs.items() if k not in CLIENT_INPUTS and k not in ("labels", CLIENT_KEY)
+            }
+            served = len(state.losses)
+            try:
+                self.run.serve(state, [client])
+            finally:
+                self.transport.batches = {}
+            loss = state.losses[-1] if len(state.losses) > served else torch.zeros((), device=self.args.device)
         self._micro_step += 1
         if self.accelerator.sync_gradients:
             self._close_round(round_index)
@@ -498,53 +476,19 @@ class HOSFLTrainer(Trainer):
 
     def _grad_scale(self) -> float:
         """The fp16 loss scale the Trainer's backward used (1 without a GradScaler). Always a power of two."""
-        return float(self.accelerator.scaler.get_scale()) if self.accelerator.scaler is not None else 1.0
+        return self.server.loss_scale()
 
-    def _client_step(
-        self,
-        client: int,
-        round_index: int,
-        client_inputs: dict[str, torch.Tensor],
-        cut: CutActivations | None,
-        labels: torch.Tensor | None,
-        client_graph: torch.Tensor | None,
-    ) -> None:
-        """The client's reply to one batch (`algorithm.client.reply`: HO-SFL probes, SplitLoRA backpropagates)."""
-        step = {"client": client, "round": round_index, "inputs": client_inputs, "cut": cut, "labels": labels}
-        if cut is not None:
-            self._round_traffic[2] += 1  # the client's forward
-            if self.algorithm.client.cotangent:
-                # The Trainer backpropagated loss_i / K (times the fp16 loss scale): lambda_i = dloss_i/dz
-                # = grad * K / scale. A non-finite lambda (fp16 overflow) is the server's own finding: not sent.
-                cotangent = ServerPart.cotangent(cut, self.current_gradient_accumulation_steps, self._grad_scale())
-                if torch.isfinite(cotangent).all():
-                    message = Cotangent(round=round_index, client=client, cotangent=cotangent)
-                    received = self._transport(
-                        message, Cotangent, round=round_index, clients=[client], shape=tuple(cotangent.shape)
-                    )
-                    cotangent = received.cotangent.to(cotangent.device)
-                step["cotangent"] = cotangent
-                step["graph"] = client_graph
-        self.algorithm.client.reply(self, step)
-
-    def _probe(self, step: dict[str, Any]) -> list[int]:
-        """HO-SFL's probes of one client batch: its `P` scalars go into the round's replies. Returns the seeds."""
-        client, round_index, cotangent = step["client"], step["round"], step["cotangent"]
-        seeds = self.round_settings.probe_seeds(round_index, client)
+    def _legacy_step(self, model: nn.Module, inputs: dict[str, Any], client: int, round_index: int) -> torch.Tensor:
+        """The methods whose round does not (yet) run on the round's loop: no split (centralized, FedAvg-LoRA,
+        MeZO) or a zeroth-order server (ZO-SFL)."""
         self._check_new_reply(client, round_index)
-        if not torch.isfinite(cotangent).all():
-            # An fp16 loss-scale overflow (the scaler will skip the server step) or a divergence: no probe is worth
-            # running; the non-finite reply makes _close_round skip (fp16) or reject (otherwise) the round.
-            self._round_scalars[client] = [math.nan] * len(seeds)
-            return seeds
-        inputs = step["inputs"]
-        scalars = self.client_part.probe(inputs, step["cut"].hidden_states.detach(), cotangent, seeds)
-        reply = ProbeReply(round=round_index, client=client, scalars=scalars)
-        self._round_scalars[client] = self._transport(
-            reply, ProbeReply, round=round_index, clients=[client], num_perturbations=len(seeds)
-        ).scalars
-        self._round_traffic[2] += self.estimator.forwards_per_direction * len(seeds)
-        return seeds
+        if not self.algorithm.server.backprop:
+            return self._zeroth_order_step(model, inputs, client, round_index)
+        loss = super().training_step(model, inputs)
+        self._round_scalars[client] = []
+        if self.algorithm.client.weights_sync:  # FedAvg-LoRA: the trainable weights down and up
+            self._count_traffic(0, 2 * tensor_bytes(*(p for _, p in self.server.parameters)))
+        return loss
 
     def _zeroth_order_step(
         self, model: nn.Module, inputs: dict[str, Any], client: int, round_index: int
@@ -554,7 +498,7 @@ class HOSFLTrainer(Trainer):
         seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
         if self.accelerator.scaler is not None:
             # No loss is backpropagated here, but the loss scaler's step needs the state that scaling a loss sets
-            # up; the ZO gradients are written pre-multiplied by the scale (see _close_round).
+            # up; the ZO gradients are written pre-multiplied by the scale (see ZerothOrderServer).
             self.accelerator.scaler.scale(torch.ones((), device=self.args.device))
         was_training = model.training
         model.eval()  # the two losses of a pair must see the same network (no dropout)
@@ -565,13 +509,12 @@ class HOSFLTrainer(Trainer):
                 )
         finally:
             model.train(was_training)
-        self._check_new_reply(client, round_index)
         self._round_scalars[client] = scalars
         self._round_traffic[2] += 2 * len(seeds)
         if self.algorithm.split:  # ZO-SFL
             # Per direction two cuts go up (theta + mu u, theta - mu u); seeds and the loss difference are shared.
             activation_bytes = 2 * len(seeds) * (self._last_cut_bytes + tensor_bytes(inputs.get("labels")))
-            self._count_traffic(activation_bytes, _zo_sync_bytes(len(seeds)))
+            self._count_traffic(activation_bytes, RoundTraffic.hybrid_order(0, 0, 0, len(seeds)).sync_bytes)
         return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
 
     def _check_new_reply(self, client: int, round_index: int) -> None:
@@ -585,8 +528,19 @@ class HOSFLTrainer(Trainer):
         self._round_traffic[1] += sync_bytes
 
     def _flush_traffic(self) -> None:
-        """Adds the round's traffic of every process to the totals (the same totals on every process)."""
-        counts = self._round_traffic
+        """Adds the round's traffic of every process to the totals (the same totals on every process): the bytes
+        the round's loop encoded, and the client's forwards."""
+        forwards = self.client_part.forward_passes
+        counts = [
+            self._round_traffic[0] + self.run.traffic["activation_bytes"] - self._counted["activation_bytes"],
+            self._round_traffic[1] + self.run.traffic["sync_bytes"] - self._counted["sync_bytes"],
+            self._round_traffic[2] + forwards - self._counted["forwards"],
+        ]
+        self._counted = {
+            "activation_bytes": self.run.traffic["activation_bytes"],
+            "sync_bytes": self.run.traffic["sync_bytes"],
+            "forwards": forwards,
+        }
         if self.accelerator.num_processes > 1:
             local = torch.tensor(counts, dtype=torch.float64, device=self.args.device)
             counts = [int(v) for v in self.accelerator.reduce(local, reduction="sum").cpu().tolist()]
@@ -639,129 +593,105 @@ class HOSFLTrainer(Trainer):
     def _clients_per_round_total(self) -> int:
         return self.args.clients_per_round * self.args.world_size
 
-    def _gather_scalars(self, local: dict[int, list[float]], round_index: int) -> dict[int, list[float]]:
-        """All processes' client scalars (so that every process applies the same client update)."""
-        if self.accelerator.num_processes == 1:
-            return local
-        rows = torch.tensor([[c, *v] for c, v in local.items()], dtype=torch.float64, device=self.args.device)
-        gathered = self.accelerator.gather(rows).cpu().tolist()
-        replies = {int(row[0]): row[1:] for row in gathered}
-        if len(replies) != len(gathered):
-            raise RuntimeError(
-                f"Round {round_index}: {len(gathered)} replies from {len(replies)} distinct clients; a client id was "
-                "reported by two processes, so their batches were not the sampler's (check dispatch_batches)."
-            )
-        return replies
-
     def _close_round(self, round_index: int) -> None:
-        """Aggregates the round's client messages (before the server's optimizer step) into the client update that
-        `_apply_client_update` applies after it. ZO-SFL / MeZO also get their server gradient here."""
+        """Closes the round before the server's optimizer step (the round's loop: aggregation through the
+        algorithm's strategy; ZO-SFL / MeZO also get their server gradient here). The client update is committed
+        and applied after the step, by `_apply_client_update`."""
         self._micro_step = 0
         self._rounds_done = round_index + 1
         self._scale_before_step = self._grad_scale()
-        self._flush_traffic()
-        self._server_snapshot = UpdateSnapshot(p for _, p in self._server_trainable())
+        self._server_snapshot = UpdateSnapshot(p for _, p in self.server.parameters)
+        if self._uses_round_loop:
+            state, self._open_round = self._open_round, None
+            try:
+                closed = self.run.close_round(state)
+            finally:
+                self._server_inputs, self._model_in_step = {}, None
+            if not closed:
+                # The trainer's clients are its own code and data: a round none of them finishes is a divergence or a
+                # bug, not a network fault (the protocol would retry it with other clients; the dataloader cannot).
+                reasons = "; ".join(e["reason"] for e in self.run.events if e["round"] == round_index)
+                raise ValueError(
+                    f"Round {round_index}: no client finished it ({reasons}); nothing of the round was applied. Lower "
+                    "the learning rates, or check the data."
+                )
+            self._closed_round = state
+            return
+        self._closed_round = self._close_legacy_round(round_index)
+
+    def _close_legacy_round(self, round_index: int) -> OpenRound:
         local, self._round_scalars = self._round_scalars, {}
-        rule = self.algorithm
-        seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
-        averaged = None
-        if rule.zeroth_order_round and (not rule.server.backprop or self.client_update_parameters):
-            replies = self._gather_scalars(local, round_index)
-            if self.accelerator.scaler is not None and not all(math.isfinite(v) for r in replies.values() for v in r):
-                reason = "non-finite lambda (fp16 loss-scale overflow)"
-                self._pending_update = _ClientUpdate(round_index, skip_reason=reason)
-                return
-            if rule.client.search_levers:  # shared seeds: the round's P seeds; per-client seeds: K * P of them
-                seeds, averaged = self.round_settings.update_terms(replies, round_index)
-            else:
-                averaged = self.round_settings.aggregate(replies, round_index)
-            self._round_metrics["zo/projected_grad"].append(sum(averaged) / (len(averaged) * self.args.zo_eps))
-            rule.server.before_step(self, seeds, averaged)
-        self._pending_update = rule.client.close(self, round_index, seeds, averaged)
+        plan = RoundPlan(
+            round_index, sorted(local), round_seeds(self.args.seed, round_index, self.args.num_perturbations)
+        )
+        state = OpenRound(plan, 0, b"", 0.0, -1)
+        if not self.algorithm.zeroth_order_round:
+            return state
+        replies = {c: ProbeReply(round=round_index, client=c, scalars=v) for c, v in local.items()}
+        replies = self.server.gather_replies(replies, round_index)
+        if self.accelerator.scaler is not None and not all(
+            math.isfinite(v) for r in replies.values() for v in r.scalars
+        ):
+            self.server._overflow = "non-finite loss differences (fp16 loss-scale overflow)"
+            return state
+        state.update = self.algorithm.client.close(self.server, plan, replies)
+        if not self.client_update_parameters:
+            state.update = None
+        return state
 
-    def _zo_client_update(self, round_index: int, seeds: list[int], averaged: list[float]) -> _ClientUpdate:
-        """The zeroth-order client update of a round, rebuilt from seeds and averaged scalars (and recorded)."""
+    def _skip(self, round_index: int, reason: str) -> None:
+        self.skipped_rounds += 1
+        from transformers.utils import logging
 
-        def apply() -> None:
-            lr = self.client_lr_scheduler.get_last_lr()[0]
-            message = ClientUpdate(round=round_index, seeds=seeds, scalars=averaged, lr=lr)
-            update = self._transport(message, ClientUpdate, num_perturbations=len(seeds))
-            self.client_part.apply(update, self.client_optimizer)
-            self.client_lr_scheduler.step()
-            self.trajectory.rounds.append(update)
-            self._round_metrics["client_learning_rate"].append(lr)
-
-        return _ClientUpdate(round_index, apply=apply)
-
-    def _close_first_order_round(self, round_index: int) -> _ClientUpdate:
-        """SplitLoRA: average the client gradients over processes, check and clip them, and take them off the
-        parameters until the server step (so that the server's own clipping does not see them)."""
-        params = [p for _, p in self.client_update_parameters]
-        if any(p.grad is None for p in params):
-            raise RuntimeError(f"A client parameter received no gradient in round {round_index}.")
-        if self.accelerator.num_processes > 1:
-            for p in params:
-                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        finite = all(torch.isfinite(p.grad).all() for p in params)
-        if finite and self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm, foreach=False)
-        grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        if not finite:
-            if self.accelerator.scaler is not None:
-                reason = "non-finite client gradients (fp16 loss-scale overflow)"
-                return _ClientUpdate(round_index, skip_reason=reason)
-            raise ValueError(
-                f"Non-finite client gradients in round {round_index}; no update was applied. Lower the learning rates."
-            )
-
-        def apply() -> None:
-            lr = self.client_lr_scheduler.get_last_lr()[0]
-            for group in self.client_optimizer.param_groups:
-                group["lr"] = lr
-            for p, g in zip(params, grads):
-                p.grad = g
-            self.client_optimizer.step()
-            self.client_optimizer.zero_grad(set_to_none=True)
-            self.client_lr_scheduler.step()
-            self._round_metrics["client_learning_rate"].append(lr)
-
-        return _ClientUpdate(round_index, apply=apply)
+        logging.get_logger(__name__).warning(
+            f"Round {round_index}: no client update ({reason}); nothing was recorded and the client schedule "
+            "did not advance."
+        )
 
     def _apply_client_update(self) -> None:
-        """After the server's optimizer step: apply the round's client update on this holder, or skip it (on every
-        holder alike) when the loss scaler skipped the server step or the round overflowed."""
-        update, self._pending_update = self._pending_update, None
+        """After the server's optimizer step: commit the round (the update gets its learning rate, is recorded and
+        applied by the in-process holders), or skip it (on every holder alike) when the loss scaler skipped the
+        server step or the round overflowed."""
+        state, self._closed_round = self._closed_round, None
         server_step_skipped = self._server_step_skipped()
         if self._server_snapshot is not None and not server_step_skipped:
-            self._observe_update("server", self._server_snapshot, self._rounds_done - 1)
+            norm = self._server_snapshot.norm()
+            self.server.last_update_norm = norm
+            self._round_metrics["server_update_norm"].append(norm)
+            if self._server_guard is not None:
+                self._server_guard.observe(norm, self._rounds_done - 1)
         self._server_snapshot = None
-        if update is None or (update.apply is None and update.skip_reason is None):
+        if state is None:
+            self._flush_traffic()
             return
-        reason = update.skip_reason
-        if reason is None and server_step_skipped:
-            reason = "the loss scaler skipped the server step"
-        if reason is not None:
-            self.skipped_rounds += 1
-            from transformers.utils import logging
+        if self._uses_round_loop:
+            self.run.commit_round(state)
+            record = self.run.log[-1]
+        else:
+            record = self._commit_legacy_round(state)
+        self._flush_traffic()
+        skipped = record.get("skipped")
+        # A skipped step skips the client update of a method that has one (an overflow always concerns one).
+        if skipped is not None and (state.update is not None or skipped != SCALER_SKIPPED):
+            self._skip(state.plan.round, skipped)
+        for name in ("client_learning_rate", "client_update_norm", "zo/projected_grad"):
+            if record.get(name) is not None:
+                self._round_metrics[name].append(record[name])
 
-            logging.get_logger(__name__).warning(
-                f"Round {update.round}: no client update ({reason}); nothing was recorded and the client schedule "
-                "did not advance."
-            )
-            return
-        snapshot = UpdateSnapshot(p for _, p in self.client_update_parameters)
-        update.apply()
-        self._observe_update("client", snapshot, update.round)
-
-    def _observe_update(self, part: str, snapshot: UpdateSnapshot, round_index: int) -> None:
-        """Logs the norm of the update just applied to `part` (`server_update_norm` / `client_update_norm`) and
-        feeds the part's guard, which warns when a part configured to train stands still."""
-        norm = snapshot.norm()
-        self._round_metrics[f"{part}_update_norm"].append(norm)
-        if self._guards[part] is not None:
-            self._guards[part].observe(norm, round_index)
+    def _commit_legacy_round(self, state: OpenRound) -> dict[str, Any]:
+        skipped = self.server.step_skipped()
+        update = self.server.commit(state.update if skipped is None else None)
+        metrics = {k: sum(v) / len(v) for k, v in self.server.round_metrics.items() if v}
+        self.server.round_metrics.clear()
+        record = {"skipped": skipped, **metrics}
+        if update is not None:
+            snapshot = UpdateSnapshot(p for _, p in self.client_update_parameters)
+            self.holder.apply(update)
+            record["client_learning_rate"] = update.lr
+            record["client_update_norm"] = snapshot.norm()
+            if self.run.guards["client"] is not None:
+                self.run.guards["client"].observe(record["client_update_norm"], state.plan.round)
+        return record
 
     def _server_step_skipped(self) -> bool:
         # A fused optimizer (adamw_torch_fused, the default where available) skips an overflowing step inside its
@@ -812,6 +742,7 @@ class HOSFLTrainer(Trainer):
                     "zo_forward_passes": self.zo_forward_passes,
                     "skipped_rounds": self.skipped_rounds,
                     "round_base": self._round_base,
+                    "applied": dict(self.run.applied),  # the last round each client holds (what its catch-up sends)
                     "client_mask_values": self.client_part.mask_state(),
                 },
                 os.path.join(output_dir, CLIENT_STATE_NAME),
@@ -831,8 +762,19 @@ class HOSFLTrainer(Trainer):
         self.zo_forward_passes = state["zo_forward_passes"]
         self.skipped_rounds = state.get("skipped_rounds", 0)
         self._round_base = state.get("round_base", 0)
-        self.trajectory = Trajectory.load(os.path.join(checkpoint, TRAJECTORY_NAME))
         self._rounds_done = self._round_base + self.state.global_step
+        self._load_trajectory(checkpoint)
+        if "applied" in state:
+            self.run.applied = {int(c): int(r) for c, r in state["applied"].items()}
+
+    def _load_trajectory(self, checkpoint: str) -> None:
+        """The checkpoint's trajectory becomes the run's (the server's record) and the in-process holders hold its
+        last round (their weights were loaded with the checkpoint)."""
+        self.trajectory.rounds = Trajectory.load(os.path.join(checkpoint, TRAJECTORY_NAME)).rounds
+        last = self.trajectory.rounds[-1].round if self.trajectory.rounds else -1
+        self.holder.last_round = last
+        self.run.applied = dict.fromkeys(self.run.applied, last)
+        self.run.next_round = self._rounds_done
 
     @staticmethod
     def _read_client_state(checkpoint: str) -> dict[str, Any]:
@@ -875,7 +817,7 @@ class HOSFLTrainer(Trainer):
         best = self.state.best_model_checkpoint
         if best is None or not os.path.isfile(os.path.join(best, TRAJECTORY_NAME)):
             return
-        self.trajectory = Trajectory.load(os.path.join(best, TRAJECTORY_NAME))
+        self._load_trajectory(best)
         if self.client_optimizer is not None and os.path.isfile(os.path.join(best, CLIENT_STATE_NAME)):
             state = self._read_client_state(best)
             self.client_optimizer.load_state_dict(state["client_optimizer"])

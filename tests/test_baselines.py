@@ -5,6 +5,9 @@ import torch
 from conftest import SEQ, counting_dataset, stack_collator, tiny_args, tiny_llama
 
 from hosfl_hf import HOSFLConfig, HOSFLTrainer
+from hosfl_hf.algorithms import BackpropClient
+from hosfl_hf.protocol.codec import encode
+from hosfl_hf.protocol.messages import ClientForward, Cotangent
 
 # method -> (client part changes, server part changes)
 CHANGES = {
@@ -68,23 +71,35 @@ def test_method_trains_the_right_parts(tmp_path, algorithm):
 
 def test_byte_counters_per_method(tmp_path):
     cut = BATCH * SEQ * HIDDEN * 4  # fp32 hidden states; the collator sends no mask
-    labels = BATCH * SEQ * 8
+    labels = BATCH * SEQ * 8  # int64
     per_client_rounds = ROUNDS * CLIENTS
     zo_sync = lambda p: 8 * p + 4 * p + 4 * p  # noqa: E731  seeds down, scalars up, averages down
 
+    # Split methods on the round's loop: the bytes of the encoded messages (cut and lambda exactly; framing).
     trainer, _ = run(tmp_path / "a", "splitlora")
     lora_bytes = sum(p.numel() * 4 for _, p in trainer.client_update_parameters)
-    assert trainer.comm == {
-        "activation_bytes": per_client_rounds * (2 * cut + labels),
-        "sync_bytes": per_client_rounds * 2 * lora_bytes,
-    }
+    def cut_bytes(r, c):  # the encoded cut of client c in round r (the ids are in its header)
+        labels = torch.zeros(BATCH, SEQ, dtype=torch.long)
+        return len(encode(ClientForward(r, c, torch.zeros(BATCH, SEQ, HIDDEN), labels=labels)))
+
+    def lambda_bytes(r, c):
+        return len(encode(Cotangent(r, c, torch.zeros(BATCH, SEQ, HIDDEN))))
+
+    served = [(record["round"], c) for record in trainer.run.log for c in record["finishers"]]
+    assert len(served) == per_client_rounds
+    assert trainer.comm["activation_bytes"] == sum(cut_bytes(r, c) + lambda_bytes(r, c) for r, c in served)
+    # The gradient up and the averaged gradient down: the size of the client's weights both ways, as FedAvg.
+    assert 2 * lora_bytes < trainer.comm["sync_bytes"] / per_client_rounds < 2 * lora_bytes + 2000
     trainer, _ = run(tmp_path / "b", "zo_sfl")
     assert trainer.comm == {
         "activation_bytes": per_client_rounds * 2 * (cut + labels),
         "sync_bytes": per_client_rounds * zo_sync(1),
     }
     trainer, _ = run(tmp_path / "c", "frozen_client")
-    assert trainer.comm == {"activation_bytes": per_client_rounds * (cut + labels), "sync_bytes": 0}
+    served = [(record["round"], c) for record in trainer.run.log for c in record["finishers"]]
+    assert trainer.comm["activation_bytes"] == sum(cut_bytes(r, c) for r, c in served)
+    assert trainer.comm["sync_bytes"] < per_client_rounds * 1000  # the plan and the (empty) catch-up only
+    assert all(r["client_learning_rate"] is None for r in trainer.run.log)  # no update was ever sent
     trainer, _ = run(tmp_path / "d", "fedavg_lora")
     all_bytes = sum(p.numel() * 4 for p in trainer.model.parameters() if p.requires_grad)
     assert trainer.comm == {"activation_bytes": 0, "sync_bytes": per_client_rounds * 2 * all_bytes}
@@ -116,11 +131,14 @@ def test_splitlora_client_gradient_equals_full_backprop(tmp_path, monkeypatch):
     )
     captured = {}
 
-    def capture(round_index):
-        captured.update({n: p.grad.clone() for n, p in trainer.client_update_parameters})
+    def capture(rule, server, plan, replies):  # the clients' gradients, summed by the server in the plan's order
+        total = sum(replies[c].gradient for c in plan.clients)
+        sizes = [p.numel() for _, p in trainer.client_update_parameters]
+        for (name, p), grad in zip(trainer.client_update_parameters, torch.split(total, sizes)):
+            captured[name] = grad.view(p.shape)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "_close_first_order_round", capture)
+    monkeypatch.setattr(BackpropClient, "close", capture)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
 
@@ -156,4 +174,5 @@ def test_a_new_algorithm_is_one_registry_entry(tmp_path, monkeypatch):
     )
     trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert trainer.comm["activation_bytes"] > 0 and trainer.comm["sync_bytes"] == 0
+    assert trainer.comm["activation_bytes"] > 0 and trainer.trajectory.rounds == []
+    assert all(r["client_learning_rate"] is None for r in trainer.run.log)  # no client update was ever sent

@@ -381,15 +381,15 @@ def poisoned_run(tmp_path, aggregation, attack=None):
         aggregation=aggregation,
         lr_scheduler_type="constant",
     )
-    probe = trainer._probe
+    reply = trainer.holder.reply
 
-    def attacked(step):
-        seeds = probe(step)
-        if attack is not None and step["client"] == 0:
-            trainer._round_scalars[0] = [v * attack for v in trainer._round_scalars[0]]
-        return seeds
+    def attacked(plan, cotangent):
+        message = reply(plan, cotangent)
+        if attack is not None and message.client == 0:
+            message.scalars = [v * attack for v in message.scalars]
+        return message
 
-    trainer._probe = attacked
+    trainer.holder.reply = attacked  # the in-process client that answers for client 0 lies
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses, client_weights(trainer)

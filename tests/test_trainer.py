@@ -8,6 +8,8 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from hosfl_hf import HOSFLTrainer, Trajectory, replay_trajectory
+from hosfl_hf.protocol.codec import encode
+from hosfl_hf.protocol.messages import ClientForward, Cotangent
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -95,17 +97,24 @@ def test_client_update_goes_downhill_and_its_sign_flip_uphill(tmp_path, monkeypa
 
 
 def test_byte_counters_are_exact_for_a_known_shape(tmp_path):
+    """The trainer counts the bytes of the messages its round encodes (one implementation of traffic, the loop's):
+    the cuts and lambdas exactly, the sync messages within their framing."""
     trainer = make_trainer(tmp_path, max_steps=3, num_perturbations=2)
     trainer.train()
     rounds, clients, batch, hidden, p = 3, 2, 4, 32, 2
-    cut = batch * SEQ * hidden * 4  # fp32 hidden states (no attention mask in this collator)
-    cotangent = batch * SEQ * hidden * 4
-    labels = batch * SEQ * 8  # int64
-    assert trainer.comm["activation_bytes"] == rounds * clients * (cut + cotangent + labels)
-    # P int64 seeds down, P fp32 scalars up, P averaged fp32 scalars down.
-    assert trainer.comm["sync_bytes"] == rounds * clients * (8 * p + 4 * p + 4 * p)
-    # One reference forward plus one per direction (one-sided), per client and round.
-    assert trainer.zo_forward_passes == rounds * clients * (1 + p)
+    # Every message of a shape has the same length (one-digit round and client ids): fp32 cut, int64 labels, no
+    # attention mask in this collator; lambda of the cut's shape.
+    cut = ClientForward(0, 0, torch.zeros(batch, SEQ, hidden), labels=torch.zeros(batch, SEQ, dtype=torch.long))
+    cotangent = Cotangent(0, 0, torch.zeros(batch, SEQ, hidden))
+    payload = batch * SEQ * hidden * 4 * 2 + batch * SEQ * 8
+    assert trainer.comm["activation_bytes"] == rounds * clients * (len(encode(cut)) + len(encode(cotangent)))
+    assert payload < trainer.comm["activation_bytes"] / (rounds * clients) < payload + 1000  # the framing
+    # Seeds and scalars: the plan, the catch-up, the P scalars up and the update down, each a few hundred bytes.
+    assert rounds * clients * (8 * p + 4 * p + 4 * p) < trainer.comm["sync_bytes"] < rounds * clients * 2000
+    # One reference forward plus one per direction (one-sided), per client and round, and the estimator's one-time
+    # check that the perturbed forward sees the perturbation.
+    assert trainer.zo_forward_passes == rounds * clients * (1 + p) + 1
+    assert trainer.comm == {k: trainer.run.traffic[k] for k in trainer.comm}
 
 
 def test_server_and_client_parts_both_change(tmp_path):

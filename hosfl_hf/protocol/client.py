@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..algorithms import get_algorithm
 from ..client_part import CLIENT_INPUTS, ClientPart
 from ..federation import FederatedRoundSampler
 from ..lora import upcast_trainable_adapters
@@ -20,7 +21,7 @@ from ..named_tensors import copy_named_tensors
 from ..rng import check_environment, environment
 from ..split import split_model
 from ..zeroth_order import build_client_optimizer
-from .messages import CatchUp, ClientCheckpoint, ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
+from .messages import CatchUp, ClientCheckpoint, ClientForward, Cotangent, ProbeReply, RoundPlan
 from .settings import RoundSettings
 
 __all__ = ["ClientPart", "SplitClient", "weights_digest"]
@@ -41,25 +42,35 @@ class SplitClient:
     """
 
     def __init__(
-        self, model: nn.Module, client_id: int, settings: RoundSettings, dataset: Any, collator: Callable | None
+        self,
+        model: nn.Module | None,
+        client_id: int,
+        settings: RoundSettings,
+        dataset: Any,
+        collator: Callable | None,
+        part: ClientPart | None = None,
     ):
         self.settings = settings
         self.client_id = client_id
-        split = split_model(model, settings.split_layer)
-        upcast_trainable_adapters(split)
-        _drop_server_modules(split)
-        self.split = split
-        self.part = ClientPart(
-            split,
-            settings.zo_eps,
-            settings.zo_estimator,
-            settings.autocast_dtype,
-            space=settings.search_space,
-            mask=settings.mask,
-            defense=settings.defense,
-        )
+        self.algorithm = get_algorithm(settings.algorithm)
+        if part is None:  # its own copy of the client part: what only the server runs is dropped
+            split = split_model(model, settings.split_layer)
+            upcast_trainable_adapters(split)
+            _drop_server_modules(split)
+            part = ClientPart(
+                split,
+                settings.zo_eps,
+                settings.zo_estimator,
+                settings.autocast_dtype,
+                space=settings.search_space,
+                mask=settings.mask,
+                defense=settings.defense,
+            )
+        self.split = part.split
+        self.part = part
         # What the optimizer steps (trainable parameters; a masked base tensor's vector of masked values).
         self.parameters = self.part.update_parameters
+        self.client_update_sizes = [p.numel() for _, p in self.parameters]
         self.optimizer = build_client_optimizer(
             [p for _, p in self.parameters], settings.client_optimizer, 0.0, settings.client_weight_decay
         )
@@ -72,7 +83,7 @@ class SplitClient:
                 shards, settings.clients_per_round, settings.batch_size, seed=settings.federation_seed
             )
         self.dataset, self.collator = dataset, collator
-        self._reference: tuple[int, torch.Tensor] | None = None
+        self._reference: tuple[int, int, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- round
     def batch(self, round_index: int) -> dict[str, torch.Tensor]:
@@ -88,40 +99,47 @@ class SplitClient:
             raise ValueError(f"Round {plan.round} was already applied here (last round {self.last_round}).")
         batch = self.batch(plan.round)
         inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
-        hidden = self.part.forward(inputs).hidden_states
-        self._reference = (plan.round, hidden)
+        # A first-order client keeps the graph of its forward for its backward of lambda.
+        hidden = self.part.forward(inputs, grad=self.algorithm.client.graph).hidden_states
+        self._reference = (plan.round, self.client_id, hidden)
         return ClientForward(
             round=plan.round,
             client=self.client_id,
-            hidden_states=self.part.release(hidden, plan.round, self.client_id),
+            hidden_states=self.part.release(hidden, plan.round, self.client_id).detach(),
             labels=batch.get("labels"),
             attention_mask=inputs.get("attention_mask"),
             position_ids=inputs.get("position_ids"),
         )
 
-    def probe(self, plan: RoundPlan, cotangent: Cotangent) -> ProbeReply:
-        """The `P` scalars `<lambda, z(theta + mu u_p) - z(theta)>` for the round's seeds. The reference `z` is the
-        one of `forward` when this object ran it, or recomputed (a process per message keeps no tensors)."""
+    def round_inputs(self, plan: RoundPlan) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """This round's client inputs and the reference cut `z`: the one of `forward` when this object ran it, or
+        recomputed (a process per message keeps no tensors)."""
+        batch = self.batch(plan.round)
+        inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
+        if self._reference is not None and self._reference[:2] == (plan.round, self.client_id):
+            reference = self._reference[2]
+        else:
+            reference = self.part.forward(inputs, grad=self.algorithm.client.graph).hidden_states
+        self._reference = None
+        return inputs, reference
+
+    def reply(self, plan: RoundPlan, cotangent: Cotangent) -> Any:
+        """The answer to lambda, by the run's algorithm: HO-SFL's `P` scalars `<lambda, z(theta + mu u_p) - z(theta)>`
+        for the round's seeds ([`ProbeReply`]), SplitLoRA's gradient ([`ClientGradient`])."""
         if cotangent.round != plan.round or cotangent.client != self.client_id:
             raise ValueError(
                 f"Cotangent for client {cotangent.client}, round {cotangent.round}; this is client {self.client_id}, "
                 f"round {plan.round}."
             )
-        batch = self.batch(plan.round)
-        inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
-        if self._reference is not None and self._reference[0] == plan.round:
-            reference = self._reference[1]
-        else:
-            reference = self.part.forward(inputs).hidden_states
-        self._reference = None
-        seeds = plan.seeds
-        if self.settings.client_seeds == "per_client":  # this client's own seeds (pure function of ids)
-            seeds = self.settings.probe_seeds(plan.round, self.client_id)
-        scalars = self.part.probe(inputs, reference, cotangent.cotangent, seeds)
-        return ProbeReply(round=plan.round, client=self.client_id, scalars=scalars)
+        return self.algorithm.client.reply(self, plan, cotangent)
 
-    def apply(self, update: ClientUpdate) -> None:
-        """Applies one round's update (from seeds and averaged scalars), exactly as every other holder does.
+    def probe(self, plan: RoundPlan, cotangent: Cotangent) -> ProbeReply:
+        """HO-SFL's answer to lambda (see [`reply`])."""
+        return self.reply(plan, cotangent)
+
+    def apply(self, update: Any) -> None:
+        """Applies one round's update (HO-SFL's seeds and averaged scalars, SplitLoRA's averaged gradient), exactly as
+        every other holder does.
 
         Raises:
             `ValueError`: if the round is not after the last applied one (a duplicate or out-of-order update).
@@ -131,7 +149,7 @@ class SplitClient:
                 f"Update of round {update.round} is not after the last applied round {self.last_round}: a duplicate "
                 "or out-of-order update is never applied."
             )
-        self.part.apply(update, self.optimizer)
+        self.algorithm.client.apply(self, update)
         self.last_round = update.round
 
     def catch_up(self, history: CatchUp) -> int:

@@ -27,8 +27,10 @@ from .messages import (
     CatchUp,
     ClientCheckpoint,
     ClientForward,
+    ClientGradient,
     ClientUpdate,
     Cotangent,
+    GradientUpdate,
     ProbeReply,
     RoundPlan,
 )
@@ -289,11 +291,27 @@ def _validate_update(message: ClientUpdate, num_perturbations: int | None, where
     return message
 
 
+def _validate_gradient(message: ClientGradient, where: str, shape: tuple[int, ...] | None, **_: Any) -> None:
+    _check_tensor(message.gradient, "gradient", where, (torch.float32,), 1, finite=True)
+    if shape is not None and tuple(message.gradient.shape) != tuple(shape):
+        raise MessageError(f"Field 'gradient' of a {where}: shape {tuple(message.gradient.shape)}, expected {shape}.")
+
+
+def _validate_gradient_update(message: GradientUpdate, where: str, shape: tuple[int, ...] | None, **_: Any) -> None:
+    where = f"gradient_update message of round {message.round}"
+    _check_int(message.round, "round", where)
+    _validate_gradient(message, where, shape)
+    if not (isinstance(message.lr, (int, float)) and math.isfinite(message.lr) and message.lr >= 0):
+        raise MessageError(f"Field 'lr' of a {where}: {message.lr!r} must be a finite number >= 0.")
+
+
 VALIDATORS = {
     RoundPlan: _validate_plan,
     ClientForward: _validate_cut,
     Cotangent: _validate_cotangent,
     ProbeReply: _validate_reply,
+    ClientGradient: _validate_gradient,
+    GradientUpdate: _validate_gradient_update,
     ClientUpdate: lambda message, where, num_perturbations=None, **_: _validate_update(
         message, num_perturbations, where
     ),

@@ -3,7 +3,8 @@ a mapping of named payloads (codec bytes, or small ints and strings), and so is 
 
     forward   plan + catchup      -> cut          (catch up, then the cut of this round's batch), or `behind`
                                                    (its last round) when it holds less than the catch-up assumes
-    probe     plan + cotangent    -> scalars
+    probe     plan + cotangent    -> reply        (the algorithm's answer to lambda: HO-SFL's scalars,
+                                                   SplitLoRA's gradient)
     update    update              -> last_round + update_norm (of what it applied: the same on every holder)
     catchup   catchup             -> last_round + digest (of the client part's trainable weights)
 
@@ -38,12 +39,17 @@ def _forward(client: SplitClient, payload: Payload) -> dict[str, Any]:
 def _probe(client: SplitClient, payload: Payload) -> dict[str, Any]:
     plan = decode(payload["plan"], RoundPlan, num_perturbations=client.settings.num_perturbations)
     cotangent = decode(payload["cotangent"], Cotangent, round=plan.round, clients=[client.client_id])
-    return {"scalars": encode(client.probe(plan, cotangent))}
+    return {"reply": encode(client.reply(plan, cotangent))}
 
 
 def _update(client: SplitClient, payload: Payload) -> dict[str, Any]:
-    # P scalars per update, or K * P (one set per replying client) with per-client seeds.
-    update = decode(payload["update"], ClientUpdate, num_perturbations=client.settings.scalars_per_update)
+    rule = client.algorithm.client
+    # P scalars per update, or K * P (one set per replying client) with per-client seeds; a gradient of the client
+    # part's size.
+    expect = {"num_perturbations": client.settings.scalars_per_update}
+    if rule.update_type is not ClientUpdate:
+        expect = {"shape": (sum(client.client_update_sizes),)}
+    update = decode(payload["update"], rule.update_type, **expect)
     snapshot = UpdateSnapshot(p for _, p in client.parameters)
     client.apply(update)
     return {"last_round": client.last_round, "update_norm": snapshot.norm()}

@@ -8,6 +8,12 @@
     client -> server   ProbeReply     the client's P scalars <lambda, z(theta + mu u_p) - z>  ("scalars up")
     server -> holders  ClientUpdate   seeds, averaged scalars and lr of one applied round    ("averaged scalars down")
 
+A first-order client (SplitLoRA) answers lambda with its gradient instead of scalars, and the holders apply the
+round's averaged gradient:
+
+    client -> server   ClientGradient   the gradient of lambda_i / K through the client part ("gradient up")
+    server -> holders  GradientUpdate   the round's averaged, clipped gradient and lr      ("gradient down")
+
 [`hosfl_hf.protocol.codec`] turns each into bytes and back, exactly, and validates what it decodes.
 """
 
@@ -23,8 +29,10 @@ __all__ = [
     "CatchUp",
     "ClientCheckpoint",
     "ClientForward",
+    "ClientGradient",
     "ClientUpdate",
     "Cotangent",
+    "GradientUpdate",
     "MESSAGE_TYPES",
     "ProbeReply",
     "RoundPlan",
@@ -72,6 +80,26 @@ class ProbeReply:
     round: int
     client: int
     scalars: list[float]
+
+
+@dataclass
+class ClientGradient:
+    """A first-order client's reply: the gradient of `<lambda_i / K, z>` with respect to the client part's update
+    parameters, flattened in their pinned order (float32)."""
+
+    round: int
+    client: int
+    gradient: torch.Tensor
+
+
+@dataclass
+class GradientUpdate:
+    """The round's client update of a first-order client: the finishers' gradients summed in the plan's order,
+    clipped (`max_grad_norm`), applied by every holder through its client optimizer at learning rate `lr`."""
+
+    round: int
+    gradient: torch.Tensor
+    lr: float
 
 
 @dataclass
@@ -146,5 +174,7 @@ MESSAGE_TYPES = {
     "scalars": ProbeReply,
     "update": ClientUpdate,
     "catchup": CatchUp,
+    "gradient": ClientGradient,
+    "gradient_update": GradientUpdate,
 }
 """Message kind (the codec's header) -> type; a [`ClientCheckpoint`] travels only inside a [`CatchUp`]."""

@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
@@ -39,8 +39,8 @@ from torch import nn
 from ..update_norms import StandingStillGuard
 from .client import SplitClient, weights_digest
 from .codec import MessageError, decode, encode
-from .messages import CatchUp, ClientForward, ClientUpdate, ProbeReply, RoundPlan
-from .server import SplitServer
+from .messages import CatchUp, ClientForward, ClientUpdate, RoundPlan
+from .server import RejectedCut, SplitServer
 from .transport import ClientFault, Transport
 
 __all__ = ["COUNTERS", "FederatedRun", "ReliabilitySettings"]
@@ -56,6 +56,23 @@ COUNTERS = (
     "fed/behind",  # clients that held fewer rounds than the server assumed (restarted): rebuilt from their round
 )
 RUN_STATE = "federated_run.json"
+
+
+@dataclass
+class OpenRound:
+    """An attempt of a round in progress: its plan, what the clients answered, and, once closed, its update."""
+
+    plan: RoundPlan
+    attempt: int
+    plan_bytes: bytes
+    start: float
+    latest: int  # the last round in the trajectory when the attempt opened (what a catch-up brings a client to)
+    replies: dict[int, Any] = field(default_factory=dict)  # finishers' replies (None: finished with its cut)
+    losses: list[Any] = field(default_factory=list)  # what the server logged per accepted cut
+    finishers: list[int] = field(default_factory=list)
+    loss: float = float("nan")
+    learning_rate: float = float("nan")
+    update: Any = None
 
 
 @dataclass
@@ -139,33 +156,47 @@ class FederatedRun:
         self._finished: set[int] = set()
         self.record: SplitClient | None = None
         # A part configured to train whose applied update is exactly zero round after round warns (update_norms).
+        algorithm = server.algorithm
         self.guards = {
-            "server": StandingStillGuard("server") if self.server.parameters else None,
-            "client": StandingStillGuard("client") if self.server.trajectory.parameter_names else None,
+            "server": StandingStillGuard("server") if algorithm.server.trains and server.parameters else None,
+            "client": StandingStillGuard("client")
+            if algorithm.client.optimizer and sum(server.client_update_sizes)
+            else None,
         }
         self.snapshot = None  # the record's state at its last snapshot round (a ClientCheckpoint)
-        if self.reliability.checkpoint_every:
+        # A client update that is not seeds and scalars (SplitLoRA's gradient) cannot be replayed from the trajectory:
+        # a client that missed rounds gets the record's state instead (the weights down, as in FedAvg), so the record
+        # is snapshotted every round. In-process clients that share one client part never miss a round.
+        replayable = algorithm.client.update_type in (None, ClientUpdate) or getattr(transport, "shared", False)
+        self.snapshot_every = self.reliability.checkpoint_every or (0 if replayable else 1)
+        if self.snapshot_every:
             if base_model is None:
                 raise ValueError(
-                    "History compaction (checkpoint_every > 0) needs base_model: the run's initial model."
+                    "History compaction (checkpoint_every > 0) needs base_model: the run's initial model"
+                    + ("" if replayable else f" (algorithm {algorithm.name!r} catches clients up from its record)")
+                    + "."
                 )
             self.record = SplitClient(copy.deepcopy(base_model), -1, self.settings, None, None)
 
     # ----------------------------------------------------------------------------------------------- rounds
-    def run(self, num_rounds: int) -> list[ClientUpdate]:
-        """Runs rounds until `num_rounds` rounds are applied (continuing a resumed run); returns the new updates."""
+    def run(self, num_rounds: int) -> list[Any]:
+        """Runs rounds until `num_rounds` rounds are applied (continuing a resumed run); returns the new updates
+        (`None` for a round that changed no client part)."""
         updates = []
         while self.next_round < num_rounds:
             updates.append(self.run_round(self.next_round))
         return updates
 
-    def run_round(self, round_index: int) -> ClientUpdate:
-        """One round, retried with a new sample while no client finishes it."""
+    def run_round(self, round_index: int) -> Any:
+        """One round, retried with a new sample while no client finishes it. Returns its client update (`None`
+        when the algorithm's client part does not change)."""
         failed: set[int] = set()
         for attempt in range(self.reliability.max_round_attempts):
             plan = self.server.plan(round_index, attempt, exclude=failed)
-            update = self._attempt(plan, attempt)
-            if update is not None:
+            state = self.open_round(plan, attempt)
+            self.serve(state, plan.clients)
+            if self.close_round(state):
+                update = self.commit_round(state)
                 self.next_round = round_index + 1
                 return update
             failed.update(c for c in plan.clients if c not in self._finished)
@@ -246,16 +277,27 @@ class FederatedRun:
                 )
         return cut
 
-    def _attempt(self, plan: RoundPlan, attempt: int) -> ClientUpdate | None:
-        r, p = plan.round, self.settings.num_perturbations
-        start = time.perf_counter()
+    # The phases of one attempt. `run_round` runs them over all the sampled clients at once; the trainer runs `serve`
+    # once per client batch (the Trainer's gradient accumulation) and `commit_round` after the Trainer's step.
+    def open_round(self, plan: RoundPlan, attempt: int = 0) -> OpenRound:
+        """Opens an attempt of a round: the plan goes out with each sampled client's catch-up at `serve`."""
         plan_bytes = encode(plan)
-        self._count("sync_bytes", [plan_bytes] * len(plan.clients))
-        payloads = {c: {"plan": plan_bytes, "catchup": self._encode_catchup(c)} for c in plan.clients}
+        latest = self.server.trajectory.rounds[-1].round if self.server.trajectory.rounds else -1
+        if self.snapshot is not None:
+            latest = max(latest, self.snapshot.round)
+        return OpenRound(plan, attempt, plan_bytes, time.perf_counter(), latest)
+
+    def serve(self, state: OpenRound, clients: list[int]) -> None:
+        """The `forward` exchange with `clients` (plan and catch-up down, cut up), the server's backward of each cut
+        in the plan's order, and, where the algorithm's client answers lambda, the `probe` exchange (lambda down,
+        the client's reply up). A client that fails any of it is dropped for the round."""
+        r, attempt = state.plan.round, state.attempt
+        rule = self.server.algorithm.client
+        self._count("sync_bytes", [state.plan_bytes] * len(clients))
+        payloads = {c: {"plan": state.plan_bytes, "catchup": self._encode_catchup(c)} for c in clients}
         forwards = self._exchange("forward", payloads, r)
         lambdas: dict[int, bytes] = {}
-        latest = self.server.trajectory.rounds[-1].round if self.server.trajectory.rounds else -1
-        for c in plan.clients:  # the server's backward, client after client, in the plan's order
+        for c in clients:  # the server's backward, client after client, in the plan's order
             reply = forwards.get(c, TimeoutError("no reply"))
             fault = self._fault(reply, c, r, "forward")
             behind = reply.get("behind") if fault is None and isinstance(reply, Mapping) else None
@@ -269,78 +311,110 @@ class FederatedRun:
                 self._count("activation_bytes", [data] if isinstance(data, bytes) else [])
                 try:
                     cut = self._validate_cut(data, c, r)
-                    lambdas[c] = encode(self.server.backward(cut))
-                    self.applied[c] = latest  # it caught up before its forward
-                except (MessageError, ValueError) as error:
+                    cotangent = self.server.backward(cut)
+                    state.losses.append(self.server.last_logged_loss)
+                    self.applied[c] = state.latest  # it caught up before its forward
+                    if cotangent is None:  # the client finishes with its cut (a frozen client)
+                        state.replies[c] = None
+                    else:
+                        lambdas[c] = encode(cotangent)
+                except (MessageError, RejectedCut) as error:
                     fault = ClientFault(c, r, "forward", str(error), kind="rejected")
             if fault is not None:
                 self._drop(fault, attempt)
+        if not lambdas:
+            return
         self._count("activation_bytes", lambdas.values())
-        probes = self._exchange("probe", {c: {"plan": plan_bytes, "cotangent": lambdas[c]} for c in lambdas}, r)
-        replies: dict[int, ProbeReply] = {}
+        probes = self._exchange("probe", {c: {"plan": state.plan_bytes, "cotangent": lambdas[c]} for c in lambdas}, r)
         for c in lambdas:
             reply = probes.get(c, TimeoutError("no reply"))
             fault = self._fault(reply, c, r, "probe")
             if fault is None:
-                data = reply.get("scalars") if isinstance(reply, Mapping) else None
+                data = reply.get("reply") if isinstance(reply, Mapping) else None
                 try:
                     if not isinstance(data, bytes):
-                        raise MessageError(f"Field 'scalars': expected codec bytes, got {type(data).__name__}.")
+                        raise MessageError(f"Field 'reply': expected codec bytes, got {type(data).__name__}.")
                     self._count("sync_bytes", [data])
-                    replies[c] = decode(data, ProbeReply, round=r, clients=[c], num_perturbations=p)
+                    expect = rule.check_reply(data, self.server)
+                    state.replies[c] = decode(data, rule.reply_type, round=r, clients=[c], **expect)
                 except MessageError as error:
                     fault = ClientFault(c, r, "probe", str(error), kind="rejected")
             if fault is not None:
                 self._drop(fault, attempt)
+
+    def close_round(self, state: OpenRound) -> bool:
+        """Closes the attempt when enough clients finished: the strategy aggregates their replies into the client
+        update and the server steps. Returns `False` (the round's gradients discarded) when too few finished."""
+        replies = state.replies
         self._finished = set(replies)  # a retry keeps them in the pool
         if len(replies) < self.reliability.min_finishers:
             if replies:
-                logger.warning("HO-SFL round %s: %s finishers < min_finishers; skipped.", r, len(replies))
+                logger.warning(
+                    "HO-SFL round %s: %s finishers < min_finishers; skipped.", state.plan.round, len(replies)
+                )
             self.server.discard_round()
-            return None
-        finishers = [c for c in plan.clients if c in replies]
-        loss = self.server.round_loss(finishers)
-        lr = self.server.lr_scheduler.get_last_lr()[0]
-        update = self.server.step(plan, replies)
-        update_bytes = encode(update)
-        self._count("sync_bytes", [update_bytes] * len(finishers))
+            return False
+        state.finishers = [c for c in state.plan.clients if c in replies]
+        state.loss = self.server.round_loss(state.finishers)
+        state.learning_rate = self.server.learning_rate()
+        state.update = self.server.close(state.plan, replies)
+        return True
+
+    def commit_round(self, state: OpenRound) -> Any:
+        """After the server's step (the commit point): the update gets its learning rate and is recorded, the server
+        checkpoint is written, the finishers apply it (`update` exchange) and the round is logged. Returns the
+        update (`None`: the client part does not change this round)."""
+        r, finishers = state.plan.round, state.finishers
+        skipped = self.server.step_skipped()
+        update = self.server.commit(state.update if skipped is None else None)
+        metrics = {k: sum(v) / len(v) for k, v in self.server.round_metrics.items() if v}
+        self.server.round_metrics.clear()
+        update_bytes = encode(update) if update is not None else None
+        if update_bytes is not None:
+            self._count("sync_bytes", [update_bytes] * len(finishers))
         record = {  # logged at the commit point (a resumed run has it); a missed update counts in the next round
             "round": r,
-            "attempt": attempt,
-            "clients": plan.clients,
+            "attempt": state.attempt,
+            "clients": state.plan.clients,
             "finishers": finishers,
-            "loss": loss,
-            "learning_rate": lr,
-            "client_learning_rate": update.lr,
+            "loss": state.loss,
+            "learning_rate": state.learning_rate,
+            "client_learning_rate": update.lr if update is not None else None,
             "comm/activation_bytes": self.traffic["activation_bytes"],
             "comm/sync_bytes": self.traffic["sync_bytes"],
             "comm/catchup_bytes": self.traffic["catchup_bytes"],
             **self.counters,
-            "seconds": time.perf_counter() - start,
+            **metrics,
+            "seconds": time.perf_counter() - state.start,
         }
+        if skipped is not None:
+            record["skipped"] = skipped
         self.log.append(record)
         logger.info("HO-SFL round %s", json.dumps(record))
-        self._commit(update)
-        acks = self._exchange("update", {c: {"update": update_bytes} for c in finishers}, r)
+        self._commit(r, update)
         norms = []
-        for c in finishers:
-            ack = acks.get(c, TimeoutError("no reply"))
-            fault = self._fault(ack, c, r, "update")
-            if fault is None:
-                self.applied[c] = r
-                if isinstance(ack, Mapping) and isinstance(ack.get("update_norm"), float):
-                    norms.append(ack["update_norm"])
-            else:
-                self.counters["fed/missed_updates"] += 1
-                self._drop(fault, attempt)
-        self._observe_updates(record, norms)
+        if update_bytes is not None:
+            acks = self._exchange("update", {c: {"update": update_bytes} for c in finishers}, r)
+            for c in finishers:
+                ack = acks.get(c, TimeoutError("no reply"))
+                fault = self._fault(ack, c, r, "update")
+                if fault is None:
+                    self.applied[c] = r
+                    if isinstance(ack, Mapping) and isinstance(ack.get("update_norm"), float):
+                        norms.append(ack["update_norm"])
+                else:
+                    self.counters["fed/missed_updates"] += 1
+                    self._drop(fault, state.attempt)
+        self._observe_updates(record, norms, skipped)
         if self.on_round is not None:
             self.on_round(record)
         return update
 
-    def _observe_updates(self, record: dict[str, Any], client_norms: list[float]) -> None:
+    def _observe_updates(self, record: dict[str, Any], client_norms: list[float], skipped: str | None) -> None:
         """Logs each part's applied-update norm in the round's record and feeds the guards (a part configured to
         train that stands still warns). Every holder applies the same update, so the clients' norms agree."""
+        if skipped is not None:  # a step the loss scaler skipped: nothing was applied, nothing to observe
+            return
         record["server_update_norm"] = self.server.last_update_norm
         if self.guards["server"] is not None:
             self.guards["server"].observe(self.server.last_update_norm, record["round"])
@@ -355,13 +429,15 @@ class FederatedRun:
             if self.guards["client"] is not None:
                 self.guards["client"].observe(client_norms[0], record["round"])
 
-    def _commit(self, update: ClientUpdate) -> None:
+    def _commit(self, round_index: int, update: Any) -> None:
         """After the server's step, before anyone applies the update: the record and the server checkpoint."""
         if self.record is not None:
-            self.record.apply(update)
-            if (update.round + 1) % self.reliability.checkpoint_every == 0:
+            if update is not None:
+                self.record.apply(update)
+            if (round_index + 1) % self.snapshot_every == 0:
+                self.record.last_round = round_index
                 self.snapshot = self.record.checkpoint()
-        self.next_round = update.round + 1
+        self.next_round = round_index + 1
         if self.checkpoint_dir is not None:
             self.save(self.checkpoint_dir)
 

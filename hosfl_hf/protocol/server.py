@@ -1,11 +1,17 @@
-"""`SplitServer`: the server side of the round. It holds the server part (the client's blocks are dropped), its
-optimizer and schedule, plans rounds, turns each client's cut into lambda by its own backprop, aggregates the
-scalars and records the trajectory."""
+"""`SplitServer`: the server side of the round. It holds the server part, its optimizer and schedules, plans rounds,
+turns each client's cut into lambda by its own backprop, closes the round through the algorithm's strategy and records
+the trajectory.
+
+The optimizer, the backward and the loss scale are the server's *backend*: here a plain optimizer; in
+[`HOSFLTrainer`] the `transformers.Trainer` (its `accelerator.backward`, loss scaling, optimizer, scheduler, clipping
+and DDP reductions), which subclasses this server and overrides only those methods."""
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
+from ..algorithms import get_algorithm
 from ..federation import sample_clients
 from ..lora import upcast_trainable_adapters
 from ..named_tensors import copy_named_tensors
@@ -22,14 +29,19 @@ from ..server_part import ServerPart
 from ..split import CutActivations, split_model
 from ..trajectory import TRAJECTORY_NAME, Trajectory
 from ..update_norms import UpdateSnapshot
-from .messages import ClientForward, ClientUpdate, Cotangent, ProbeReply, RoundPlan
+from .messages import ClientForward, ClientUpdate, Cotangent, RoundPlan
 from .settings import RoundSettings
 
-__all__ = ["SplitServer"]
+__all__ = ["RejectedCut", "SplitServer"]
 
 SERVER_WEIGHTS = "server_parameters.safetensors"
 SERVER_STATE = "server_state.pt"
 RETRY_STREAM = 0x7E7  # mixes the retry attempt into the client sampling's seed
+
+
+class RejectedCut(ValueError):
+    """A client's cut the server refuses (a non-finite loss, lambda or gradient): the client is dropped for the
+    round, nothing of its cut stays in the server's gradient."""
 
 
 class SplitServer:
@@ -44,37 +56,148 @@ class SplitServer:
     Args:
         model (`nn.Module`): the full `*ForCausalLM` (plain or peft) at the run's initial weights; the client's
             blocks are dropped (moved to the `meta` device: the server never runs them).
-        settings ([`RoundSettings`]): the run's shared settings.
+        settings ([`RoundSettings`]): the run's shared settings (`settings.algorithm` picks the strategy).
         args ([`HOSFLConfig`]): the server's optimizer, schedule (`max_steps`, warmup) and clipping settings.
         loss_func (`Callable`, *optional*): `loss_func(outputs, labels)`; by default the model's causal-LM loss.
+        split ([`SplitModel`], *optional*): an existing split to serve as is (its client blocks are kept: the
+            trainer's server shares the model with the in-process clients); `model` is then ignored.
     """
 
-    def __init__(self, model: nn.Module, settings: RoundSettings, args: Any, loss_func: Callable | None = None):
+    def __init__(
+        self,
+        model: nn.Module | None,
+        settings: RoundSettings,
+        args: Any,
+        loss_func: Callable | None = None,
+        split: Any = None,
+    ):
         self.settings, self.args, self.loss_func = settings, args, loss_func
-        split = split_model(model, settings.split_layer)
-        upcast_trainable_adapters(split)
+        self.algorithm = get_algorithm(settings.algorithm)
+        own = split is None
+        if own:
+            split = split_model(model, settings.split_layer)
+            upcast_trainable_adapters(split)
         # The client update's targets (search space, then mask), as every holder of the client part has them.
-        client_targets, _ = client_update_targets(split, settings.search_space, settings.mask)
+        client_targets, masks = client_update_targets(split, settings.search_space, settings.mask)
+        self.client_targets = client_targets
         self.trajectory = settings.new_trajectory(client_targets)
-        for block in list(split.layers)[: settings.split_layer]:
-            block.to("meta")  # the client's blocks: skipped by the server's forward
+        # Sizes of what the client optimizer steps (a masked tensor: its masked values), in order.
+        self.client_update_sizes = [
+            int(masks[i].numel()) if i in masks else p.numel() for i, (_, p) in enumerate(client_targets)
+        ]
+        if own:
+            for block in list(split.layers)[: settings.split_layer]:
+                block.to("meta")  # the client's blocks: skipped by the server's forward
         self.split = split
         self.part = ServerPart(split, loss_func)
-        self.parameters = split.server_parameters()
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-        params = [p for _, p in self.parameters]
-        self.optimizer = cls([{"params": params, "weight_decay": args.weight_decay}], **kwargs)
-        steps = args.max_steps
-        self.lr_scheduler = args.schedule(self.optimizer, steps)
-        # The client schedule: the server's shape at peak client_learning_rate, stepped once per applied round.
-        self._client_lr = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.client_learning_rate)
-        client_schedule = getattr(args, "client_schedule", args.schedule)  # the client's own schedule, if set
-        self.client_lr_scheduler = client_schedule(self._client_lr, steps)
-
+        self.parameters = self.trainable_parameters()
+        self.world_size = 1  # processes that each serve `clients_per_round` clients of a round (the trainer's DDP)
+        self.optimizer: Any = None
+        self.lr_scheduler: Any = None
+        self.client_lr_scheduler: Any = None
+        if own:
+            self.build_optimizers(args.max_steps)
         self._round_cuts: dict[int, ClientForward] = {}  # this round's accepted cuts, in backward order
         self._round_losses: dict[int, float] = {}
         self._grads_from: list[int] = []  # clients whose gradient is in the parameters' .grad, in order
         self.last_update_norm = 0.0
+        self.last_loss = float("nan")
+        self.round_metrics: dict[str, list[float]] = defaultdict(list)  # e.g. zo/projected_grad, per closed round
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """What the server's optimizer steps: the server part's trainable parameters (the whole model's without a
+        split)."""
+        if not self.algorithm.split:
+            return [(n, p) for n, p in self.split.model.named_parameters() if p.requires_grad]
+        return self.split.server_parameters()
+
+    # --------------------------------------------------------------------------------------------- backend
+    def build_optimizers(self, num_steps: int) -> None:
+        """The server's optimizer and schedule, and the client schedule (the server's shape at peak
+        `client_learning_rate`, or the client's own), over `num_steps` rounds."""
+        args = self.args
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        params = [p for _, p in self.parameters]
+        self.optimizer = cls([{"params": params, "weight_decay": args.weight_decay}], **kwargs)
+        if not self.algorithm.server.trains:  # control (client_only): the server part never changes
+            for group in self.optimizer.param_groups:
+                group["lr"] = 0.0
+        self.lr_scheduler = args.schedule(self.optimizer, num_steps)
+        self.build_client_schedule(num_steps)
+
+    def build_client_schedule(self, num_steps: int) -> None:
+        """The client learning-rate schedule. It steps no parameter: the schedule object needs an optimizer, so it
+        gets one over a placeholder; the learning rate travels in every update, and each holder's client optimizer
+        uses it."""
+        self._client_lr = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.settings.client_learning_rate)
+        client_schedule = getattr(self.args, "client_schedule", self.args.schedule)
+        self.client_lr_scheduler = client_schedule(self._client_lr, num_steps)
+
+    def backprop(self, loss: torch.Tensor, k: int, cut: ClientForward) -> torch.Tensor:
+        """Backpropagates `loss / k` (gradients accumulate over the round's clients); returns what the server logs
+        for this client (`loss / k`, detached)."""
+        (loss / k).backward()
+        return (loss / k).detach()
+
+    def forward_loss(self, cut: ClientForward) -> tuple[torch.Tensor, CutActivations]:
+        activations = CutActivations(
+            cut.hidden_states, attention_mask=cut.attention_mask, position_ids=cut.position_ids
+        )
+        loss, _, activations = self.part.loss(activations, cut.labels)
+        return loss, activations
+
+    def loss_scale(self) -> float:
+        """The loss scale of the backward (a power of two; 1 without fp16 loss scaling)."""
+        return 1.0
+
+    def clients_per_process(self) -> int:
+        """`K` of lambda = dloss/dz: the clients whose losses this process averages."""
+        return self.settings.clients_per_round
+
+    def gather_replies(self, replies: dict[int, Any], round_index: int) -> dict[int, Any]:
+        """Every process's replies of the round (one process here)."""
+        return replies
+
+    def reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of `tensor` over the processes that serve a round's clients (one process here)."""
+        return tensor
+
+    def non_finite_client_update(self, round_index: int, what: str) -> None:
+        """A round whose client update is not finite: refused (no holder applies anything)."""
+        raise ValueError(
+            f"{what.capitalize()} in round {round_index}; no update was applied. Lower the learning rates."
+        )
+
+    def zeroth_order_targets(self, scope: str) -> tuple[list[tuple[str, nn.Parameter]], int]:
+        """The parameters a zeroth-order server estimate covers and the RNG index of the first: the server part's
+        (after the client's in the pinned order) or every trainable parameter (`scope="model"`)."""
+        if scope == "server":
+            return self.split.server_parameters(), len(self.client_targets)
+        return self.client_targets + self.split.server_parameters(), 0
+
+    def step(self) -> None:
+        """The server's optimizer step on the round's accumulated gradient (clipped to `max_grad_norm`)."""
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0 and self.algorithm.server.backprop:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.parameters], self.args.max_grad_norm)
+        snapshot = UpdateSnapshot(p for _, p in self.parameters)
+        self.optimizer.step()
+        self.last_update_norm = snapshot.norm()  # the server's applied update, logged as server_update_norm
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step_skipped(self) -> str | None:
+        """Why the server's last step was not taken (then no client update is applied either), or `None`."""
+        return None
+
+    def learning_rate(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def next_client_lr(self) -> float:
+        """The client learning rate of the update being committed; advances the client schedule."""
+        lr = self.client_lr_scheduler.get_last_lr()[0]
+        self._client_lr.step()  # no gradient: only keeps the scheduler's step-order check quiet
+        self.client_lr_scheduler.step()
+        return lr
 
     # ----------------------------------------------------------------------------------------------- round
     def plan(self, round_index: int, attempt: int = 0, exclude: Collection[int] = ()) -> RoundPlan:
@@ -82,89 +205,103 @@ class SplitServer:
         retried after every sampled client dropped (`attempt > 0`) samples again, with other draws, from the clients
         not in `exclude` (those that already failed it) while enough remain."""
         s = self.settings
+        per_round = s.clients_per_round * self.world_size
         seed = s.federation_seed if attempt == 0 else mix(s.federation_seed, RETRY_STREAM, attempt)
         pool = [c for c in range(s.num_clients) if c not in set(exclude)]
-        if len(pool) < s.clients_per_round:
+        if len(pool) < per_round:
             pool = list(range(s.num_clients))
-        clients = [pool[i] for i in sample_clients(seed, round_index, len(pool), s.clients_per_round)]
+        clients = [pool[i] for i in sample_clients(seed, round_index, len(pool), per_round)]
         return RoundPlan(
             round=round_index, clients=clients, seeds=round_seeds(s.seed, round_index, s.num_perturbations)
         )
 
-    def _loss(self, cut: ClientForward, k: int) -> tuple[torch.Tensor, CutActivations]:
-        activations = CutActivations(
-            cut.hidden_states, attention_mask=cut.attention_mask, position_ids=cut.position_ids
-        )
-        loss, _, activations = self.part.loss(activations, cut.labels)
+    def _loss(self, cut: ClientForward, k: int) -> tuple[torch.Tensor, torch.Tensor, CutActivations]:
+        loss, activations = self.forward_loss(cut)
         if not torch.isfinite(loss.detach()).all():
-            raise ValueError(f"The server loss of client {cut.client} in round {cut.round} is not finite.")
-        (loss / k).backward()
-        return loss, activations
+            raise RejectedCut(f"The server loss of client {cut.client} in round {cut.round} is not finite.")
+        logged = self.backprop(loss, k, cut)
+        return loss, logged, activations
 
-    def backward(self, cut: ClientForward) -> Cotangent:
+    def backward(self, cut: ClientForward) -> Cotangent | None:
         """Runs the server part on a client's cut, backpropagates `loss_i / K` (gradients accumulate over the round's
-        clients) and returns `lambda_i = dloss_i/dz`.
+        clients) and returns `lambda_i = dloss_i/dz` (`None` when the algorithm's client needs no lambda).
 
         Raises:
             `ValueError`: if the loss, lambda or a server gradient is not finite (poisoned activations). The cut is
-                then not part of the round: [`step`] rebuilds the gradient from the accepted cuts only.
+                then not part of the round: [`close`] rebuilds the gradient from the accepted cuts only.
         """
-        k = self.settings.clients_per_round
-        loss, activations = self._loss(cut, k)  # a non-finite loss raises before any gradient is written
+        k = self.clients_per_process()
+        loss, logged, activations = self._loss(cut, k)  # a non-finite loss raises before any gradient is written
         self._grads_from.append(cut.client)
-        grads = [p.grad for _, p in self.parameters if p.grad is not None]
-        cotangent = ServerPart.cotangent(activations, k)
-        if not torch.isfinite(cotangent).all() or not all(bool(torch.isfinite(g).all()) for g in grads):
-            raise ValueError(f"The server gradient of client {cut.client}'s cut in round {cut.round} is not finite.")
         self.last_loss = float(loss.detach())
+        self.last_logged_loss = logged
         self._round_cuts[cut.client] = cut
         self._round_losses[cut.client] = self.last_loss
+        if not self.algorithm.client.cotangent:
+            return None
+        cotangent = self.part.cotangent(activations, k, self.loss_scale())
+        if not self.gradients_finite(cotangent):
+            return self.non_finite_cotangent(cut)
         return Cotangent(round=cut.round, client=cut.client, cotangent=cotangent)
+
+    def non_finite_cotangent(self, cut: ClientForward) -> Cotangent | None:
+        """A cut whose lambda or server gradient is not finite is refused (poisoned activations)."""
+        raise RejectedCut(f"The server gradient of client {cut.client}'s cut in round {cut.round} is not finite.")
+
+    def gradients_finite(self, cotangent: torch.Tensor) -> bool:
+        grads = [p.grad for _, p in self.parameters if p.grad is not None]
+        return bool(torch.isfinite(cotangent).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
 
     def round_loss(self, clients: list[int]) -> float:
         """The mean server loss of `clients` (those that finished) in the current round."""
         return sum(self._round_losses[c] for c in clients) / len(clients)
 
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def discard_round(self) -> None:
         """Forgets the current round's gradients and cuts (no client finished it)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         self._round_cuts, self._round_losses, self._grads_from = {}, {}, []
 
-    def step(self, plan: RoundPlan, replies: Mapping[int, ProbeReply]) -> ClientUpdate:
-        """Closes the round: averages the replies of the clients that answered, takes the server's optimizer step,
-        and returns (and records) the client update every holder applies.
+    def close(self, plan: RoundPlan, replies: Mapping[int, Any]) -> Any:
+        """Closes the round before the server's step: the algorithm's strategy aggregates the replies of the clients
+        that finished into the client update (its `lr` is set at [`commit`]), then the server steps.
 
-        Only the clients that finished (sent scalars) count, on both sides: if they are not all `K` sampled clients,
-        the server's gradient is rebuilt from their cuts alone (in the plan's order) with `K` = the number of
-        finishers, so the step is that of the mean loss over the finishers (the clients' update is the aggregate of
-        the same clients' scalars)."""
+        Only the clients that finished count, on both sides: if they are not all `K` sampled clients, the server's
+        gradient is rebuilt from their cuts alone (in the plan's order) with `K` = the number of finishers, so the
+        step is that of the mean loss over the finishers (the clients' update aggregates the same clients' replies).
+
+        Returns:
+            The client update every holder applies after the step (`None`: the client part does not change).
+        """
         unknown = set(replies) - set(plan.clients)
         if unknown:
             raise ValueError(f"Replies from clients {sorted(unknown)} that round {plan.round} did not sample.")
         missing = set(replies) - set(self._round_cuts)
         if missing:
             raise ValueError(f"Replies from clients {sorted(missing)} whose cut the server did not accept.")
-        # Shared seeds: the plan's seeds and the per-seed aggregate; per-client seeds: every replying client's own.
-        seeds, averaged = self.settings.update_terms({c: r.scalars for c, r in replies.items()}, plan.round)
         finishers = [c for c in self._grads_from if c in replies]
-        if finishers != self._grads_from or len(finishers) != self.settings.clients_per_round:
-            self.optimizer.zero_grad(set_to_none=True)
+        if self.world_size == 1 and (
+            finishers != self._grads_from or len(finishers) != self.settings.clients_per_round
+        ):
+            self.zero_grad()
             for client in finishers:
                 self._loss(self._round_cuts[client], len(finishers))
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.parameters], self.args.max_grad_norm)
-        snapshot = UpdateSnapshot(p for _, p in self.parameters)
-        self.optimizer.step()
-        self.last_update_norm = snapshot.norm()  # the server's applied update, logged as server_update_norm
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        update = self.algorithm.client.close(self, plan, self.gather_replies(dict(replies), plan.round))
+        self.step()
         self._round_cuts, self._round_losses, self._grads_from = {}, {}, []
-        update = ClientUpdate(
-            round=plan.round, seeds=seeds, scalars=averaged, lr=self.client_lr_scheduler.get_last_lr()[0]
-        )
-        self._client_lr.step()  # no gradient: only keeps the scheduler's step-order check quiet
-        self.client_lr_scheduler.step()
-        self.trajectory.rounds.append(update)
+        return update
+
+    def commit(self, update: Any) -> Any:
+        """After the server's step: the update gets the round's client learning rate (the client schedule advances)
+        and a zeroth-order update is recorded in the trajectory. Returns the update to send (`None`: nothing to
+        apply)."""
+        if update is None:
+            return None
+        update = replace(update, lr=self.next_client_lr())
+        if isinstance(update, ClientUpdate):
+            self.trajectory.rounds.append(update)
         return update
 
     def history(self, after_round: int) -> list[ClientUpdate]:

@@ -19,6 +19,7 @@ class RoundSettings:
     """
 
     split_layer: int
+    algorithm: str = "hosfl"
     num_clients: int = 10
     clients_per_round: int = 3
     batch_size: int = 8

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from .client import SplitClient
 from .endpoint import handle
 
-__all__ = ["ClientFault", "InProcessTransport", "Transport"]
+__all__ = ["ClientFault", "InProcessTransport", "SharedPartTransport", "Transport"]
 
 Payload = Mapping[str, Any]
 
@@ -73,3 +73,37 @@ class InProcessTransport:
             else:
                 replies[client] = reply
         return replies
+
+
+class SharedPartTransport(InProcessTransport):
+    """In-process clients that share one copy of the client part (the trainer's: its model is the client part of
+    every client it hosts). Each client's batch comes from `batches` (the trainer's dataloader puts it there); an
+    update or catch-up is applied to the shared part once, and every client it was sent to acknowledges it.
+
+    Args:
+        holder ([`SplitClient`]): the shared client part (its `client_id` is set to the client being served).
+    """
+
+    shared = True
+
+    def __init__(self, holder: SplitClient):
+        super().__init__({})
+        self.holder = holder
+        self.batches: dict[int, Any] = {}
+        holder.batch = self._batch  # the batch of the client being served, not a shard of its own
+
+    def _batch(self, round_index: int) -> Any:
+        return self.batches[self.holder.client_id]
+
+    def call(self, kind: str, client: int, payload: Payload, round_index: int) -> dict[str, Any]:
+        self.holder.client_id = client
+        return handle(self.holder, kind, payload)
+
+    def exchange(
+        self, kind: str, payloads: Mapping[int, Payload], timeout: float | None, round_index: int
+    ) -> dict[int, dict[str, Any] | Exception]:
+        if kind not in ("update", "catchup") or not payloads:
+            return super().exchange(kind, payloads, timeout, round_index)
+        first = next(iter(payloads))  # one holder: applied once, acknowledged for every client
+        reply = super().exchange(kind, {first: payloads[first]}, timeout, round_index)[first]
+        return dict.fromkeys(payloads, reply)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ...algorithms import ALGORITHMS
 from ...config import HOSFLConfig
 from ...protocol import ReliabilitySettings, RoundSettings
 
@@ -39,7 +40,6 @@ __all__ = [
 NOT_IN_RUN_CONFIG = ("batch_size", "mixed_precision", "client_mask", "cut_noise_seed")
 SETTINGS_FIELDS: tuple[str, ...] = (
     *(f.name for f in fields(RoundSettings) if f.name not in NOT_IN_RUN_CONFIG),
-    "algorithm",
     "learning_rate",
     "weight_decay",
     "lr_scheduler_type",
@@ -76,8 +76,8 @@ APP_CONFIG: dict[str, Any] = {
     "checkpoint-every": 0,  # > 0: client-state snapshot every N rounds; a straggler behind it gets snapshot + tail
     "checkpoint-dir": "",  # server checkpoint after every round; a run finding one there resumes from it
 }
-FLOWER_ALGORITHMS = ("hosfl",)
-"""The algorithms the Flower app runs today (the protocol's round); the others run in `HOSFLTrainer`."""
+FLOWER_ALGORITHMS = tuple(name for name, algorithm in ALGORITHMS.items() if algorithm.on_round_loop)
+"""The algorithms the Flower app runs: those on the round's loop (the same that `HOSFLTrainer` runs through it)."""
 
 
 def _key(name: str) -> str:
