@@ -225,3 +225,136 @@ def test_secure_deployment_admits_registered_nodes_and_refuses_others(tmp_path):
         log = (d.logs / "stranger.log").read_text()
         assert stranger.returncode != 0 and "Failed to activate SuperNode" in log, log[-3000:]
         assert [n["node-id"] for n in d.supernodes()] == [n["node-id"] for n in known]
+
+
+# ------------------------------------------------------------------------------------------- evaluation, report-to
+def held_out_rows(folder: Path) -> Path:
+    """Counting rows of another seed than the training rows: the server's held-out set."""
+    path = folder / "eval.jsonl"
+    with open(path, "w") as f:
+        for row in counting_dataset(24, seed=1):
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    return path
+
+
+def independent_lm_loss(model, path: Path) -> tuple[float, int]:
+    """Token-weighted mean of the model's own causal-LM loss, one row at a time (not the evaluator's code)."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            count = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * count
+            tokens += count
+    return total / tokens, tokens
+
+
+def test_evaluation_of_a_language_model_is_its_token_weighted_loss(tmp_path):
+    from hosfl_hf.integrations.flower.config import resolve
+    from hosfl_hf.integrations.flower.evaluation import evaluate_model, load_eval_set
+
+    config = write_inputs(tmp_path, 1)
+    config = resolve({**config, "eval-dataset": str(held_out_rows(tmp_path)), "eval-batch-size": 5})
+    model = tiny_llama()
+    metrics = evaluate_model(model, load_eval_set(config))
+    loss, tokens = independent_lm_loss(model, tmp_path / "eval.jsonl")
+    assert metrics["eval_tokens"] == tokens == 24 * 11
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-6)
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-6)
+    assert model.training  # the model's mode is restored
+
+
+def test_evaluation_of_a_classification_task_is_verbalizer_accuracy(tmp_path):
+    """`eval-task=sst2`: raw SST-2 rows, prompted with the model folder's tokenizer; accuracy is the share of rows
+    whose verbalizer has the larger last-position logit, computed here row by row without padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hosfl_hf.integrations.flower.config import resolve
+    from hosfl_hf.integrations.flower.evaluation import evaluate_model, load_eval_set
+
+    words = ["[PAD]", "Review", ":", "Sentiment", "negative", "positive", "good", "bad", "film", "dull", "fine"]
+    vocab = {w: i for i, w in enumerate(words)} | {"Ġ" + w: i + len(words) for i, w in enumerate(words)}
+    vocab["[UNK]"] = len(vocab)  # 23 < the tiny Llama's 32
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+    model = tiny_llama(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    sentences = ["good film", "bad film", "dull", "fine film good", "bad bad dull film", "good", "film", "fine"]
+    rows = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(sentences)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model": str(tmp_path / "model"), "dataset": "unused.jsonl", "eval-batch-size": 3}
+    config = resolve({**config, "eval-dataset": str(tmp_path / "eval.jsonl"), "eval-task": "sst2"})
+    metrics = evaluate_model(model, load_eval_set(config))
+
+    ids = [tokenizer.convert_tokens_to_ids("Ġnegative"), tokenizer.convert_tokens_to_ids("Ġpositive")]
+    correct, losses = 0, []
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer(f"Review: {row['sentence']}\nSentiment:", return_tensors="pt")["input_ids"]
+            scores = model(input_ids=prompt).logits[0, -1, ids]
+            correct += int(scores.argmax()) == row["label"]
+            losses.append(float(torch.nn.functional.cross_entropy(scores[None], torch.tensor([row["label"]]))))
+    assert metrics["eval_examples"] == len(rows)
+    assert metrics["eval_accuracy"] == correct / len(rows)
+    assert metrics["eval_loss"] == pytest.approx(sum(losses) / len(rows), rel=1e-5)
+
+
+def test_evaluation_and_report_to_refuse_bad_run_configs(tmp_path):
+    from hosfl_hf.integrations.flower.config import build_args, resolve
+    from hosfl_hf.integrations.flower.evaluation import load_eval_set
+    from hosfl_hf.integrations.flower.reporting import RoundReporter
+
+    config = resolve(write_inputs(tmp_path, 1))
+    with pytest.raises(ValueError, match="need 'eval-dataset'"):
+        load_eval_set({**config, "eval-every": 2})
+    with pytest.raises(ValueError, match=r"no \['input_ids', 'labels'\] column"):
+        (tmp_path / "raw.jsonl").write_text('{"sentence": "x", "label": 0}\n')
+        load_eval_set({**config, "eval-dataset": str(tmp_path / "raw.jsonl")})
+    _, args = build_args(config)
+    with pytest.raises(ValueError, match="not supported"):
+        RoundReporter(args, "no-such-tracker")
+
+
+def test_report_to_drives_transformers_callbacks_and_jsonl(tmp_path):
+    """`report-to` sends each round's metrics through transformers' callback hooks (a recording callback stands in
+    for TensorBoard, which is not installed here) and to `flower_metrics.jsonl`."""
+    from transformers import TrainerCallback
+
+    from hosfl_hf.integrations.flower.config import build_args, resolve
+    from hosfl_hf.integrations.flower.reporting import JSONL_NAME, RoundReporter
+
+    class Recorder(TrainerCallback):
+        calls = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.calls.append("begin")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.calls.append((state.global_step, logs))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.calls.append("end")
+
+    _, args = build_args(resolve({**write_inputs(tmp_path, 2), "output-dir": str(tmp_path / "o")}))
+    reporter = RoundReporter(args, "jsonl", callbacks=[Recorder()])
+    base = {"learning_rate": 1e-3, "client_learning_rate": 1e-4, "finishers": [0, 2], "clients": [0, 2]}
+    records = [
+        {**base, "round": 0, "loss": 3.0, "seconds": 0.5, "comm/activation_bytes": 10, "events": []},
+        {**base, "round": 1, "loss": 2.5, "seconds": 0.4, "comm/activation_bytes": 20, "eval_loss": 2.0},
+    ]
+    for record in records:
+        reporter(record)
+    reporter.close({"eval_loss": 1.5})
+    expected = [
+        {"loss": 3.0, "learning_rate": 1e-3, "client_learning_rate": 1e-4, "finishers": 2, "seconds": 0.5},
+        {"loss": 2.5, "learning_rate": 1e-3, "client_learning_rate": 1e-4, "finishers": 2, "seconds": 0.4},
+    ]
+    expected[0]["comm/activation_bytes"], expected[1]["comm/activation_bytes"] = 10, 20
+    expected[1]["eval_loss"] = 2.0
+    assert Recorder.calls == ["begin", (1, expected[0]), (2, expected[1]), (2, {"eval_loss": 1.5}), "end"]
+    lines = [json.loads(line) for line in (tmp_path / "o" / JSONL_NAME).read_text().splitlines()]
+    assert lines == [{"round": 1, **expected[0]}, {"round": 2, **expected[1]}, {"round": 2, "eval_loss": 1.5}]
