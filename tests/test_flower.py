@@ -73,10 +73,12 @@ def check_against_trainer(out: Path, state: Path, trainer):
 @pytest.mark.parametrize("launcher", ["python-api", "flwr-run"])
 def test_simulation_equals_the_trainer(tmp_path, launcher):
     """3 clients, 2 per round, 4 rounds in simulation: started from Python (`run_simulation`) or with `flwr run`
-    against a simulation SuperLink this test starts (and stops, by pid)."""
+    against a simulation SuperLink this test starts (and stops, by pid). The server evaluates every 2 rounds and
+    reports to `flower_metrics.jsonl`: neither changes the training (still the trainer's model)."""
     from hosfl_hf.integrations.flower.local import LocalDeployment
 
     config = write_inputs(tmp_path, ROUNDS)
+    config.update({"eval-dataset": str(held_out_rows(tmp_path)), "eval-every": 2, "report-to": "jsonl"})
     if launcher == "python-api":
         (tmp_path / "config.json").write_text(json.dumps(config))
         env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
@@ -93,6 +95,36 @@ def test_simulation_equals_the_trainer(tmp_path, launcher):
     summary = check_against_trainer(tmp_path / "out", tmp_path / "state", trainer)
     # Sync traffic is seeds and scalars (plus message headers), tiny next to the cuts and lambdas.
     assert summary["comm"]["sync_bytes"] < summary["comm"]["activation_bytes"] / 5
+    check_evaluation(tmp_path / "out", tmp_path / "eval.jsonl", output, every=2)
+
+
+def check_evaluation(out: Path, eval_rows: Path, output: str, every: int):
+    """The evaluated rounds carry eval metrics (in the summary, the progress lines and the jsonl report); the last
+    one and the final evaluation equal the saved model's loss, computed independently."""
+    from transformers import AutoModelForCausalLM
+
+    from hosfl_hf.integrations.flower.reporting import JSONL_NAME
+
+    summary = json.loads((out / "flower_summary.json").read_text())
+    history = summary["history"]
+    evaluated = [h["round"] + 1 for h in history if "eval_loss" in h]
+    assert evaluated == [r for r in range(1, len(history) + 1) if r % every == 0]
+    final = summary["eval"]
+    assert history[-1]["eval_loss"] == final["eval_loss"]  # replayed mid-run == the saved model, bit for bit
+    loss, tokens = independent_lm_loss(AutoModelForCausalLM.from_pretrained(out), eval_rows)
+    assert final["eval_tokens"] == tokens and final["eval_loss"] == pytest.approx(loss, rel=1e-6)
+    assert final["eval_perplexity"] == pytest.approx(float(torch.tensor(loss).exp()), rel=1e-6)
+    for h in history:  # the progress line of every evaluated round shows its loss
+        line = f"HO-SFL round {h['round'] + 1}/{len(history)} | "
+        assert line in output, output[-3000:]
+        if "eval_loss" in h:
+            assert f"eval loss {h['eval_loss']:.4f} ppl {h['eval_perplexity']:.2f}" in output
+    assert f"HO-SFL final eval loss {final['eval_loss']:.4f}" in output
+    report = [json.loads(line) for line in (out / JSONL_NAME).read_text().splitlines()]
+    assert [r["round"] for r in report] == [*range(1, len(history) + 1), len(history)]
+    assert [r["loss"] for r in report[:-1]] == [h["loss"] for h in history]
+    assert [r.get("eval_loss") for r in report[:-1]] == [h.get("eval_loss") for h in history]
+    assert report[-1] == {"round": len(history), **final}
 
 
 def test_simulation_resumes_from_the_server_checkpoint(tmp_path):
