@@ -218,17 +218,18 @@ def test_simulation_drops_a_failing_node_like_the_in_process_transport(tmp_path)
         assert torch.equal(saved[name], value), name
 
 
-def test_secure_deployment_admits_registered_nodes_and_refuses_others(tmp_path):
-    """TLS on the SuperLink (a test CA made with `cryptography`) and SuperNode authentication: the SuperLink serves
-    TLS only, with the certificate the test CA signed; a node with a registered key comes online; a node with an
-    unknown key is refused (it exits with Flower's 'failed to activate' code and is never listed)."""
+def test_secure_deployment_trains_with_registered_nodes_and_refuses_others(tmp_path):
+    """TLS on the SuperLink (a test CA made with `cryptography`) and SuperNode authentication, 2 registered nodes,
+    2 rounds: the SuperLink serves TLS only, with the certificate the test CA signed; a node with an unknown key is
+    refused (it exits with Flower's 'failed to activate' code and is never listed); the run over TLS writes the
+    usual artifacts and every client ends with the trainer's client part."""
     import socket
     import ssl
-    import time
 
     from hosfl_hf.integrations.flower.local import LocalDeployment, write_node_key
 
-    with LocalDeployment(num_nodes=1, state_dir=tmp_path / "state", workdir=tmp_path / "d", secure=True) as d:
+    config = write_flower_inputs(tmp_path, **{"num-rounds": 2, "num-clients": 2, "clients-per-round": 2})
+    with LocalDeployment(num_nodes=2, state_dir=tmp_path / "state", workdir=tmp_path / "d", secure=True) as d:
         context = ssl.create_default_context(cafile=str(d.tls["ca"]))
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as raw:
             with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
@@ -242,21 +243,31 @@ def test_secure_deployment_admits_registered_nodes_and_refuses_others(tmp_path):
                 answer = b""
             assert not answer.startswith(b"HTTP/")
 
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and [n["status"] for n in d.supernodes()] != ["online"]:
-            time.sleep(2)
-        known = d.supernodes()
-        assert [n["status"] for n in known] == ["online"], (d.logs / "supernode-0.log").read_text()[-3000:]
-
         stranger_key, _ = write_node_key(tmp_path / "stranger", "stranger")  # never registered
         stranger = d.start_node(0, stranger_key, name="stranger")
+        code, output = d.run(config, timeout=300)
         try:
-            stranger.wait(timeout=120)
+            stranger.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail("an unregistered SuperNode was not refused within 120 s")
+            pytest.fail("an unregistered SuperNode was not refused")
         log = (d.logs / "stranger.log").read_text()
         assert stranger.returncode != 0 and "Failed to activate SuperNode" in log, log[-3000:]
-        assert [n["node-id"] for n in d.supernodes()] == [n["node-id"] for n in known]
+        nodes = d.supernodes()
+        assert len(nodes) == 2, nodes  # the two registered nodes only
+    assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
+    summary = json.loads((tmp_path / "out" / "flower_summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["clients_identical"] and summary["counters"]["fed/dropped_clients"] == 0
+    args = tiny_args(tmp_path / "trainer", num_clients=2, clients_per_round=2, max_steps=2)
+    trainer = HOSFLTrainer(
+        tiny_llama(), args, split_layer=2, train_dataset=counting_dataset(), data_collator=stack_collator
+    )
+    trainer.train()
+    assert Trajectory.load(tmp_path / "out").rounds == trainer.trajectory.rounds
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    client = dict(trainer.split.client_parameters())
+    assert all(torch.equal(saved[n], v) for n, v in client.items())
+    for path in sorted((tmp_path / "state").glob("*/client-*/client_parameters.safetensors")):
+        assert all(torch.equal(load_file(path)[n], v) for n, v in client.items()), path
 
 
 # ------------------------------------------------------------------------------------------- evaluation, report-to

@@ -55,7 +55,7 @@ class FlowerTransport:
         messages = [
             Message(pack(**p), dst_node_id=self.nodes[c], message_type=f"query.{kind}") for c, p in payloads.items()
         ]
-        by_node = {m.metadata.src_node_id: m for m in self.grid.send_and_receive(messages, timeout=timeout)}
+        by_node = {m.metadata.src_node_id: m for m in _send_and_receive(self.grid, messages, timeout)}
         replies: dict[int, dict[str, Any] | Exception] = {}
         for client in payloads:
             reply = by_node.get(self.nodes[client])
@@ -72,7 +72,28 @@ class FlowerTransport:
 
 def _query(grid: Grid, kind: str, nodes: Iterable[int], timeout: float) -> dict[int, Message]:
     messages = [Message(pack(), dst_node_id=node, message_type=f"query.{kind}") for node in nodes]
-    return {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
+    return {m.metadata.src_node_id: m for m in _send_and_receive(grid, messages, timeout)}
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2) -> list[Message]:
+    """`grid.send_and_receive`, but on a deployment (`HttpGrid`) polling every `poll` s instead of Flower's
+    hard-coded 3 s between pulls, which added 1.5 s on average to each of a round's three exchanges. Other grids
+    (the simulation's polls every 0.1 s, or a wrapper) keep their own `send_and_receive`."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    if not isinstance(grid, HttpGrid):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies += arrived
+        pending -= {m.metadata.reply_to_message_id for m in arrived}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    return replies
 
 
 def _partitions(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
