@@ -401,3 +401,25 @@ def test_report_to_drives_transformers_callbacks_and_jsonl(tmp_path):
     assert Recorder.calls == ["begin", (1, expected[0]), (2, expected[1]), (2, {"eval_loss": 1.5}), "end"]
     lines = [json.loads(line) for line in (tmp_path / "o" / JSONL_NAME).read_text().splitlines()]
     assert lines == [{"round": 1, **expected[0]}, {"round": 2, **expected[1]}, {"round": 2, "eval_loss": 1.5}]
+
+
+def test_prepare_writes_the_inputs_the_documented_commands_read(tmp_path, capsys):
+    """`python -m hosfl_hf.integrations.flower.prepare OUT` (docs/federated.md, step 1): a loadable model folder,
+    tokenized training rows and held-out rows of another seed, and the run-config keys that point at them."""
+    from transformers import AutoModelForCausalLM
+
+    from hosfl_hf.integrations.flower.config import resolve
+    from hosfl_hf.integrations.flower.evaluation import load_eval_set
+    from hosfl_hf.integrations.flower.prepare import main
+
+    keys = main([str(tmp_path / "data")])
+    assert capsys.readouterr().out.strip().endswith(f'eval-dataset="{tmp_path / "data" / "eval.jsonl"}"')
+    model = AutoModelForCausalLM.from_pretrained(keys["model"])
+    train = [json.loads(line) for line in Path(keys["dataset"]).read_text().splitlines()]
+    held_out = [json.loads(line) for line in Path(keys["eval-dataset"]).read_text().splitlines()]
+    assert (len(train), len(held_out)) == (240, 48) and all(r["input_ids"] == r["labels"] for r in train)
+    assert max(max(r["input_ids"]) for r in train) < model.config.vocab_size
+    assert {tuple(r["input_ids"]) for r in held_out} != {tuple(r["input_ids"]) for r in train[:48]}
+    assert len(load_eval_set(resolve(keys)).rows) == 48
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "x"), "--task", "sst2"])  # a random model has no tokenizer for the prompts
