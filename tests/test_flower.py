@@ -73,10 +73,12 @@ def check_against_trainer(out: Path, state: Path, trainer):
 @pytest.mark.parametrize("launcher", ["python-api", "flwr-run"])
 def test_simulation_equals_the_trainer(tmp_path, launcher):
     """3 clients, 2 per round, 4 rounds in simulation: started from Python (`run_simulation`) or with `flwr run`
-    against a simulation SuperLink this test starts (and stops, by pid)."""
+    against a simulation SuperLink this test starts (and stops, by pid). The server evaluates every 2 rounds and
+    reports to `flower_metrics.jsonl`: neither changes the training (still the trainer's model)."""
     from hosfl_hf.integrations.flower.local import LocalDeployment
 
     config = write_inputs(tmp_path, ROUNDS)
+    config.update({"eval-dataset": str(held_out_rows(tmp_path)), "eval-every": 2, "report-to": "jsonl"})
     if launcher == "python-api":
         (tmp_path / "config.json").write_text(json.dumps(config))
         env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
@@ -93,6 +95,36 @@ def test_simulation_equals_the_trainer(tmp_path, launcher):
     summary = check_against_trainer(tmp_path / "out", tmp_path / "state", trainer)
     # Sync traffic is seeds and scalars (plus message headers), tiny next to the cuts and lambdas.
     assert summary["comm"]["sync_bytes"] < summary["comm"]["activation_bytes"] / 5
+    check_evaluation(tmp_path / "out", tmp_path / "eval.jsonl", output, every=2)
+
+
+def check_evaluation(out: Path, eval_rows: Path, output: str, every: int):
+    """The evaluated rounds carry eval metrics (in the summary, the progress lines and the jsonl report); the last
+    one and the final evaluation equal the saved model's loss, computed independently."""
+    from transformers import AutoModelForCausalLM
+
+    from hosfl_hf.integrations.flower.reporting import JSONL_NAME
+
+    summary = json.loads((out / "flower_summary.json").read_text())
+    history = summary["history"]
+    evaluated = [h["round"] + 1 for h in history if "eval_loss" in h]
+    assert evaluated == [r for r in range(1, len(history) + 1) if r % every == 0]
+    final = summary["eval"]
+    assert history[-1]["eval_loss"] == final["eval_loss"]  # replayed mid-run == the saved model, bit for bit
+    loss, tokens = independent_lm_loss(AutoModelForCausalLM.from_pretrained(out), eval_rows)
+    assert final["eval_tokens"] == tokens and final["eval_loss"] == pytest.approx(loss, rel=1e-6)
+    assert final["eval_perplexity"] == pytest.approx(float(torch.tensor(loss).exp()), rel=1e-6)
+    for h in history:  # the progress line of every evaluated round shows its loss
+        line = f"HO-SFL round {h['round'] + 1}/{len(history)} | "
+        assert line in output, output[-3000:]
+        if "eval_loss" in h:
+            assert f"eval loss {h['eval_loss']:.4f} ppl {h['eval_perplexity']:.2f}" in output
+    assert f"HO-SFL final eval loss {final['eval_loss']:.4f}" in output
+    report = [json.loads(line) for line in (out / JSONL_NAME).read_text().splitlines()]
+    assert [r["round"] for r in report] == [*range(1, len(history) + 1), len(history)]
+    assert [r["loss"] for r in report[:-1]] == [h["loss"] for h in history]
+    assert [r.get("eval_loss") for r in report[:-1]] == [h.get("eval_loss") for h in history]
+    assert report[-1] == {"round": len(history), **final}
 
 
 def test_simulation_resumes_from_the_server_checkpoint(tmp_path):
@@ -186,17 +218,18 @@ def test_simulation_drops_a_failing_node_like_the_in_process_transport(tmp_path)
         assert torch.equal(saved[name], value), name
 
 
-def test_secure_deployment_admits_registered_nodes_and_refuses_others(tmp_path):
-    """TLS on the SuperLink (a test CA made with `cryptography`) and SuperNode authentication: the SuperLink serves
-    TLS only, with the certificate the test CA signed; a node with a registered key comes online; a node with an
-    unknown key is refused (it exits with Flower's 'failed to activate' code and is never listed)."""
+def test_secure_deployment_trains_with_registered_nodes_and_refuses_others(tmp_path):
+    """TLS on the SuperLink (a test CA made with `cryptography`) and SuperNode authentication, 2 registered nodes,
+    2 rounds: the SuperLink serves TLS only, with the certificate the test CA signed; a node with an unknown key is
+    refused (it exits with Flower's 'failed to activate' code and is never listed); the run over TLS writes the
+    usual artifacts and every client ends with the trainer's client part."""
     import socket
     import ssl
-    import time
 
     from hosfl_hf.integrations.flower.local import LocalDeployment, write_node_key
 
-    with LocalDeployment(num_nodes=1, state_dir=tmp_path / "state", workdir=tmp_path / "d", secure=True) as d:
+    config = write_flower_inputs(tmp_path, **{"num-rounds": 2, "num-clients": 2, "clients-per-round": 2})
+    with LocalDeployment(num_nodes=2, state_dir=tmp_path / "state", workdir=tmp_path / "d", secure=True) as d:
         context = ssl.create_default_context(cafile=str(d.tls["ca"]))
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as raw:
             with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
@@ -210,18 +243,183 @@ def test_secure_deployment_admits_registered_nodes_and_refuses_others(tmp_path):
                 answer = b""
             assert not answer.startswith(b"HTTP/")
 
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and [n["status"] for n in d.supernodes()] != ["online"]:
-            time.sleep(2)
-        known = d.supernodes()
-        assert [n["status"] for n in known] == ["online"], (d.logs / "supernode-0.log").read_text()[-3000:]
-
         stranger_key, _ = write_node_key(tmp_path / "stranger", "stranger")  # never registered
         stranger = d.start_node(0, stranger_key, name="stranger")
+        code, output = d.run(config, timeout=300)
         try:
-            stranger.wait(timeout=120)
+            stranger.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail("an unregistered SuperNode was not refused within 120 s")
+            pytest.fail("an unregistered SuperNode was not refused")
         log = (d.logs / "stranger.log").read_text()
         assert stranger.returncode != 0 and "Failed to activate SuperNode" in log, log[-3000:]
-        assert [n["node-id"] for n in d.supernodes()] == [n["node-id"] for n in known]
+        nodes = d.supernodes()
+        assert len(nodes) == 2, nodes  # the two registered nodes only
+    assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
+    summary = json.loads((tmp_path / "out" / "flower_summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["clients_identical"] and summary["counters"]["fed/dropped_clients"] == 0
+    args = tiny_args(tmp_path / "trainer", num_clients=2, clients_per_round=2, max_steps=2)
+    trainer = HOSFLTrainer(
+        tiny_llama(), args, split_layer=2, train_dataset=counting_dataset(), data_collator=stack_collator
+    )
+    trainer.train()
+    assert Trajectory.load(tmp_path / "out").rounds == trainer.trajectory.rounds
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    client = dict(trainer.split.client_parameters())
+    assert all(torch.equal(saved[n], v) for n, v in client.items())
+    for path in sorted((tmp_path / "state").glob("*/client-*/client_parameters.safetensors")):
+        assert all(torch.equal(load_file(path)[n], v) for n, v in client.items()), path
+
+
+# ------------------------------------------------------------------------------------------- evaluation, report-to
+def held_out_rows(folder: Path) -> Path:
+    """Counting rows of another seed than the training rows: the server's held-out set."""
+    path = folder / "eval.jsonl"
+    with open(path, "w") as f:
+        for row in counting_dataset(24, seed=1):
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    return path
+
+
+def independent_lm_loss(model, path: Path) -> tuple[float, int]:
+    """Token-weighted mean of the model's own causal-LM loss, one row at a time (not the evaluator's code)."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            count = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * count
+            tokens += count
+    return total / tokens, tokens
+
+
+def test_evaluation_of_a_language_model_is_its_token_weighted_loss(tmp_path):
+    from hosfl_hf.integrations.flower.config import resolve
+    from hosfl_hf.integrations.flower.evaluation import evaluate_model, load_eval_set
+
+    config = write_inputs(tmp_path, 1)
+    config = resolve({**config, "eval-dataset": str(held_out_rows(tmp_path)), "eval-batch-size": 5})
+    model = tiny_llama()
+    metrics = evaluate_model(model, load_eval_set(config))
+    loss, tokens = independent_lm_loss(model, tmp_path / "eval.jsonl")
+    assert metrics["eval_tokens"] == tokens == 24 * 11
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-6)
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-6)
+    assert model.training  # the model's mode is restored
+
+
+def test_evaluation_of_a_classification_task_is_verbalizer_accuracy(tmp_path):
+    """`eval-task=sst2`: raw SST-2 rows, prompted with the model folder's tokenizer; accuracy is the share of rows
+    whose verbalizer has the larger last-position logit, computed here row by row without padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hosfl_hf.integrations.flower.config import resolve
+    from hosfl_hf.integrations.flower.evaluation import evaluate_model, load_eval_set
+
+    words = ["[PAD]", "Review", ":", "Sentiment", "negative", "positive", "good", "bad", "film", "dull", "fine"]
+    vocab = {w: i for i, w in enumerate(words)} | {"Ġ" + w: i + len(words) for i, w in enumerate(words)}
+    vocab["[UNK]"] = len(vocab)  # 23 < the tiny Llama's 32
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+    model = tiny_llama(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    sentences = ["good film", "bad film", "dull", "fine film good", "bad bad dull film", "good", "film", "fine"]
+    rows = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(sentences)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model": str(tmp_path / "model"), "dataset": "unused.jsonl", "eval-batch-size": 3}
+    config = resolve({**config, "eval-dataset": str(tmp_path / "eval.jsonl"), "eval-task": "sst2"})
+    metrics = evaluate_model(model, load_eval_set(config))
+
+    ids = [tokenizer.convert_tokens_to_ids("Ġnegative"), tokenizer.convert_tokens_to_ids("Ġpositive")]
+    correct, losses = 0, []
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer(f"Review: {row['sentence']}\nSentiment:", return_tensors="pt")["input_ids"]
+            scores = model(input_ids=prompt).logits[0, -1, ids]
+            correct += int(scores.argmax()) == row["label"]
+            losses.append(float(torch.nn.functional.cross_entropy(scores[None], torch.tensor([row["label"]]))))
+    assert metrics["eval_examples"] == len(rows)
+    assert metrics["eval_accuracy"] == correct / len(rows)
+    assert metrics["eval_loss"] == pytest.approx(sum(losses) / len(rows), rel=1e-5)
+
+
+def test_evaluation_and_report_to_refuse_bad_run_configs(tmp_path):
+    from hosfl_hf.integrations.flower.config import build_args, resolve
+    from hosfl_hf.integrations.flower.evaluation import load_eval_set
+    from hosfl_hf.integrations.flower.reporting import RoundReporter
+
+    config = resolve(write_inputs(tmp_path, 1))
+    with pytest.raises(ValueError, match="need 'eval-dataset'"):
+        load_eval_set({**config, "eval-every": 2})
+    with pytest.raises(ValueError, match=r"no \['input_ids', 'labels'\] column"):
+        (tmp_path / "raw.jsonl").write_text('{"sentence": "x", "label": 0}\n')
+        load_eval_set({**config, "eval-dataset": str(tmp_path / "raw.jsonl")})
+    _, args = build_args(config)
+    with pytest.raises(ValueError, match="not supported"):
+        RoundReporter(args, "no-such-tracker")
+
+
+def test_report_to_drives_transformers_callbacks_and_jsonl(tmp_path):
+    """`report-to` sends each round's metrics through transformers' callback hooks (a recording callback stands in
+    for TensorBoard, which is not installed here) and to `flower_metrics.jsonl`."""
+    from transformers import TrainerCallback
+
+    from hosfl_hf.integrations.flower.config import build_args, resolve
+    from hosfl_hf.integrations.flower.reporting import JSONL_NAME, RoundReporter
+
+    class Recorder(TrainerCallback):
+        calls = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.calls.append("begin")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.calls.append((state.global_step, logs))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.calls.append("end")
+
+    _, args = build_args(resolve({**write_inputs(tmp_path, 2), "output-dir": str(tmp_path / "o")}))
+    reporter = RoundReporter(args, "jsonl", callbacks=[Recorder()])
+    base = {"learning_rate": 1e-3, "client_learning_rate": 1e-4, "finishers": [0, 2], "clients": [0, 2]}
+    records = [
+        {**base, "round": 0, "loss": 3.0, "seconds": 0.5, "comm/activation_bytes": 10, "events": []},
+        {**base, "round": 1, "loss": 2.5, "seconds": 0.4, "comm/activation_bytes": 20, "eval_loss": 2.0},
+    ]
+    for record in records:
+        reporter(record)
+    reporter.close({"eval_loss": 1.5})
+    expected = [
+        {"loss": 3.0, "learning_rate": 1e-3, "client_learning_rate": 1e-4, "finishers": 2, "seconds": 0.5},
+        {"loss": 2.5, "learning_rate": 1e-3, "client_learning_rate": 1e-4, "finishers": 2, "seconds": 0.4},
+    ]
+    expected[0]["comm/activation_bytes"], expected[1]["comm/activation_bytes"] = 10, 20
+    expected[1]["eval_loss"] = 2.0
+    assert Recorder.calls == ["begin", (1, expected[0]), (2, expected[1]), (2, {"eval_loss": 1.5}), "end"]
+    lines = [json.loads(line) for line in (tmp_path / "o" / JSONL_NAME).read_text().splitlines()]
+    assert lines == [{"round": 1, **expected[0]}, {"round": 2, **expected[1]}, {"round": 2, "eval_loss": 1.5}]
+
+
+def test_prepare_writes_the_inputs_the_documented_commands_read(tmp_path, capsys):
+    """`python -m hosfl_hf.integrations.flower.prepare OUT` (docs/federated.md, step 1): a loadable model folder,
+    tokenized training rows and held-out rows of another seed, and the run-config keys that point at them."""
+    from transformers import AutoModelForCausalLM
+
+    from hosfl_hf.integrations.flower.config import resolve
+    from hosfl_hf.integrations.flower.evaluation import load_eval_set
+    from hosfl_hf.integrations.flower.prepare import main
+
+    keys = main([str(tmp_path / "data")])
+    assert capsys.readouterr().out.strip().endswith(f'eval-dataset="{tmp_path / "data" / "eval.jsonl"}"')
+    model = AutoModelForCausalLM.from_pretrained(keys["model"])
+    train = [json.loads(line) for line in Path(keys["dataset"]).read_text().splitlines()]
+    held_out = [json.loads(line) for line in Path(keys["eval-dataset"]).read_text().splitlines()]
+    assert (len(train), len(held_out)) == (240, 48) and all(r["input_ids"] == r["labels"] for r in train)
+    assert max(max(r["input_ids"]) for r in train) < model.config.vocab_size
+    assert {tuple(r["input_ids"]) for r in held_out} != {tuple(r["input_ids"]) for r in train[:48]}
+    assert len(load_eval_set(resolve(keys)).rows) == 48
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "x"), "--task", "sst2"])  # a random model has no tokenizer for the prompts

@@ -6,7 +6,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -68,13 +67,19 @@ APP_CONFIG: dict[str, Any] = {
     "client-mask": "",  # a ClientMask JSON file (hosfl_hf.search_space.sensitivity_mask), the same on every node
     "lora-r": 0,  # > 0: LoRA adapters of this rank on every linear layer of both parts (seeded by `seed`)
     "output-dir": "hosfl-flower-output",
-    "state-dir": "",  # where each client keeps its state between messages (default: the temp folder)
+    "state-dir": "",  # where each client keeps its state between messages (default: <output-dir>/client-state)
     "reply-timeout": 600.0,  # seconds a node has to answer; a later node is dropped for the round
     "max-round-attempts": 5,  # a round no client finished is retried with a new sample this many times in all
     "min-finishers": 1,  # a round fewer clients finish is skipped and retried (3+ with a robust aggregation)
     "activation-bound": 1e6,  # cuts with a larger entry are rejected (poisoned activations); 0: no bound
     "checkpoint-every": 0,  # > 0: client-state snapshot every N rounds; a straggler behind it gets snapshot + tail
     "checkpoint-dir": "",  # server checkpoint after every round; a run finding one there resumes from it
+    # Centralized evaluation on the server's held-out set (the full model: server part + replayed client part).
+    "eval-dataset": "",  # JSON-lines: tokenized rows (input_ids, labels) or, with eval-task, the task's raw rows
+    "eval-task": "",  # "": loss and perplexity; a classification task of hosfl_hf.tasks (sst2, rte): accuracy
+    "eval-every": 0,  # > 0: evaluate after every N rounds (and after the last); 0: only after the last round
+    "eval-batch-size": 16,
+    "report-to": "none",  # per-round metrics to transformers' integrations (e.g. "tensorboard"), and/or "jsonl"
 }
 FLOWER_ALGORITHMS = tuple(name for name, algorithm in ALGORITHMS.items() if algorithm.on_round_loop)
 """The algorithms the Flower app runs: those on the round's loop (the same that `HOSFLTrainer` runs through it)."""
@@ -155,7 +160,7 @@ def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
         per_device_train_batch_size=int(config["batch-size"]),
         max_steps=int(config["num-rounds"]),
         use_cpu=not torch.cuda.is_available(),
-        report_to=[],
+        report_to=[],  # the ServerApp reports itself (reporting.py): the Trainer's loop does not run here
         save_strategy="no",
         disable_tqdm=True,
     )
@@ -220,13 +225,17 @@ def make_collator(config: Mapping[str, Any]):
 
 
 def state_folder(config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int, client_id: int) -> str:
-    """Where a client keeps its state between messages (a SuperNode may start a new process per message): per run,
+    """Where a client keeps its state between messages (a SuperNode may start a new process per message): the node
+    config's `state-dir`, else the run config's, else `<output-dir>/client-state` (absolute, on the node); per run,
     or, with a server `checkpoint-dir`, per checkpoint folder, so that a run resuming from it (a new Flower run id)
     finds its clients' states."""
-    base = node_config.get("state-dir") or config["state-dir"] or os.path.join(tempfile.gettempdir(), "hosfl-flower")
+    # Default under the run's output folder (removed with it), never an uncleaned folder of the system temp dir.
+    base = (
+        node_config.get("state-dir") or config["state-dir"] or os.path.join(str(config["output-dir"]), "client-state")
+    )
     checkpoint = str(config.get("checkpoint-dir") or "")
     name = f"checkpoint-{hashlib.sha256(checkpoint.encode()).hexdigest()[:12]}" if checkpoint else f"run-{run_id}"
-    return os.path.join(str(base), name, f"client-{client_id}")
+    return os.path.join(os.path.abspath(str(base)), name, f"client-{client_id}")
 
 
 APP_PYPROJECT = """# The HO-SFL Flower app: `flwr run <this folder> <connection>` (see docs/federated.md).

@@ -178,8 +178,7 @@ class LocalDeployment(contextlib.AbstractContextManager):
             f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n{transport}\n'
         )
         self.node_processes: dict[int, subprocess.Popen] = {}
-        if simulation:
-            connection += f"options.num-supernodes = {num_nodes}\noptions.backend.client-resources.num-cpus = 1\n"
+        # The simulation's size goes to `flwr run --federation-config` (flwr 1.42 deprecates `options.*` here).
         (home / "config.toml").write_text(connection)
         # SuperLink and SuperNodes start flower-superexec / flwr-serverapp / flwr-clientapp from PATH.
         self.env = dict(os.environ, FLWR_HOME=str(home))
@@ -286,8 +285,11 @@ class LocalDeployment(contextlib.AbstractContextManager):
         by [`write_app`] into the work folder."""
         if app_dir is None:
             app_dir = write_app(self.workdir / "app")
+        command = ["flwr", "run", str(app_dir), "local", "--stream", "--run-config", run_config_string(run_config)]
+        if self.simulation:
+            command += ["--federation-config", f"num-supernodes={self.num_nodes} client-resources-num-cpus=1"]
         process = subprocess.Popen(
-            ["flwr", "run", str(app_dir), "local", "--stream", "--run-config", run_config_string(run_config)],
+            command,
             env=self.env,
             cwd=self.workdir,
             start_new_session=True,

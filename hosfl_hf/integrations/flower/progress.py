@@ -8,7 +8,17 @@ from typing import Any
 
 from flwr.common.logger import log
 
-__all__ = ["RoundPrinter", "format_bytes", "print_summary"]
+__all__ = ["RoundPrinter", "format_bytes", "format_eval", "print_summary"]
+
+
+def format_eval(metrics: dict[str, Any]) -> str:
+    """`"eval acc 0.8125 loss 0.4412"` (verbalizers) or `"eval loss 2.3101 ppl 10.08"` (language modelling); `""`
+    when `metrics` holds no evaluation."""
+    if "eval_accuracy" in metrics:
+        return f"eval acc {metrics['eval_accuracy']:.4f} loss {metrics['eval_loss']:.4f}"
+    if "eval_loss" in metrics:
+        return f"eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}"
+    return ""
 
 
 def format_bytes(count: float) -> str:
@@ -21,7 +31,8 @@ def format_bytes(count: float) -> str:
 
 
 class RoundPrinter:
-    """`FederatedRun(on_round=...)`: prints `round r/N | clients f/k | loss | lr | update norms | bytes | seconds`."""
+    """`FederatedRun(on_round=...)`: prints `round r/N | clients f/k | loss | lr | update norms | bytes | seconds`,
+    plus `| eval ...` in a round the server evaluated (run-config `eval-every`)."""
 
     def __init__(self, num_rounds: int):
         self.num_rounds = num_rounds
@@ -33,9 +44,10 @@ class RoundPrinter:
         norms = f"server {record.get('server_update_norm', 0.0):.2e}"
         if "client_update_norm" in record:
             norms += f" client {record['client_update_norm']:.2e}"
+        evaluation = format_eval(record)
         log(
             INFO,
-            "HO-SFL round %d/%d | clients %d/%d | loss %.4f | lr %.2e client %.2e | update %s | %s | %.2f s",
+            "HO-SFL round %d/%d | clients %d/%d | loss %.4f | lr %.2e client %.2e | update %s | %s | %.2f s%s",
             record["round"] + 1,
             self.num_rounds,
             len(record["finishers"]),
@@ -46,6 +58,7 @@ class RoundPrinter:
             norms,
             format_bytes(sent),
             record["seconds"],
+            f" | {evaluation}" if evaluation else "",
         )
 
 
@@ -72,6 +85,8 @@ def print_summary(summary: dict[str, Any], output_dir: str) -> None:
         format_bytes(comm["sync_bytes"]),
         format_bytes(comm["catchup_bytes"]),
     )
+    if summary.get("eval"):
+        log(INFO, "HO-SFL final %s (%s)", format_eval(summary["eval"]), summary.get("eval_dataset", ""))
     faults = {k: v for k, v in summary["counters"].items() if v}
     log(INFO, "HO-SFL faults: %s", faults or "none")
     identical = "all identical" if summary["clients_identical"] else f"unreachable {summary['unreachable_clients']}"
