@@ -137,6 +137,8 @@ class ClientPart:
         With a defense, `z` is the clipped clean cut: the reference is recomputed here (the `reference` passed in may
         be the noisy cut that was sent), and the noise, the same realisation in both terms, is never added, so it
         cancels exactly."""
+        # The estimator's one-time check of the forward is not round work (not counted in `forward_passes`).
+        self.estimator.check_forward(lambda: self.forward(inputs, count=False).hidden_states)
         if self.defense is None:
             return self.estimator.projected_scalars(
                 lambda: self.forward(inputs).hidden_states, reference, cotangent, seeds

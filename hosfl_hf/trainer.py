@@ -615,6 +615,9 @@ class HOSFLTrainer(Trainer):
                     f"Round {round_index}: no client finished it ({reasons}); nothing of the round was applied. Lower "
                     "the learning rates, or check the data."
                 )
+            # A process served only its own clients: the others' finishers caught up in their forward, too.
+            for c in self.server.round_finishers:
+                self.run.applied[c] = max(self.run.applied[c], state.latest)
             self._closed_round = state
             return
         self._closed_round = self._close_legacy_round(round_index)
@@ -665,7 +668,9 @@ class HOSFLTrainer(Trainer):
             self._flush_traffic()
             return
         if self._uses_round_loop:
-            self.run.commit_round(state)
+            if self.run.commit_round(state) is not None:  # every process's finishers applied it
+                for c in self.server.round_finishers:
+                    self.run.applied[c] = state.plan.round
             record = self.run.log[-1]
         else:
             record = self._commit_legacy_round(state)

@@ -37,6 +37,7 @@ class TrainerServer(SplitServer):
         super().__init__(None, settings, trainer.args, trainer._loss_func, split=trainer.split)
         self.world_size = trainer.args.world_size
         self._overflow: str | None = None
+        self.round_finishers: list[int] = []  # the last closed round's finishers, over every process
 
     # ------------------------------------------------------------------------------------------- the Trainer
     def backprop(self, loss: torch.Tensor, k: int, cut: ClientForward) -> torch.Tensor:
@@ -70,12 +71,17 @@ class TrainerServer(SplitServer):
 
     def gather_replies(self, replies: dict[int, Any], round_index: int) -> dict[int, Any]:
         """Every process's replies (each process hosts `clients_per_round` clients of a round), so that every
-        process applies the same client update."""
+        process applies the same client update; `round_finishers` lists the round's finishers of every process."""
         accelerator = self.trainer.accelerator
+        self.round_finishers = sorted(replies)
         if accelerator.num_processes == 1:
             return replies
         from .protocol.messages import ProbeReply
 
+        k, device = self.trainer.args.clients_per_round, self.trainer.args.device
+        ids = sorted(replies) + [-1] * (k - len(replies))  # padded: every process gathers the same shape
+        gathered_ids = accelerator.gather(torch.tensor(ids, dtype=torch.long, device=device)).cpu().tolist()
+        self.round_finishers = sorted(c for c in gathered_ids if c >= 0)
         if not all(isinstance(r, ProbeReply) for r in replies.values()):
             return replies  # gradients are averaged over processes by reduce_mean instead
         device = self.trainer.args.device

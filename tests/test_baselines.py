@@ -78,6 +78,7 @@ def test_byte_counters_per_method(tmp_path):
     # Split methods on the round's loop: the bytes of the encoded messages (cut and lambda exactly; framing).
     trainer, _ = run(tmp_path / "a", "splitlora")
     lora_bytes = sum(p.numel() * 4 for _, p in trainer.client_update_parameters)
+
     def cut_bytes(r, c):  # the encoded cut of client c in round r (the ids are in its header)
         labels = torch.zeros(BATCH, SEQ, dtype=torch.long)
         return len(encode(ClientForward(r, c, torch.zeros(BATCH, SEQ, HIDDEN), labels=labels)))

@@ -49,7 +49,9 @@ def test_benchmark_smoke_run_writes_all_outputs(tmp_path):
         correct = sum(p == label for p, label in zip(cell["predictions"], labels))
         assert cell["accuracy"] == correct / 16, method
         assert summary["methods"][method]["sst2"]["accuracy_mean"] == cell["accuracy"], method
-    assert hosfl["sync_bytes_per_client_round"] == 32  # P=2: 2 int64 seeds + 2 fp32 scalars up + 2 down
+    # P=2: 2 int64 seeds + 2 fp32 scalars up + 2 down are 32 bytes of payload; the encoded messages (plan, catch-up,
+    # scalars, update) add their headers, a few hundred bytes, whatever the model's size.
+    assert 32 < hosfl["sync_bytes_per_client_round"] < 1500
     assert hosfl["client_peak_memory_bytes"] > summary["inference_peak_memory_bytes"] * 0.9
     assert summary["methods"]["splitlora"]["sst2"]["sync_bytes_per_client_round"] > 1e5
     assert set(summary["methods"]) == {

@@ -7,7 +7,14 @@ import copy
 
 import pytest
 import torch
-from conftest import counting_dataset, run_flower_simulation, stack_collator, tiny_args, tiny_llama, write_flower_inputs
+from conftest import (
+    counting_dataset,
+    run_flower_simulation,
+    stack_collator,
+    tiny_args,
+    tiny_llama,
+    write_flower_inputs,
+)
 from safetensors.torch import load_file
 
 from hosfl_hf import HOSFLTrainer, Trajectory

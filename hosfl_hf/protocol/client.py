@@ -207,6 +207,7 @@ class SplitClient:
         self.part.write_mask_values()
         self.optimizer.load_state_dict(state["optimizer"])
         self.last_round = int(state["last_round"])
+        self._reference = None  # its weights were written in place: a kept graph is stale (recomputed when needed)
 
     def save(self, folder: str | os.PathLike) -> None:
         """Writes the state to `folder` (safetensors for the weights; the optimizer state with `torch.save`)."""

@@ -461,6 +461,25 @@ class FederatedRun:
                 digests[c] = fault
         return digests
 
+    def client_model(self, base_model: nn.Module) -> nn.Module:
+        """`base_model` (the run's initial model, changed in place) with the trained client part: the record's
+        tensors (history compaction, or an algorithm whose update is not seeds and scalars), else the trajectory
+        replayed."""
+        if self.record is None:
+            from ..trajectory import replay_trajectory
+
+            return replay_trajectory(base_model, self.server.trajectory)
+        from ..named_tensors import copy_named_tensors
+        from ..split import unwrap_causal_lm
+
+        copy_named_tensors(  # the targets' real tensors: a mask's values are written into its base weights
+            self.record.part.parameters,
+            unwrap_causal_lm(base_model).named_parameters(),
+            "the record's client part into the model",
+            partial_target=True,
+        )
+        return base_model
+
     def record_digest(self, base_model: nn.Module | None = None) -> str:
         """The digest of the server's record of the client part: its own copy (history compaction) or the
         trajectory replayed on `base_model`."""

@@ -140,10 +140,14 @@ class CentralEvaluator:
         if every < 0:
             raise ValueError(f"Run-config 'eval-every' must be >= 0 (0: only after the last round), got {every}.")
         self.eval_set, self.base_model, self.server, self.every = eval_set, base_model, server, every
+        self.run: Any = None  # the FederatedRun, once built: its record holds the client part of some algorithms
 
     def full_model(self) -> nn.Module:
         """The full model as of the server's last applied round (what the run would save now)."""
-        model = replay_trajectory(copy.deepcopy(self.base_model), self.server.trajectory)
+        if self.run is not None:
+            model = self.run.client_model(copy.deepcopy(self.base_model))
+        else:
+            model = replay_trajectory(copy.deepcopy(self.base_model), self.server.trajectory)
         return with_server_weights(model, self.server)
 
     def __call__(self, record: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from ...named_tensors import copy_named_tensors
 from ...protocol import FederatedRun, SplitServer
 from ...split import split_model, unwrap_causal_lm
-from ...trajectory import TRAJECTORY_NAME, replay_trajectory
+from ...trajectory import TRAJECTORY_NAME
 from .config import build_args, build_reliability, load_model, resolve
 from .evaluation import CentralEvaluator, load_eval_set
 from .messages import RECORD, pack, unpack
@@ -138,6 +138,8 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         logger.info("HO-SFL resumed from %s at round %s", checkpoint_dir, resumed_at)
     else:
         run = FederatedRun(server, transport, checkpoint_dir=checkpoint_dir, **kwargs)
+    if evaluator is not None:
+        evaluator.run = run
     run.run(args.max_steps)
 
     # Every holder catches up; each must hold exactly the server's record of the client part.
@@ -161,7 +163,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         "unreachable_clients": unreachable,
         "num_clients": settings.num_clients,
     }
-    reference = replay_trajectory(model, server.trajectory)
+    reference = run.client_model(model)  # the trained client part, as the clients hold it
     summary["eval"] = evaluator.final(reference) if evaluator is not None else None
     summary["eval_dataset"] = str(config["eval-dataset"])
     reporter.close(summary["eval"])
