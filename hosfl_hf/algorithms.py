@@ -45,6 +45,12 @@ class ServerRule:
     trains: bool = True
     backprop = True
 
+    def serve(self, server: SplitServer, message: Any) -> Any:
+        """On the server: its work on one client's forward message (a cut, a batch). Backprop: the loss of
+        `message` through the server's part (the whole model without a split), `loss / K` backpropagated; returns
+        lambda (a `Cotangent`) when the client needs it, else `None` (the client finished with its message)."""
+        return server.backprop_message(message)
+
     def before_step(self, server: Any, seeds: list[int], averaged: list[float]) -> None:
         """Called after the round's scalars are averaged, before the server's optimizer step."""
 
@@ -57,6 +63,15 @@ class ZerothOrderServer(ServerRule):
 
     scope: str = "server"
     backprop = False
+
+    def serve(self, server, message):
+        """Two-point loss differences of the round's seeds from the client's message (ZO-SFL: the cuts of the
+        perturbed client part; MeZO: the batch, through the whole model), with the server's parameters perturbed by
+        the same seeds; returned as the client's reply (a `ProbeReply`): the client needs no second leg."""
+        from .protocol.messages import ProbeReply
+
+        scalars = server.loss_differences(message)
+        return ProbeReply(round=message.round, client=message.client, scalars=scalars)
 
     def before_step(self, server: Any, seeds: list[int], averaged: list[float]) -> None:
         targets, first_index = server.zeroth_order_targets(self.scope)
@@ -78,6 +93,30 @@ class ClientRule:
     zeroth_order = False  # the client update is built from the round's averaged scalars
     search_levers = False  # projected scalars per client: per-client seeds and a base-weight mask apply
     reply_kind: str | None = None  # the exchange in which the client answers lambda (None: it finishes with its cut)
+
+    @property
+    def forward_type(self) -> type:
+        """The message of the client's forward leg."""
+        from .protocol.messages import ClientForward
+
+        return ClientForward
+
+    def forward(self, client: SplitClient, plan: RoundPlan) -> Any:
+        """On the client: the forward leg of the round (default: the cut of its batch, without autograd)."""
+        return client.cut(plan)
+
+    def check_forward(self, server: SplitServer) -> dict[str, Any]:
+        """The codec's checks of a forward message beyond the cut's (keyword arguments of `decode`)."""
+        return {}
+
+    @property
+    def forward_traffic(self) -> str:
+        """The traffic counter of the forward leg: cuts are `activation_bytes`."""
+        return "activation_bytes"
+
+    def finalize(self, server: SplitServer, update: Any) -> Any:
+        """On the server, after its step: the update as it is sent (default: as closed)."""
+        return update
 
     @property
     def reply_type(self) -> type | None:
@@ -224,25 +263,104 @@ class BackpropClient(ClientRule):
 
 @dataclass(frozen=True)
 class LossDifferenceZO(ProjectedZO):
-    """ZO-SFL's client: the client shares the two-point loss differences of the whole split model under the round's
-    seeds, and applies the same update as HO-SFL's client from them."""
+    """ZO-SFL's client: it sends the cuts of its part perturbed by `+-mu u_p` for each of the round's seeds; the
+    server, perturbing its own part by the same seeds, turns them into two-point loss differences of the whole split
+    model; every holder applies the same update as HO-SFL's client from them."""
 
     cotangent = False
     search_levers = False  # its scalars are loss differences of the whole split model under the round's seeds
     reply_kind: str | None = None
 
+    @property
+    def forward_type(self) -> type:
+        from .protocol.messages import PerturbedCuts
+
+        return PerturbedCuts
+
+    def forward(self, client, plan):
+        from .client_part import CLIENT_INPUTS
+        from .protocol.messages import PerturbedCuts
+
+        batch = client.batch(plan.round)
+        inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
+        part, estimator = client.part, client.part.estimator
+        estimator.check_forward(lambda: part.forward(inputs, count=False).hidden_states)
+        cuts = []
+        for seed in plan.seeds:
+            for scale in (estimator.eps, -estimator.eps):
+                with estimator.perturbed(seed, scale):
+                    cuts.append(part.forward(inputs).hidden_states)
+        return PerturbedCuts(
+            round=plan.round,
+            client=client.client_id,
+            hidden_states=torch.stack(cuts),
+            labels=batch.get("labels"),
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+        )
+
 
 @dataclass(frozen=True)
 class WholeModel(ClientRule):
-    """No split: each sampled client runs the whole model (FedAvg-LoRA, with `weights_sync`: the trainable weights
-    down and up each round) or there are no clients at all (centralized, MeZO)."""
+    """No split. Without `weights_sync` the data is pooled at the server (centralized training, MeZO): a client's
+    forward leg is its batch. With `weights_sync` (FedAvg-LoRA), each client holds the whole model: it sends the
+    gradient of `loss_i / K` of its batch, the server sums them and steps, and every holder copies the new trainable
+    weights (the weights down and the gradient up, each round)."""
 
     weights_sync: bool = False
 
+    @property
+    def forward_type(self) -> type:
+        from .protocol.messages import ClientBatch, ClientGradient
+
+        return ClientGradient if self.weights_sync else ClientBatch
+
+    @property
+    def update_type(self) -> type | None:
+        from .protocol.messages import WeightsUpdate
+
+        return WeightsUpdate if self.weights_sync else None
+
+    def forward(self, client, plan):
+        from .protocol.messages import ClientBatch
+
+        batch = client.batch(plan.round)
+        fields = {k: batch.get(k) for k in ("labels", "attention_mask", "position_ids")}
+        if not self.weights_sync:
+            return ClientBatch(round=plan.round, client=client.client_id, input_ids=batch["input_ids"], **fields)
+        return client.whole_model_gradient(plan, batch)
+
+    def check_forward(self, server: Any) -> dict[str, Any]:
+        return {"shape": (sum(p.numel() for _, p in server.parameters),)} if self.weights_sync else {}
+
+    @property
+    def forward_traffic(self) -> str:
+        # FedAvg-LoRA's gradient is weight-sized sync; a batch is the data pooled at the server.
+        return "sync_bytes" if self.weights_sync else "data_bytes"
+
     def close(self, server, plan, replies):
+        from .protocol.messages import WeightsUpdate
+
         if not server.algorithm.server.backprop:  # MeZO: the replies are the server's own loss differences
             _zeroth_order_terms(server, plan, replies)
+        if self.weights_sync:  # the weights are read after the server's step (finalize)
+            return WeightsUpdate(round=plan.round, weights=torch.empty(0), lr=0.0)
         return None
+
+    def finalize(self, server, update):
+        if update is None or not self.weights_sync:
+            return update
+        weights = torch.cat([p.detach().float().flatten().cpu() for _, p in server.parameters])
+        return type(update)(round=update.round, weights=weights, lr=update.lr)
+
+    def apply(self, client, update):
+        with torch.no_grad():
+            offset = 0
+            for _, p in client.parameters:
+                values = update.weights[offset : offset + p.numel()]
+                offset += p.numel()
+                if p.data_ptr() != values.data_ptr():  # a holder that is the server's own model holds them already
+                    p.copy_(values.view(p.shape))
 
 
 def _zeroth_order_terms(server: SplitServer, plan: RoundPlan, replies: dict[int, Any]) -> tuple[list, list]:
@@ -265,13 +383,6 @@ class Algorithm:
     split: bool
     server: ServerRule
     client: ClientRule
-
-    @property
-    def on_round_loop(self) -> bool:
-        """The method runs on the round's loop ([`~hosfl_hf.protocol.FederatedRun`]): in `HOSFLTrainer`, in one
-        process and over Flower alike. The others (no split, or a zeroth-order server) run in `HOSFLTrainer` only,
-        on its own round, until their client legs (a batch, perturbed cuts) are messages of the protocol."""
-        return self.split and self.server.backprop
 
     @property
     def zeroth_order_round(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections import defaultdict
@@ -23,21 +22,18 @@ from transformers.trainer_utils import get_last_checkpoint
 from .algorithms import ALGORITHMS, get_algorithm
 from .client_part import CLIENT_INPUTS, ClientPart
 from .config import HOSFLConfig
-from .federation import FederatedRoundSampler, RoundTraffic, sample_clients, tensor_bytes
+from .federation import FederatedRoundSampler, sample_clients
 from .model_card import HOSFL_TAGS
 from .protocol.client import SplitClient
-from .protocol.messages import ProbeReply, RoundPlan
 from .protocol.rounds import FederatedRun, OpenRound, ReliabilitySettings
 from .protocol.settings import RoundSettings
 from .protocol.transport import SharedPartTransport
-from .rng import round_seeds
 from .server_part import ServerPart
 from .split import CutActivations, split_model
 from .split_config import CLIENT_MASK_VALUES_NAME
 from .trainer_server import SCALER_SKIPPED, TrainerServer
 from .trajectory import TRAJECTORY_NAME, Trajectory
 from .update_norms import UpdateSnapshot
-from .zeroth_order import ZerothOrderEstimator, loss_differences
 
 __all__ = ["HOSFLTrainer"]
 
@@ -221,29 +217,20 @@ class HOSFLTrainer(Trainer):
                 "client). Add client LoRA adapters or unfreeze client blocks for HO-SFL.",
                 stacklevel=2,
             )
-        # ZO-SFL / MeZO perturb every trainable parameter (client first, then server: the pinned RNG order).
-        self.two_point_estimator = ZerothOrderEstimator(
-            self.client_update_parameters + self.split.server_parameters(),
-            args.zo_eps,
-            "two_sided",
-            module=self.split.model,
-        )
         # The round: the protocol's server (with this Trainer as its backend), one client holder that the in-process
         # clients share, and the protocol's loop over them (faults, validation, aggregation, traffic, update norms).
         self.holder = SplitClient(None, -1, settings, None, None, part=self.client_part)
+        self.holder.loss_func = compute_loss_func  # FedAvg-LoRA's clients compute their loss on the whole model
         self.transport = SharedPartTransport(self.holder)
         self.server = TrainerServer(self, settings)
         # The trainer's clients are its own data: no activation bound (a diverging run must show its numbers).
         self.run = FederatedRun(self.server, self.transport, ReliabilitySettings(activation_bound=None))
         self.trajectory = self.server.trajectory
-        self._last_cut_bytes = 0
         # Totals over all processes (reduced at the end of every round): logs, checkpoints and the model card.
         self.comm = {"activation_bytes": 0, "sync_bytes": 0}
         self.zo_forward_passes = 0
         self.skipped_rounds = 0
-        self._round_traffic = [0, 0, 0]  # this process's activation bytes, sync bytes, ZO forwards in the open round
         self._counted = {"activation_bytes": 0, "sync_bytes": 0, "forwards": 0}  # the loop's counts already added
-        self._round_scalars: dict[int, list[float]] = {}
         self._open_round: OpenRound | None = None  # the round whose client batches are being served
         self._closed_round: OpenRound | None = None  # closed, committed after the server's optimizer step
         self._model_in_step: nn.Module | None = None
@@ -272,10 +259,6 @@ class HOSFLTrainer(Trainer):
     def client_lr_scheduler(self) -> Any:
         """The client learning-rate schedule (the server's: the learning rate travels in every update)."""
         return self.server.client_lr_scheduler if self.client_optimizer is not None else None
-
-    @property
-    def _uses_round_loop(self) -> bool:
-        return self.algorithm.on_round_loop
 
     @property
     def client_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -400,11 +383,12 @@ class HOSFLTrainer(Trainer):
             loss = self._loss_func(outputs, labels) if self._loss_func is not None else outputs.loss
             if loss is None:
                 raise ValueError("The model returned no loss: the batch needs 'labels' (or pass compute_loss_func).")
-        else:
-            cut = self.client_part.forward(client_inputs, count=False)  # evaluation, or counted by the caller
+        else:  # evaluation
+            cut = self.client_part.forward(client_inputs, count=False)
             loss, outputs, cut = self.server_part.loss(cut, labels, grad=training, model=model, **inputs)
-            self._last_cut_bytes = cut.num_bytes()
         self._check_finite_loss(loss)
+        if training:  # the server's step on a batch (a method without a split)
+            self._server_result = (loss, None)
         return (loss, outputs) if return_outputs else loss
 
     def _server_loss(self, model: nn.Module, received: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
@@ -420,7 +404,6 @@ class HOSFLTrainer(Trainer):
             position_ids=on_device(received.position_ids),
         )
         loss, outputs, cut = self.server_part.loss(cut, on_device(received.labels), model=model, **inputs)
-        self._last_cut_bytes = cut.num_bytes()
         self._check_finite_loss(loss)
         self._server_result = (loss, cut)  # the loss and the cut leaf whose .grad gives lambda
         return (loss, outputs) if return_outputs else loss
@@ -451,24 +434,21 @@ class HOSFLTrainer(Trainer):
         server's optimizer step (`_apply_client_update`)."""
         round_index = self._round_base + self.state.global_step
         client = self._batch_client(inputs, round_index)
-        if not self._uses_round_loop:
-            loss = self._legacy_step(model, inputs, client, round_index)
-        else:
-            if self._open_round is None:
-                self._open_round = self.run.open_round(self.server.plan(round_index))
-            state = self._open_round
-            self._model_in_step = model
-            self.transport.batches = {client: inputs}
-            # What the server's forward takes besides the cut (kept for the round: a close may re-run the backward).
-            self._server_inputs[client] = {
-                k: v for k, v in inputs.items() if k not in CLIENT_INPUTS and k not in ("labels", CLIENT_KEY)
-            }
-            served = len(state.losses)
-            try:
-                self.run.serve(state, [client])
-            finally:
-                self.transport.batches = {}
-            loss = state.losses[-1] if len(state.losses) > served else torch.zeros((), device=self.args.device)
+        if self._open_round is None:
+            self._open_round = self.run.open_round(self.server.plan(round_index))
+        state = self._open_round
+        self._model_in_step = model
+        self.transport.batches = {client: inputs}
+        # What the server's forward takes besides the cut (kept for the round: a close may re-run the backward).
+        self._server_inputs[client] = {
+            k: v for k, v in inputs.items() if k not in CLIENT_INPUTS and k not in ("labels", CLIENT_KEY)
+        }
+        served = len(state.losses)
+        try:
+            self.run.serve(state, [client])
+        finally:
+            self.transport.batches = {}
+        loss = state.losses[-1] if len(state.losses) > served else torch.zeros((), device=self.args.device)
         self._micro_step += 1
         if self.accelerator.sync_gradients:
             self._close_round(round_index)
@@ -478,63 +458,14 @@ class HOSFLTrainer(Trainer):
         """The fp16 loss scale the Trainer's backward used (1 without a GradScaler). Always a power of two."""
         return self.server.loss_scale()
 
-    def _legacy_step(self, model: nn.Module, inputs: dict[str, Any], client: int, round_index: int) -> torch.Tensor:
-        """The methods whose round does not (yet) run on the round's loop: no split (centralized, FedAvg-LoRA,
-        MeZO) or a zeroth-order server (ZO-SFL)."""
-        self._check_new_reply(client, round_index)
-        if not self.algorithm.server.backprop:
-            return self._zeroth_order_step(model, inputs, client, round_index)
-        loss = super().training_step(model, inputs)
-        self._round_scalars[client] = []
-        if self.algorithm.client.weights_sync:  # FedAvg-LoRA: the trainable weights down and up
-            self._count_traffic(0, 2 * tensor_bytes(*(p for _, p in self.server.parameters)))
-        return loss
-
-    def _zeroth_order_step(
-        self, model: nn.Module, inputs: dict[str, Any], client: int, round_index: int
-    ) -> torch.Tensor:
-        """ZO-SFL / MeZO: two-point loss differences with both parts perturbed by the same seeds; no backprop."""
-        inputs = self._prepare_inputs(inputs)
-        seeds = round_seeds(self.args.seed, round_index, self.args.num_perturbations)
-        if self.accelerator.scaler is not None:
-            # No loss is backpropagated here, but the loss scaler's step needs the state that scaling a loss sets
-            # up; the ZO gradients are written pre-multiplied by the scale (see ZerothOrderServer).
-            self.accelerator.scaler.scale(torch.ones((), device=self.args.device))
-        was_training = model.training
-        model.eval()  # the two losses of a pair must see the same network (no dropout)
-        try:
-            with torch.no_grad(), self.compute_loss_context_manager():
-                scalars, loss = loss_differences(
-                    self.two_point_estimator, lambda: self.compute_loss(model, inputs), seeds
-                )
-        finally:
-            model.train(was_training)
-        self._round_scalars[client] = scalars
-        self._round_traffic[2] += 2 * len(seeds)
-        if self.algorithm.split:  # ZO-SFL
-            # Per direction two cuts go up (theta + mu u, theta - mu u); seeds and the loss difference are shared.
-            activation_bytes = 2 * len(seeds) * (self._last_cut_bytes + tensor_bytes(inputs.get("labels")))
-            self._count_traffic(activation_bytes, RoundTraffic.hybrid_order(0, 0, 0, len(seeds)).sync_bytes)
-        return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
-
-    def _check_new_reply(self, client: int, round_index: int) -> None:
-        if client in self._round_scalars:
-            raise RuntimeError(
-                f"Client {client} sent a second reply in round {round_index}: replies are keyed by client id."
-            )
-
-    def _count_traffic(self, activation_bytes: int, sync_bytes: int) -> None:
-        self._round_traffic[0] += activation_bytes
-        self._round_traffic[1] += sync_bytes
-
     def _flush_traffic(self) -> None:
         """Adds the round's traffic of every process to the totals (the same totals on every process): the bytes
         the round's loop encoded, and the client's forwards."""
-        forwards = self.client_part.forward_passes
+        forwards = self.client_part.forward_passes + self.server.forward_passes
         counts = [
-            self._round_traffic[0] + self.run.traffic["activation_bytes"] - self._counted["activation_bytes"],
-            self._round_traffic[1] + self.run.traffic["sync_bytes"] - self._counted["sync_bytes"],
-            self._round_traffic[2] + forwards - self._counted["forwards"],
+            self.run.traffic["activation_bytes"] - self._counted["activation_bytes"],
+            self.run.traffic["sync_bytes"] - self._counted["sync_bytes"],
+            forwards - self._counted["forwards"],
         ]
         self._counted = {
             "activation_bytes": self.run.traffic["activation_bytes"],
@@ -547,7 +478,6 @@ class HOSFLTrainer(Trainer):
         self.comm["activation_bytes"] += counts[0]
         self.comm["sync_bytes"] += counts[1]
         self.zo_forward_passes += counts[2]
-        self._round_traffic = [0, 0, 0]
 
     def _batch_client(self, inputs: dict[str, Any], round_index: int) -> int:
         """The client a training batch belongs to, read from the batch (every example carries the id of the shard
@@ -601,46 +531,23 @@ class HOSFLTrainer(Trainer):
         self._rounds_done = round_index + 1
         self._scale_before_step = self._grad_scale()
         self._server_snapshot = UpdateSnapshot(p for _, p in self.server.parameters)
-        if self._uses_round_loop:
-            state, self._open_round = self._open_round, None
-            try:
-                closed = self.run.close_round(state)
-            finally:
-                self._server_inputs, self._model_in_step = {}, None
-            if not closed:
-                # The trainer's clients are its own code and data: a round none of them finishes is a divergence or a
-                # bug, not a network fault (the protocol would retry it with other clients; the dataloader cannot).
-                reasons = "; ".join(e["reason"] for e in self.run.events if e["round"] == round_index)
-                raise ValueError(
-                    f"Round {round_index}: no client finished it ({reasons}); nothing of the round was applied. Lower "
-                    "the learning rates, or check the data."
-                )
-            # A process served only its own clients: the others' finishers caught up in their forward, too.
-            for c in self.server.round_finishers:
-                self.run.applied[c] = max(self.run.applied[c], state.latest)
-            self._closed_round = state
-            return
-        self._closed_round = self._close_legacy_round(round_index)
-
-    def _close_legacy_round(self, round_index: int) -> OpenRound:
-        local, self._round_scalars = self._round_scalars, {}
-        plan = RoundPlan(
-            round_index, sorted(local), round_seeds(self.args.seed, round_index, self.args.num_perturbations)
-        )
-        state = OpenRound(plan, 0, b"", 0.0, -1)
-        if not self.algorithm.zeroth_order_round:
-            return state
-        replies = {c: ProbeReply(round=round_index, client=c, scalars=v) for c, v in local.items()}
-        replies = self.server.gather_replies(replies, round_index)
-        if self.accelerator.scaler is not None and not all(
-            math.isfinite(v) for r in replies.values() for v in r.scalars
-        ):
-            self.server._overflow = "non-finite loss differences (fp16 loss-scale overflow)"
-            return state
-        state.update = self.algorithm.client.close(self.server, plan, replies)
-        if not self.client_update_parameters:
-            state.update = None
-        return state
+        state, self._open_round = self._open_round, None
+        try:
+            closed = self.run.close_round(state)
+        finally:
+            self._server_inputs, self._model_in_step = {}, None
+        if not closed:
+            # The trainer's clients are its own code and data: a round none of them finishes is a divergence or a
+            # bug, not a network fault (the protocol would retry it with other clients; the dataloader cannot).
+            reasons = "; ".join(e["reason"] for e in self.run.events if e["round"] == round_index)
+            raise ValueError(
+                f"Round {round_index}: no client finished it ({reasons}); nothing of the round was applied. Lower "
+                "the learning rates, or check the data."
+            )
+        # A process served only its own clients: the others' finishers caught up in their forward, too.
+        for c in self.server.round_finishers:
+            self.run.applied[c] = max(self.run.applied[c], state.latest)
+        self._closed_round = state
 
     def _skip(self, round_index: int, reason: str) -> None:
         self.skipped_rounds += 1
@@ -667,13 +574,10 @@ class HOSFLTrainer(Trainer):
         if state is None:
             self._flush_traffic()
             return
-        if self._uses_round_loop:
-            if self.run.commit_round(state) is not None:  # every process's finishers applied it
-                for c in self.server.round_finishers:
-                    self.run.applied[c] = state.plan.round
-            record = self.run.log[-1]
-        else:
-            record = self._commit_legacy_round(state)
+        if self.run.commit_round(state) is not None:  # every process's finishers applied it
+            for c in self.server.round_finishers:
+                self.run.applied[c] = state.plan.round
+        record = self.run.log[-1]
         self._flush_traffic()
         skipped = record.get("skipped")
         # A skipped step skips the client update of a method that has one (an overflow always concerns one).
@@ -682,21 +586,6 @@ class HOSFLTrainer(Trainer):
         for name in ("client_learning_rate", "client_update_norm", "zo/projected_grad"):
             if record.get(name) is not None:
                 self._round_metrics[name].append(record[name])
-
-    def _commit_legacy_round(self, state: OpenRound) -> dict[str, Any]:
-        skipped = self.server.step_skipped()
-        update = self.server.commit(state.update if skipped is None else None)
-        metrics = {k: sum(v) / len(v) for k, v in self.server.round_metrics.items() if v}
-        self.server.round_metrics.clear()
-        record = {"skipped": skipped, **metrics}
-        if update is not None:
-            snapshot = UpdateSnapshot(p for _, p in self.client_update_parameters)
-            self.holder.apply(update)
-            record["client_learning_rate"] = update.lr
-            record["client_update_norm"] = snapshot.norm()
-            if self.run.guards["client"] is not None:
-                self.run.guards["client"].observe(record["client_update_norm"], state.plan.round)
-        return record
 
     def _server_step_skipped(self) -> bool:
         # A fused optimizer (adamw_torch_fused, the default where available) skips an overflowing step inside its

@@ -7,13 +7,15 @@ algorithm's strategy, the update record and the trajectory are the server's own:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer
 
-from .protocol.messages import ClientForward, Cotangent
+from .protocol.messages import ClientBatch, ClientForward, Cotangent
 from .protocol.server import SplitServer
 
 if TYPE_CHECKING:
@@ -43,16 +45,60 @@ class TrainerServer(SplitServer):
     def backprop(self, loss: torch.Tensor, k: int, cut: ClientForward) -> torch.Tensor:
         raise RuntimeError("TrainerServer backpropagates through Trainer.training_step (see _loss).")
 
-    def _loss(self, cut: ClientForward, k: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """The server's forward and backward of one client's cut: the stock `Trainer.training_step` (its
-        `compute_loss` runs the server part on the cut; the Trainer divides by `K` and calls
-        `accelerator.backward`)."""
+    def _inputs(self, message: Any) -> dict[str, Any]:
+        """The Trainer's inputs for one client's message: the cut (see `HOSFLTrainer.compute_loss`), or a batch's
+        tensors, plus what the server's forward takes besides them."""
+        extra = self.trainer._server_inputs.get(message.client, {})
+        if isinstance(message, ClientBatch):
+            fields = ("input_ids", "labels", "attention_mask", "position_ids")
+            return {**{k: getattr(message, k) for k in fields if getattr(message, k) is not None}, **extra}
+        return {"cut": message, **extra}
+
+    def _loss(self, message: Any, k: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The server's forward and backward of one client's message: the stock `Trainer.training_step` (its
+        `compute_loss` runs the server part on the cut, or the whole model on a batch; the Trainer divides by `K`
+        and calls `accelerator.backward`)."""
         trainer = self.trainer
-        inputs = {"cut": cut, **trainer._server_inputs.get(cut.client, {})}
-        logged = Trainer.training_step(trainer, trainer._model_in_step, inputs)
+        logged = Trainer.training_step(trainer, trainer._model_in_step, self._inputs(message))
         loss, activations = trainer._server_result
         trainer._server_result = None
         return loss, logged, activations
+
+    def _prepare_scaler(self) -> None:
+        # No loss is backpropagated by the Trainer here, but the loss scaler's step needs the state that scaling a
+        # loss sets up; the gradients are written pre-multiplied by the scale (`loss_scale`).
+        if self.trainer.accelerator.scaler is not None:
+            self.trainer.accelerator.scaler.scale(torch.ones((), device=self.trainer.args.device))
+
+    def accumulate(self, gradient: torch.Tensor) -> None:
+        self._prepare_scaler()
+        super().accumulate(gradient)
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """The Trainer's evaluation of the loss differences: its model in eval mode, no autograd, its
+        `compute_loss_context_manager` (autocast)."""
+        trainer, model = self.trainer, self.trainer._model_in_step
+        self._prepare_scaler()
+        was_training = model.training
+        model.eval()  # the two losses of a pair must see the same network (no dropout)
+        try:
+            with torch.no_grad(), trainer.compute_loss_context_manager():
+                yield
+        finally:
+            model.train(was_training)
+
+    def evaluate_loss(self, message: Any) -> torch.Tensor:
+        trainer = self.trainer
+        inputs = trainer._prepare_inputs(self._inputs(message))
+        return trainer.compute_loss(trainer._model_in_step, inputs)
+
+    def non_finite_differences(self, message: Any, values: list[float], mean: float) -> list[float]:
+        if self.trainer.accelerator.scaler is None:
+            return super().non_finite_differences(message, values, mean)
+        self._overflow = "non-finite loss differences (fp16 loss-scale overflow)"
+        self.last_loss, self.last_logged_loss = mean, torch.tensor(mean / self.clients_per_process())
+        return values
 
     def loss_scale(self) -> float:
         scaler = self.trainer.accelerator.scaler

@@ -89,6 +89,9 @@ class ZerothOrderEstimator:
             there is `scales * u` (the mask's `scales`).
         guide ([`DirectionGuide`], *optional*):
             Guided directions on the masked tensors (applied before `scales`).
+        first_index (`int`, *optional*, defaults to 0):
+            The RNG index of the first parameter: the server's parameters follow the client's in the pinned order
+            (ZO-SFL perturbs each part on its own holder, with the same directions as one estimator over both).
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class ZerothOrderEstimator:
         masks: dict[int, torch.Tensor] | None = None,
         scales: dict[int, torch.Tensor] | None = None,
         guide: DirectionGuide | None = None,
+        first_index: int = 0,
     ):
         if estimator not in ("one_sided", "two_sided"):
             raise ValueError(f"estimator must be 'one_sided' or 'two_sided', got {estimator!r}.")
@@ -109,6 +113,7 @@ class ZerothOrderEstimator:
         self.masks = dict(masks or {})
         self.scales = dict(scales or {})
         self.guide = guide
+        self.first_index = first_index  # RNG index of the first parameter (the server's follow the client's)
         self._owners = _owning_modules(module, self.parameters) if module is not None else None
         self._checked = False
 
@@ -143,7 +148,7 @@ class ZerothOrderEstimator:
         def inside(index: int, real: torch.Tensor) -> torch.Tensor:
             if index in self.masks:
                 return _masked_add(real, self.masks[index], seed, index, scale, self.scales.get(index), self.guide)
-            return torch.add(real, direction(real, seed, index), alpha=scale)
+            return torch.add(real, direction(real, seed, self.first_index + index), alpha=scale)
 
         with self._swapped(inside, outside=None):
             yield
@@ -162,7 +167,7 @@ class ZerothOrderEstimator:
                             )
                         )
                     else:
-                        param.add_(direction(param, seed, index), alpha=scale)
+                        param.add_(direction(param, seed, self.first_index + index), alpha=scale)
             yield
         finally:
             with torch.no_grad():

@@ -91,21 +91,25 @@ def test_byte_counters_per_method(tmp_path):
     assert trainer.comm["activation_bytes"] == sum(cut_bytes(r, c) + lambda_bytes(r, c) for r, c in served)
     # The gradient up and the averaged gradient down: the size of the client's weights both ways, as FedAvg.
     assert 2 * lora_bytes < trainer.comm["sync_bytes"] / per_client_rounds < 2 * lora_bytes + 2000
+    # ZO-SFL: 2P perturbed cuts and the labels up per client (P = 1 here), one message with one header; sync is
+    # seeds and scalars.
     trainer, _ = run(tmp_path / "b", "zo_sfl")
-    assert trainer.comm == {
-        "activation_bytes": per_client_rounds * 2 * (cut + labels),
-        "sync_bytes": per_client_rounds * zo_sync(1),
-    }
+    assert per_client_rounds * (2 * cut + labels) < trainer.comm["activation_bytes"]
+    assert trainer.comm["activation_bytes"] < per_client_rounds * (2 * cut + labels + 1000)
+    assert per_client_rounds * zo_sync(1) < trainer.comm["sync_bytes"] < per_client_rounds * 2000
     trainer, _ = run(tmp_path / "c", "frozen_client")
     served = [(record["round"], c) for record in trainer.run.log for c in record["finishers"]]
     assert trainer.comm["activation_bytes"] == sum(cut_bytes(r, c) for r, c in served)
     assert trainer.comm["sync_bytes"] < per_client_rounds * 1000  # the plan and the (empty) catch-up only
     assert all(r["client_learning_rate"] is None for r in trainer.run.log)  # no update was ever sent
+    # FedAvg-LoRA: each client's gradient up and the new weights down, both the size of the trainable weights.
     trainer, _ = run(tmp_path / "d", "fedavg_lora")
     all_bytes = sum(p.numel() * 4 for p in trainer.model.parameters() if p.requires_grad)
-    assert trainer.comm == {"activation_bytes": 0, "sync_bytes": per_client_rounds * 2 * all_bytes}
+    assert trainer.comm["activation_bytes"] == 0
+    assert per_client_rounds * 2 * all_bytes < trainer.comm["sync_bytes"] < per_client_rounds * (2 * all_bytes + 2000)
+    # Centralized: the batches are the data pooled at the server (`data_bytes`), not activations or sync.
     trainer, _ = run(tmp_path / "e", "centralized")
-    assert trainer.comm == {"activation_bytes": 0, "sync_bytes": 0}
+    assert trainer.comm["activation_bytes"] == 0 and trainer.run.traffic["data_bytes"] > per_client_rounds * labels
 
 
 def test_splitlora_client_gradient_equals_full_backprop(tmp_path, monkeypatch):

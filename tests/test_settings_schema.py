@@ -90,8 +90,8 @@ def test_defaults_are_hosflconfigs_where_the_app_sets_none():
 
 
 def test_bad_values_are_refused_by_name():
-    with pytest.raises(ValueError, match="does not run over Flower yet"):
-        build_args(resolve({"model": "m", "dataset": "d", "algorithm": "splitlora"}))
+    with pytest.raises(ValueError, match="algorithm"):
+        build_args(resolve({"model": "m", "dataset": "d", "algorithm": "fedprox"}))
     with pytest.raises(ValueError, match="'num-clients' must be a int"):
         build_args(resolve({"model": "m", "dataset": "d", "num-clients": "many"}))
     with pytest.raises(ValueError, match="Unknown hosfl_hf run-config keys \\['zo-epsilon'\\]"):

@@ -21,7 +21,7 @@ from ..named_tensors import copy_named_tensors
 from ..rng import check_environment, environment
 from ..split import split_model
 from ..zeroth_order import build_client_optimizer
-from .messages import CatchUp, ClientCheckpoint, ClientForward, Cotangent, ProbeReply, RoundPlan
+from .messages import CatchUp, ClientCheckpoint, ClientForward, ClientGradient, Cotangent, ProbeReply, RoundPlan
 from .settings import RoundSettings
 
 __all__ = ["ClientPart", "SplitClient", "weights_digest"]
@@ -56,7 +56,8 @@ class SplitClient:
         if part is None:  # its own copy of the client part: what only the server runs is dropped
             split = split_model(model, settings.split_layer)
             upcast_trainable_adapters(split)
-            _drop_server_modules(split)
+            if self.algorithm.split:  # without a split the client holds the whole model
+                _drop_server_modules(split)
             part = ClientPart(
                 split,
                 settings.zo_eps,
@@ -68,9 +69,13 @@ class SplitClient:
             )
         self.split = part.split
         self.part = part
-        # What the optimizer steps (trainable parameters; a masked base tensor's vector of masked values).
+        # What the optimizer steps (trainable parameters; a masked base tensor's vector of masked values); without a
+        # split, every trainable parameter of the whole model.
         self.parameters = self.part.update_parameters
+        if not self.algorithm.split:
+            self.parameters = [(n, p) for n, p in self.split.model.named_parameters() if p.requires_grad]
         self.client_update_sizes = [p.numel() for _, p in self.parameters]
+        self.loss_func: Callable | None = None  # a whole-model client's loss (default: the model's causal-LM loss)
         self.optimizer = build_client_optimizer(
             [p for _, p in self.parameters], settings.client_optimizer, 0.0, settings.client_weight_decay
         )
@@ -91,12 +96,17 @@ class SplitClient:
         rows = [self.dataset[i] for i in self.sampler.client_batch(round_index, self.client_id)]
         return self.collator(rows)
 
-    def forward(self, plan: RoundPlan) -> ClientForward:
-        """Runs the client part on this round's batch, without autograd: the cut activations and the labels."""
+    def forward(self, plan: RoundPlan) -> Any:
+        """The round's forward leg, by the algorithm's client rule: the cut of this round's batch (without
+        autograd) and its labels; ZO-SFL's perturbed cuts; the batch itself for a method without a split."""
         if self.client_id not in plan.clients:
             raise ValueError(f"Client {self.client_id} is not sampled in round {plan.round} ({plan.clients}).")
         if plan.round <= self.last_round:
             raise ValueError(f"Round {plan.round} was already applied here (last round {self.last_round}).")
+        return self.algorithm.client.forward(self, plan)
+
+    def cut(self, plan: RoundPlan) -> ClientForward:
+        """Runs the client part on this round's batch, without autograd: the cut activations and the labels."""
         batch = self.batch(plan.round)
         inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
         # A first-order client keeps the graph of its forward for its backward of lambda.
@@ -110,6 +120,29 @@ class SplitClient:
             attention_mask=inputs.get("attention_mask"),
             position_ids=inputs.get("position_ids"),
         )
+
+    def whole_model_gradient(self, plan: RoundPlan, batch: dict[str, Any]) -> ClientGradient:
+        """FedAvg-LoRA's forward leg: the gradient of `loss / K` of this round's batch through the whole model,
+        flattened in the order of `parameters` (the `.grad` it finds is left as it was: a holder may share its model
+        with the server, whose gradient accumulates meanwhile)."""
+        params = [p for _, p in self.parameters]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            inputs = {k: batch[k] for k in CLIENT_INPUTS if k in batch}
+            labels = batch.get("labels")
+            lm_labels = None if self.loss_func is not None else labels
+            outputs = self.split.model(**inputs, labels=lm_labels, use_cache=False)
+            loss = self.loss_func(outputs, labels) if self.loss_func is not None else outputs.loss
+            (loss / self.settings.clients_per_round).backward()
+            if any(p.grad is None for p in params):
+                raise RuntimeError(f"A trainable parameter received no gradient in round {plan.round}.")
+            flat = torch.cat([p.grad.detach().float().flatten().cpu() for p in params])
+        finally:
+            for p, grad in zip(params, saved):
+                p.grad = grad
+        return ClientGradient(round=plan.round, client=self.client_id, gradient=flat, loss=float(loss.detach()))
 
     def round_inputs(self, plan: RoundPlan) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """This round's client inputs and the reference cut `z`: the one of `forward` when this object ran it, or

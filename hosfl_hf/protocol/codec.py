@@ -25,14 +25,17 @@ from safetensors.torch import save as save_tensors
 from .messages import (
     MESSAGE_TYPES,
     CatchUp,
+    ClientBatch,
     ClientCheckpoint,
     ClientForward,
     ClientGradient,
     ClientUpdate,
     Cotangent,
     GradientUpdate,
+    PerturbedCuts,
     ProbeReply,
     RoundPlan,
+    WeightsUpdate,
 )
 
 __all__ = ["FORMAT_VERSION", "MessageError", "decode", "encode"]
@@ -266,6 +269,23 @@ def _validate_cut(
                 )
 
 
+def _validate_perturbed_cuts(message: PerturbedCuts, where: str, hidden_size: int | None, **kwargs: Any) -> None:
+    _check_tensor(message.hidden_states, "hidden_states", where, FLOAT_DTYPES, 4, finite=True)
+    if message.hidden_states.shape[0] % 2:
+        raise MessageError(f"Field 'hidden_states' of a {where}: {message.hidden_states.shape[0]} cuts, not pairs.")
+    _validate_cut(message.cut(0), where, hidden_size, **kwargs)  # each cut, masks and labels as a cut's
+
+
+def _validate_batch(message: ClientBatch, where: str, num_labels: int | None = None, **_: Any) -> None:
+    _check_tensor(message.input_ids, "input_ids", where, INDEX_DTYPES[:2], 2)
+    shape = tuple(message.input_ids.shape)
+    for name in ("attention_mask", "position_ids", "labels"):
+        tensor = getattr(message, name)
+        _check_tensor(tensor, name, where, INDEX_DTYPES, tensor.dim() if tensor is not None else 0)
+        if tensor is not None and tuple(tensor.shape) not in (shape, shape[:1]):
+            raise MessageError(f"Field {name!r} of a {where}: shape {tuple(tensor.shape)}, expected {shape}.")
+
+
 def _validate_cotangent(message: Cotangent, where: str, shape: tuple[int, ...] | None, **_: Any) -> None:
     _check_tensor(message.cotangent, "cotangent", where, FLOAT_DTYPES, 3, finite=True)
     if shape is not None and tuple(message.cotangent.shape) != tuple(shape):
@@ -291,14 +311,20 @@ def _validate_update(message: ClientUpdate, num_perturbations: int | None, where
     return message
 
 
-def _validate_gradient(message: ClientGradient, where: str, shape: tuple[int, ...] | None, **_: Any) -> None:
-    _check_tensor(message.gradient, "gradient", where, (torch.float32,), 1, finite=True)
-    if shape is not None and tuple(message.gradient.shape) != tuple(shape):
-        raise MessageError(f"Field 'gradient' of a {where}: shape {tuple(message.gradient.shape)}, expected {shape}.")
+def _validate_gradient(message: Any, where: str, shape: tuple[int, ...] | None, **_: Any) -> None:
+    name = "weights" if isinstance(message, WeightsUpdate) else "gradient"
+    _check_tensor(getattr(message, name), name, where, (torch.float32,), 1, finite=True)
+    loss = getattr(message, "loss", None)
+    if loss is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+        raise MessageError(f"Field 'loss' of a {where}: {loss!r} is not a finite number.")
+    if shape is not None and tuple(getattr(message, name).shape) != tuple(shape):
+        raise MessageError(
+            f"Field {name!r} of a {where}: shape {tuple(getattr(message, name).shape)}, expected {shape}."
+        )
 
 
-def _validate_gradient_update(message: GradientUpdate, where: str, shape: tuple[int, ...] | None, **_: Any) -> None:
-    where = f"gradient_update message of round {message.round}"
+def _validate_gradient_update(message: Any, where: str, shape: tuple[int, ...] | None, **_: Any) -> None:
+    where = f"{type(message).__name__} message of round {message.round}"
     _check_int(message.round, "round", where)
     _validate_gradient(message, where, shape)
     if not (isinstance(message.lr, (int, float)) and math.isfinite(message.lr) and message.lr >= 0):
@@ -311,7 +337,10 @@ VALIDATORS = {
     Cotangent: _validate_cotangent,
     ProbeReply: _validate_reply,
     ClientGradient: _validate_gradient,
+    PerturbedCuts: _validate_perturbed_cuts,
+    ClientBatch: _validate_batch,
     GradientUpdate: _validate_gradient_update,
+    WeightsUpdate: _validate_gradient_update,
     ClientUpdate: lambda message, where, num_perturbations=None, **_: _validate_update(
         message, num_perturbations, where
     ),

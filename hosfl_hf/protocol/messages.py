@@ -14,6 +14,11 @@ round's averaged gradient:
     client -> server   ClientGradient   the gradient of lambda_i / K through the client part ("gradient up")
     server -> holders  GradientUpdate   the round's averaged, clipped gradient and lr      ("gradient down")
 
+The methods whose server estimates by loss differences send other forward legs: ZO-SFL's client the cuts of its
+perturbed part (`PerturbedCuts`), the methods without a split the batch itself (`ClientBatch`: centralized training
+and MeZO pool the data at the server). FedAvg-LoRA's client sends the gradient of its whole model (`ClientGradient`)
+and gets the new weights (`WeightsUpdate`).
+
 [`hosfl_hf.protocol.codec`] turns each into bytes and back, exactly, and validates what it decodes.
 """
 
@@ -29,10 +34,13 @@ __all__ = [
     "CatchUp",
     "ClientCheckpoint",
     "ClientForward",
+    "ClientBatch",
     "ClientGradient",
     "ClientUpdate",
     "Cotangent",
     "GradientUpdate",
+    "PerturbedCuts",
+    "WeightsUpdate",
     "MESSAGE_TYPES",
     "ProbeReply",
     "RoundPlan",
@@ -65,6 +73,37 @@ class ClientForward:
 
 
 @dataclass
+class PerturbedCuts:
+    """ZO-SFL's forward leg: for each seed `p` of the round, the cut at `theta + mu u_p` (`hidden_states[2p]`) and at
+    `theta - mu u_p` (`hidden_states[2p + 1]`), and the batch's labels."""
+
+    round: int
+    client: int
+    hidden_states: torch.Tensor
+    labels: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+    def cut(self, index: int) -> ClientForward:
+        """The `index`-th cut as a [`ClientForward`]."""
+        return ClientForward(
+            self.round, self.client, self.hidden_states[index], self.labels, self.attention_mask, self.position_ids
+        )
+
+
+@dataclass
+class ClientBatch:
+    """The forward leg of a method without a split: the client's batch itself."""
+
+    round: int
+    client: int
+    input_ids: torch.Tensor
+    labels: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+
+@dataclass
 class Cotangent:
     """lambda = dloss_i/dz for client `client`'s batch of round `round` (the shape of its `hidden_states`)."""
 
@@ -90,6 +129,17 @@ class ClientGradient:
     round: int
     client: int
     gradient: torch.Tensor
+    loss: float | None = None  # FedAvg-LoRA: the client's loss on its batch (its gradient is the whole model's)
+
+
+@dataclass
+class WeightsUpdate:
+    """FedAvg-LoRA's update: the trainable weights of the whole model after the server's step (flattened in their
+    order, float32), which every holder copies."""
+
+    round: int
+    weights: torch.Tensor
+    lr: float
 
 
 @dataclass
@@ -176,5 +226,8 @@ MESSAGE_TYPES = {
     "catchup": CatchUp,
     "gradient": ClientGradient,
     "gradient_update": GradientUpdate,
+    "perturbed_cuts": PerturbedCuts,
+    "batch": ClientBatch,
+    "weights_update": WeightsUpdate,
 }
 """Message kind (the codec's header) -> type; a [`ClientCheckpoint`] travels only inside a [`CatchUp`]."""

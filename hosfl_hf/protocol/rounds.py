@@ -39,7 +39,7 @@ from torch import nn
 from ..update_norms import StandingStillGuard
 from .client import SplitClient, weights_digest
 from .codec import MessageError, decode, encode
-from .messages import CatchUp, ClientForward, ClientUpdate, RoundPlan
+from .messages import CatchUp, ClientUpdate, Cotangent, RoundPlan
 from .server import RejectedCut, SplitServer
 from .transport import ClientFault, Transport
 
@@ -149,7 +149,9 @@ class FederatedRun:
         self.num_labels = num_labels
         self.applied = dict.fromkeys(range(self.settings.num_clients), -1)  # last round each client acknowledged
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.traffic = {"activation_bytes": 0, "sync_bytes": 0, "catchup_bytes": 0}
+        # activation: cuts and lambdas; sync: seeds, scalars, updates, catch-ups; data: the batches that a method
+        # without a split pools at the server (centralized training, MeZO)
+        self.traffic = {"activation_bytes": 0, "sync_bytes": 0, "catchup_bytes": 0, "data_bytes": 0}
         self.events: list[dict[str, Any]] = []  # every drop: round, attempt, client, leg, kind, reason
         self.log: list[dict[str, Any]] = []  # per applied round: loss, learning rates, finishers, bytes
         self.next_round = 0
@@ -256,26 +258,29 @@ class FederatedRun:
         self._count("catchup_bytes", [data])
         return data
 
-    def _validate_cut(self, data: Any, client: int, round_index: int) -> ClientForward:
+    def _validate_cut(self, data: Any, client: int, round_index: int) -> Any:
+        """Decodes and checks a client's forward message (the algorithm's: a cut, perturbed cuts, a batch)."""
         if not isinstance(data, bytes):
             raise MessageError(f"Field 'cut': expected codec bytes, got {type(data).__name__}.")
-        cut = decode(
+        message = decode(
             data,
-            ClientForward,
+            self.server.algorithm.client.forward_type,
             round=round_index,
             clients=[client],
             hidden_size=self.hidden_size,
             num_labels=self.num_labels,
+            **self.server.algorithm.client.check_forward(self.server),
         )
         bound = self.reliability.activation_bound
-        if bound is not None:
-            peak = float(cut.hidden_states.detach().abs().max())
+        hidden = getattr(message, "hidden_states", None)
+        if bound is not None and hidden is not None:
+            peak = float(hidden.detach().abs().max())
             if peak > bound:
                 raise MessageError(
                     f"Field 'hidden_states' of the cut message of client {client}, round {round_index}: magnitude "
                     f"{peak:.3g} above activation_bound={bound:g} (poisoned or diverged activations)."
                 )
-        return cut
+        return message
 
     # The phases of one attempt. `run_round` runs them over all the sampled clients at once; the trainer runs `serve`
     # once per client batch (the Trainer's gradient accumulation) and `commit_round` after the Trainer's step.
@@ -308,16 +313,16 @@ class FederatedRun:
                 fault = ClientFault(c, r, "forward", reason, kind="behind")
             elif fault is None:
                 data = reply.get("cut") if isinstance(reply, Mapping) else None
-                self._count("activation_bytes", [data] if isinstance(data, bytes) else [])
+                self._count(rule.forward_traffic, [data] if isinstance(data, bytes) else [])
                 try:
                     cut = self._validate_cut(data, c, r)
-                    cotangent = self.server.backward(cut)
+                    result = self.server.backward(cut)
                     state.losses.append(self.server.last_logged_loss)
                     self.applied[c] = state.latest  # it caught up before its forward
-                    if cotangent is None:  # the client finishes with its cut (a frozen client)
-                        state.replies[c] = None
-                    else:
-                        lambdas[c] = encode(cotangent)
+                    if isinstance(result, Cotangent):
+                        lambdas[c] = encode(result)
+                    else:  # finished with its forward (None), or its reply came from the server (ZO)
+                        state.replies[c] = result
                 except (MessageError, RejectedCut) as error:
                     fault = ClientFault(c, r, "forward", str(error), kind="rejected")
             if fault is not None:
@@ -487,11 +492,11 @@ class FederatedRun:
             return weights_digest(self.record.parameters)
         if base_model is None:
             raise ValueError("Pass base_model (the run's initial model) to replay the trajectory.")
-        from ..split import split_model
         from ..trajectory import replay_trajectory
 
         replayed = replay_trajectory(copy.deepcopy(base_model), self.server.trajectory)
-        return weights_digest(split_model(replayed, self.settings.split_layer).client_parameters())
+        # What a client holds, as the clients list it (the client part's, or the whole model's without a split).
+        return weights_digest(SplitClient(replayed, -1, self.settings, None, None).parameters)
 
     def summary(self) -> dict[str, Any]:
         return {

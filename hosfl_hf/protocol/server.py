@@ -8,9 +8,11 @@ and DDP reductions), which subclasses this server and overrides only those metho
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -29,7 +31,8 @@ from ..server_part import ServerPart
 from ..split import CutActivations, split_model
 from ..trajectory import TRAJECTORY_NAME, Trajectory
 from ..update_norms import UpdateSnapshot
-from .messages import ClientForward, ClientUpdate, Cotangent, RoundPlan
+from ..zeroth_order import ZerothOrderEstimator, loss_differences
+from .messages import ClientBatch, ClientForward, ClientGradient, ClientUpdate, Cotangent, PerturbedCuts, RoundPlan
 from .settings import RoundSettings
 
 __all__ = ["RejectedCut", "SplitServer"]
@@ -85,7 +88,7 @@ class SplitServer:
         self.client_update_sizes = [
             int(masks[i].numel()) if i in masks else p.numel() for i, (_, p) in enumerate(client_targets)
         ]
-        if own:
+        if own and self.algorithm.split:
             for block in list(split.layers)[: settings.split_layer]:
                 block.to("meta")  # the client's blocks: skipped by the server's forward
         self.split = split
@@ -103,6 +106,8 @@ class SplitServer:
         self.last_update_norm = 0.0
         self.last_loss = float("nan")
         self.round_metrics: dict[str, list[float]] = defaultdict(list)  # e.g. zo/projected_grad, per closed round
+        self._estimators: dict[str, ZerothOrderEstimator] = {}
+        self.forward_passes = 0  # forwards of the whole model (MeZO's loss differences)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """What the server's optimizer steps: the server part's trainable parameters (the whole model's without a
@@ -139,7 +144,17 @@ class SplitServer:
         (loss / k).backward()
         return (loss / k).detach()
 
-    def forward_loss(self, cut: ClientForward) -> tuple[torch.Tensor, CutActivations]:
+    def forward_loss(self, cut: Any) -> tuple[torch.Tensor, CutActivations | None]:
+        """The loss of one client's forward message: a cut through the server part, or (no split) a batch through
+        the whole model."""
+        if isinstance(cut, ClientBatch):
+            inputs = {"input_ids": cut.input_ids, "attention_mask": cut.attention_mask}
+            if cut.position_ids is not None:
+                inputs["position_ids"] = cut.position_ids
+            lm_labels = None if self.loss_func is not None else cut.labels
+            outputs = self.split.model(**inputs, labels=lm_labels, use_cache=False)
+            loss = self.loss_func(outputs, cut.labels) if self.loss_func is not None else outputs.loss
+            return loss, None
         activations = CutActivations(
             cut.hidden_states, attention_mask=cut.attention_mask, position_ids=cut.position_ids
         )
@@ -222,27 +237,105 @@ class SplitServer:
         logged = self.backprop(loss, k, cut)
         return loss, logged, activations
 
-    def backward(self, cut: ClientForward) -> Cotangent | None:
-        """Runs the server part on a client's cut, backpropagates `loss_i / K` (gradients accumulate over the round's
-        clients) and returns `lambda_i = dloss_i/dz` (`None` when the algorithm's client needs no lambda).
+    def backward(self, message: Any) -> Any:
+        """The server's work on one client's forward message, by the algorithm's server rule: backprop of
+        `loss_i / K` (gradients accumulate over the round's clients) returning `lambda_i = dloss_i/dz` (`None` when
+        the client needs no lambda), or a zeroth-order server's loss differences, returned as the client's reply.
 
         Raises:
-            `ValueError`: if the loss, lambda or a server gradient is not finite (poisoned activations). The cut is
-                then not part of the round: [`close`] rebuilds the gradient from the accepted cuts only.
+            [`RejectedCut`]: if the loss, lambda or a server gradient is not finite (poisoned activations). The cut
+                is then not part of the round: [`close`] rebuilds the gradient from the accepted cuts only.
         """
+        result = self.algorithm.server.serve(self, message)
+        self._round_cuts[message.client] = message
+        self._round_losses[message.client] = self.last_loss
+        return result
+
+    def backprop_message(self, message: Any) -> Cotangent | None:
+        """Backprop of one client's message (see [`backward`]); a client's own gradient (FedAvg-LoRA) is added to
+        the server's, in the plan's order as the Trainer's backward accumulates them."""
         k = self.clients_per_process()
-        loss, logged, activations = self._loss(cut, k)  # a non-finite loss raises before any gradient is written
-        self._grads_from.append(cut.client)
+        if isinstance(message, ClientGradient):
+            self.accumulate(message.gradient)
+            self._grads_from.append(message.client)
+            self.last_loss = float(message.loss) if message.loss is not None else math.nan
+            self.last_logged_loss = torch.tensor(self.last_loss / k)
+            return None
+        loss, logged, activations = self._loss(message, k)  # a non-finite loss raises before any gradient is written
+        self._grads_from.append(message.client)
         self.last_loss = float(loss.detach())
         self.last_logged_loss = logged
-        self._round_cuts[cut.client] = cut
-        self._round_losses[cut.client] = self.last_loss
         if not self.algorithm.client.cotangent:
             return None
         cotangent = self.part.cotangent(activations, k, self.loss_scale())
         if not self.gradients_finite(cotangent):
-            return self.non_finite_cotangent(cut)
-        return Cotangent(round=cut.round, client=cut.client, cotangent=cotangent)
+            return self.non_finite_cotangent(message)
+        return Cotangent(round=message.round, client=message.client, cotangent=cotangent)
+
+    def accumulate(self, gradient: torch.Tensor) -> None:
+        """Adds a client's gradient (flat, in the order of `parameters`) to the parameters' `.grad`."""
+        sizes = [p.numel() for _, p in self.parameters]
+        for (_, p), g in zip(self.parameters, torch.split(gradient, sizes)):
+            g = g.view(p.shape).to(device=p.device, dtype=p.dtype) * self.loss_scale()
+            p.grad = g if p.grad is None else p.grad.add_(g)
+
+    def loss_differences(self, message: Any) -> list[float]:
+        """Two-point loss differences `(L(theta + mu u_p) - L(theta - mu u_p)) / 2` for the round's seeds: of the
+        server part on ZO-SFL's perturbed cuts (its own parameters perturbed by the same seeds), or of the whole
+        model on a batch (MeZO)."""
+        seeds = round_seeds(self.settings.seed, message.round, self.settings.num_perturbations)
+        with self.evaluation():
+            if isinstance(message, PerturbedCuts):
+                estimator = self._estimator("server")
+                if 2 * len(seeds) != message.hidden_states.shape[0]:
+                    raise RejectedCut(f"{message.hidden_states.shape[0]} perturbed cuts for {len(seeds)} seeds.")
+                estimator.check_forward(lambda: self.evaluate_loss(message.cut(0)))
+                values, total = [], 0.0
+                for p, seed in enumerate(seeds):
+                    with estimator.perturbed(seed, estimator.eps):
+                        plus = float(self.evaluate_loss(message.cut(2 * p)))
+                    with estimator.perturbed(seed, -estimator.eps):
+                        minus = float(self.evaluate_loss(message.cut(2 * p + 1)))
+                    values.append((plus - minus) / 2)
+                    total += plus + minus
+                mean = total / (2 * len(seeds))
+            else:
+                values, mean = loss_differences(self._estimator("model"), lambda: self.evaluate_loss(message), seeds)
+                self.forward_passes += 2 * len(seeds)  # the whole model's (ZO-SFL's client counts its own)
+        if not all(math.isfinite(v) for v in values):
+            return self.non_finite_differences(message, values, mean)
+        self.last_loss = mean
+        self.last_logged_loss = torch.tensor(mean / self.clients_per_process())
+        return values
+
+    def non_finite_differences(self, message: Any, values: list[float], mean: float) -> list[float]:
+        raise RejectedCut(f"The loss differences of client {message.client} in round {message.round} are not finite.")
+
+    def _estimator(self, scope: str) -> ZerothOrderEstimator:
+        """The server's two-point estimator: its own parameters (after the client's in the RNG order), or every
+        trainable parameter of the whole model (`scope="model"`)."""
+        if scope not in self._estimators:
+            targets, first_index = self.zeroth_order_targets(scope)
+            self._estimators[scope] = ZerothOrderEstimator(
+                targets, self.settings.zo_eps, "two_sided", module=self.split.model, first_index=first_index
+            )
+        return self._estimators[scope]
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Where the loss differences are evaluated: no autograd, no dropout (the two losses of a pair must see the
+        same network)."""
+        model = self.split.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            model.train(was_training)
+
+    def evaluate_loss(self, message: Any) -> torch.Tensor:
+        return self.forward_loss(message)[0]
 
     def non_finite_cotangent(self, cut: ClientForward) -> Cotangent | None:
         """A cut whose lambda or server gradient is not finite is refused (poisoned activations)."""
@@ -282,12 +375,18 @@ class SplitServer:
         if missing:
             raise ValueError(f"Replies from clients {sorted(missing)} whose cut the server did not accept.")
         finishers = [c for c in self._grads_from if c in replies]
-        if self.world_size == 1 and (
-            finishers != self._grads_from or len(finishers) != self.settings.clients_per_round
+        if (
+            self.world_size == 1
+            and self.algorithm.server.backprop
+            and (finishers != self._grads_from or len(finishers) != self.settings.clients_per_round)
         ):
             self.zero_grad()
             for client in finishers:
-                self._loss(self._round_cuts[client], len(finishers))
+                message = self._round_cuts[client]
+                if isinstance(message, ClientGradient):  # computed for K clients: rescaled to the finishers
+                    self.accumulate(message.gradient * (self.clients_per_process() / len(finishers)))
+                else:
+                    self._loss(message, len(finishers))
         update = self.algorithm.client.close(self, plan, self.gather_replies(dict(replies), plan.round))
         self.step()
         self._round_cuts, self._round_losses, self._grads_from = {}, {}, []
@@ -299,7 +398,7 @@ class SplitServer:
         apply)."""
         if update is None:
             return None
-        update = replace(update, lr=self.next_client_lr())
+        update = self.algorithm.client.finalize(self, replace(update, lr=self.next_client_lr()))
         if isinstance(update, ClientUpdate):
             self.trajectory.rounds.append(update)
         return update

@@ -81,8 +81,8 @@ APP_CONFIG: dict[str, Any] = {
     "eval-batch-size": 16,
     "report-to": "none",  # per-round metrics to transformers' integrations (e.g. "tensorboard"), and/or "jsonl"
 }
-FLOWER_ALGORITHMS = tuple(name for name, algorithm in ALGORITHMS.items() if algorithm.on_round_loop)
-"""The algorithms the Flower app runs: those on the round's loop (the same that `HOSFLTrainer` runs through it)."""
+FLOWER_ALGORITHMS = tuple(ALGORITHMS)
+"""The algorithms the Flower app runs: every entry of the registry (the round's loop runs them all)."""
 
 
 def _key(name: str) -> str:
@@ -149,11 +149,6 @@ def build_args(config: Mapping[str, Any]) -> tuple[RoundSettings, HOSFLConfig]:
     optimizer, schedule and clipping among them) and the shared [`RoundSettings`]."""
     types = _field_types()
     settings = {name: _from_run_config(name, config[_key(name)], types[name]) for name in SETTINGS_FIELDS}
-    if settings["algorithm"] not in FLOWER_ALGORITHMS:
-        raise ValueError(
-            f"algorithm={settings['algorithm']!r} does not run over Flower yet: the Flower app runs "
-            f"{list(FLOWER_ALGORITHMS)}. Run the other algorithms with HOSFLTrainer (in one process)."
-        )
     args = HOSFLConfig(
         **settings,
         output_dir=str(config["output-dir"]),
