@@ -131,7 +131,12 @@ def test_simulation_resumes_from_the_server_checkpoint(tmp_path):
     """The ServerApp dies right after sending round 1's update; a new run with the same `checkpoint-dir` resumes at
     round 2 with the clients' saved states (the clients that applied round 1 do not apply it again) and ends as the
     uninterrupted trainer: client part and trajectory bit for bit."""
-    config = {**write_inputs(tmp_path, ROUNDS), "checkpoint-dir": str(tmp_path / "checkpoint")}
+    # The update exchange is what the crash follows: the updates are not deferred to the next plan here.
+    config = {
+        **write_inputs(tmp_path, ROUNDS),
+        "checkpoint-dir": str(tmp_path / "checkpoint"),
+        "deferred-updates": False,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     env = dict(subprocess_env(), RAY_DEDUP_LOGS="0", FLWR_HOME=str(tmp_path / "flwr"))
     command = [sys.executable, str(HERE / "flower_simulation.py"), str(tmp_path / "config.json"), str(CLIENTS)]

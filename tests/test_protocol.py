@@ -13,6 +13,7 @@ from hosfl_hf.protocol import (
     ClientForward,
     ClientUpdate,
     Cotangent,
+    InProcessTransport,
     MessageError,
     ProbeReply,
     RoundPlan,
@@ -153,3 +154,40 @@ def test_client_state_round_trips_and_refuses_duplicates(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="duplicate or out-of-order"):
         fresh.apply(server.history(1)[0])
+
+
+class Counting(InProcessTransport):
+    """The in-process transport, recording the kind of every exchange."""
+
+    def __init__(self, clients):
+        super().__init__(clients)
+        self.kinds = []
+
+    def exchange(self, kind, payloads, timeout, round_index):
+        self.kinds.append(kind)
+        return super().exchange(kind, payloads, timeout, round_index)
+
+
+def test_deferred_updates_take_two_exchanges_and_end_identical(tmp_path):
+    """With `deferred_updates` the update of round r reaches its finishers with their next catch-up: no `update`
+    exchange, and every client ends with the same client part as with the update exchange."""
+    from hosfl_hf.protocol import FederatedRun, ReliabilitySettings
+
+    args = tiny_args(tmp_path, max_steps=5)
+    settings = RoundSettings.from_args(args, split_layer=2)
+    ends = {}
+    for deferred in (False, True):
+        base = tiny_llama()
+        server = SplitServer(copy.deepcopy(base), settings, args)
+        clients = {
+            c: SplitClient(copy.deepcopy(base), c, settings, counting_dataset(), stack_collator) for c in range(4)
+        }
+        transport = Counting(clients)
+        run = FederatedRun(server, transport, ReliabilitySettings(deferred_updates=deferred))
+        run.run(5)
+        kinds = transport.kinds
+        assert ("update" in kinds) is not deferred and kinds.count("forward") == 5
+        digests = run.finish()
+        assert len(set(digests.values())) == 1
+        ends[deferred] = (server.trajectory.rounds, next(iter(digests.values())))
+    assert ends[True] == ends[False]

@@ -87,6 +87,10 @@ class ReliabilitySettings:
             stream reaches 2.3e4 after block 12) while rejecting a cut scaled by 1e6 or more; set it from your
             model's clean cuts. Non-finite cuts, losses and server gradients are always rejected.
         checkpoint_every (`int`): snapshot the client part every N applied rounds for catch-up (0: replay only).
+        deferred_updates (`bool`): no `update` exchange: the round's update reaches its finishers with their next
+            catch-up (the plan of the next round they are sampled in, or the final catch-up), so a round is two
+            exchanges instead of three (what a deployment, where every exchange costs a ClientApp process, wants).
+            The clients' update norms are then not reported per round.
         min_finishers (`int`): a round that fewer clients finish is skipped and retried, like one nobody finishes.
             With a robust aggregation set it to 3 or more: the median of two values is their mean, so with dropout
             a round left with one attacker and one honest client is not protected (see docs/reliability.md).
@@ -97,6 +101,7 @@ class ReliabilitySettings:
     activation_bound: float | None = 1e6
     checkpoint_every: int = 0
     min_finishers: int = 1
+    deferred_updates: bool = False
 
     def __post_init__(self):
         if self.max_round_attempts < 1:
@@ -375,7 +380,7 @@ class FederatedRun:
         metrics = {k: sum(v) / len(v) for k, v in self.server.round_metrics.items() if v}
         self.server.round_metrics.clear()
         update_bytes = encode(update) if update is not None else None
-        if update_bytes is not None:
+        if update_bytes is not None and not self.reliability.deferred_updates:  # deferred: counted in catch-ups
             self._count("sync_bytes", [update_bytes] * len(finishers))
         record = {  # logged at the commit point (a resumed run has it); a missed update counts in the next round
             "round": r,
@@ -398,7 +403,7 @@ class FederatedRun:
         logger.info("HO-SFL round %s", json.dumps(record))
         self._commit(r, update)
         norms = []
-        if update_bytes is not None:
+        if update_bytes is not None and not self.reliability.deferred_updates:
             acks = self._exchange("update", {c: {"update": update_bytes} for c in finishers}, r)
             for c in finishers:
                 ack = acks.get(c, TimeoutError("no reply"))

@@ -9,6 +9,7 @@ rebuilt from the run config (cached within a process). Queries: those of [`hosfl
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,10 @@ from .messages import RECORD, pack
 
 __all__ = ["app", "build_client_app"]
 
-_CLIENTS: dict[tuple, SplitClient] = {}
+# The clients this process answered for lately, at most `clients_per_round` (a simulation actor answers for many
+# nodes): memory grows with the clients a round samples, not with the clients that exist. The state folder is the
+# truth, so a client dropped from here is rebuilt from the model and its folder.
+_CLIENTS: OrderedDict[tuple, SplitClient] = OrderedDict()
 
 
 def _client(context: Context, overrides: dict[str, Any] | None) -> tuple[SplitClient, str]:
@@ -39,9 +43,12 @@ def _client(context: Context, overrides: dict[str, Any] | None) -> tuple[SplitCl
     folder = state_folder(config, node, context.run_id, client_id)
     key = (context.run_id, client_id, folder)
     if key not in _CLIENTS:
+        while len(_CLIENTS) >= settings.clients_per_round:
+            _CLIENTS.popitem(last=False)
         _CLIENTS[key] = SplitClient(
             load_model(config), client_id, settings, load_dataset(config), make_collator(config)
         )
+    _CLIENTS.move_to_end(key)
     client = _CLIENTS[key]
     client.load(folder)  # the saved state is the truth (another process may have handled the last message)
     return client, folder

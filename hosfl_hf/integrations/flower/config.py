@@ -28,6 +28,7 @@ __all__ = [
     "load_model",
     "make_collator",
     "state_folder",
+    "toml_value",
     "write_app",
 ]
 
@@ -73,6 +74,7 @@ APP_CONFIG: dict[str, Any] = {
     "min-finishers": 1,  # a round fewer clients finish is skipped and retried (3+ with a robust aggregation)
     "activation-bound": 1e6,  # cuts with a larger entry are rejected (poisoned activations); 0: no bound
     "checkpoint-every": 0,  # > 0: client-state snapshot every N rounds; a straggler behind it gets snapshot + tail
+    "deferred-updates": True,  # the update travels with the next round's plan: two exchanges per round, not three
     "checkpoint-dir": "",  # server checkpoint after every round; a run finding one there resumes from it
     # Centralized evaluation on the server's held-out set (the full model: server part + replayed client part).
     "eval-dataset": "",  # JSON-lines: tokenized rows (input_ids, labels) or, with eval-task, the task's raw rows
@@ -196,6 +198,7 @@ def build_reliability(config: Mapping[str, Any]) -> ReliabilitySettings:
         min_finishers=int(config["min-finishers"]),
         activation_bound=bound if bound > 0 else None,
         checkpoint_every=int(config["checkpoint-every"]),
+        deferred_updates=str(config["deferred-updates"]).lower() in ("true", "1"),
     )
 
 
@@ -262,11 +265,18 @@ clientapp = "hosfl_hf.integrations.flower.client_app:app"
 """
 
 
+def toml_value(value: Any) -> str:
+    """A run-config value in TOML (what `--run-config` and `pyproject.toml` parse)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
 def write_app(folder: str | os.PathLike) -> str:
     """Writes the Flower app folder (its `pyproject.toml`: components and the run config's defaults) and returns
     its path; `examples/flower` is this output."""
     os.makedirs(folder, exist_ok=True)
-    lines = [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}" for k, v in DEFAULT_RUN_CONFIG.items()]
+    lines = [f"{k} = {toml_value(v)}" for k, v in DEFAULT_RUN_CONFIG.items()]
     with open(os.path.join(folder, "pyproject.toml"), "w") as f:
         f.write(APP_PYPROJECT + "\n".join(lines) + "\n")
     return str(folder)

@@ -55,7 +55,9 @@ def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 def run_config_string(config: Mapping[str, Any]) -> str:
     """`--run-config` syntax: space-separated `key=value`, strings in double quotes."""
-    return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in config.items())
+    from .config import toml_value
+
+    return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
 
 
 def write_test_certificates(folder: str | os.PathLike, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict:
