@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections import defaultdict
@@ -636,7 +637,7 @@ class HOSFLTrainer(Trainer):
                     "zo_forward_passes": self.zo_forward_passes,
                     "skipped_rounds": self.skipped_rounds,
                     "round_base": self._round_base,
-                    "applied": dict(self.run.applied),  # the last round each client holds (what its catch-up sends)
+                    "run": json.dumps(self.run.state_dict()),  # the round loop's bookkeeping (as FederatedRun.save)
                     "client_mask_values": self.client_part.mask_state(),
                 },
                 os.path.join(output_dir, CLIENT_STATE_NAME),
@@ -658,8 +659,14 @@ class HOSFLTrainer(Trainer):
         self._round_base = state.get("round_base", 0)
         self._rounds_done = self._round_base + self.state.global_step
         self._load_trajectory(checkpoint)
-        if "applied" in state:
-            self.run.applied = {int(c): int(r) for c, r in state["applied"].items()}
+        if "run" in state:
+            self.run.load_state_dict(json.loads(state["run"]))
+        # The loop's counts so far are in `comm` already (restored above): only later rounds add to it.
+        self._counted = {
+            "activation_bytes": self.run.traffic["activation_bytes"],
+            "sync_bytes": self.run.traffic["sync_bytes"],
+            "forwards": self.client_part.forward_passes + self.server.forward_passes,
+        }
 
     def _load_trajectory(self, checkpoint: str) -> None:
         """The checkpoint's trajectory becomes the run's (the server's record) and the in-process holders hold its

@@ -513,6 +513,26 @@ class FederatedRun:
         }
 
     # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's bookkeeping (plain JSON values): the next round, the last round each client holds (what its
+        catch-up sends), the counters, the traffic, the fault events and the round log. The server checkpoint
+        ([`save`]) and `HOSFLTrainer`'s checkpoints keep it."""
+        return {
+            "next_round": self.next_round,
+            "applied": {str(c): r for c, r in self.applied.items()},
+            "counters": dict(self.counters),
+            "traffic": dict(self.traffic),
+            "events": list(self.events),
+            "log": list(self.log),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_round = int(state["next_round"])
+        self.applied = {int(c): int(r) for c, r in state["applied"].items()}
+        self.counters.update(state["counters"])
+        self.traffic.update(state["traffic"])
+        self.events, self.log = list(state["events"]), list(state["log"])
+
     def save(self, folder: str | os.PathLike) -> None:
         """Writes the server checkpoint (server state, record, snapshot, the run's bookkeeping) to `folder`,
         atomically: a crash while writing leaves the previous checkpoint."""
@@ -525,15 +545,7 @@ class FederatedRun:
         if self.snapshot is not None:
             with open(os.path.join(tmp, "snapshot.bin"), "wb") as f:
                 f.write(encode(CatchUp(after=self.snapshot.round, checkpoint=self.snapshot)))
-        state = {
-            "next_round": self.next_round,
-            "applied": {str(c): r for c, r in self.applied.items()},
-            "counters": self.counters,
-            "traffic": self.traffic,
-            "events": self.events,
-            "log": self.log,
-            "settings": self.settings.to_dict(),
-        }
+        state = {**self.state_dict(), "settings": self.settings.to_dict()}
         with open(os.path.join(tmp, RUN_STATE), "w") as f:
             json.dump(state, f)
         old = folder + ".old"
@@ -562,11 +574,7 @@ class FederatedRun:
             with open(path, "rb") as f:
                 per_update = self.settings.scalars_per_update
                 self.snapshot = decode(f.read(), CatchUp, num_perturbations=per_update).checkpoint
-        self.next_round = int(state["next_round"])
-        self.applied = {int(c): r for c, r in state["applied"].items()}
-        self.counters.update(state["counters"])
-        self.traffic.update(state["traffic"])
-        self.events, self.log = list(state["events"]), list(state["log"])
+        self.load_state_dict(state)
 
     @classmethod
     def resume(
