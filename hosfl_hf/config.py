@@ -10,7 +10,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .aggregation import AGGREGATORS
-from .algorithms import ALGORITHMS as _REGISTRY
+from .protocol.strategies import ALGORITHMS as _REGISTRY
 from .zeroth_order import CLIENT_STEP_RULES
 
 __all__ = ["ALGORITHMS", "HOSFLConfig"]

@@ -90,11 +90,11 @@ def _short(error: BaseException, limit: int = 300) -> str:
 
 
 def _num_layers(model: nn.Module) -> int | None:
-    from .split import _find_layers
+    from .split import find_layers
 
     try:
         with quiet():
-            return len(_find_layers(model)[1])
+            return len(find_layers(model)[1])
     except ValueError:
         return None
 

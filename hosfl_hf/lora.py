@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._backends import keep_4bit_layers_differentiable
-from .split import SplitModel, _find_layers, skeleton_layers, unwrap_causal_lm
+from .split import SplitModel, find_layers, skeleton_layers, unwrap_causal_lm
 
 __all__ = [
     "client_4bit_config",
@@ -45,7 +45,7 @@ PeftConfigLike = Any  # a peft `PeftConfig`, or a `(client_config, server_config
 def layers_pattern_of(model: nn.Module) -> str:
     """The `layers_pattern` of peft for the decoder blocks of `model`: the last name of their path (e.g. `"layers"`
     for `model.layers` or `model.decoder.layers`, `"h"` for GPT-2's `transformer.h`)."""
-    path, _ = _find_layers(unwrap_causal_lm(model))
+    path, _ = find_layers(unwrap_causal_lm(model))
     return path.rsplit(".", 1)[-1]
 
 
@@ -286,7 +286,7 @@ def get_split_peft_model(
             "The model is already a PeftModel and a peft_config was given too: pass either the PeftModel (its "
             "adapters are used as they are) or the plain model with peft_config."
         )
-    _, layers = _find_layers(unwrap_causal_lm(model))
+    _, layers = find_layers(unwrap_causal_lm(model))
     if isinstance(peft_config, (tuple, list)):
         peft_config = tuple(None if c is None else _resolve_all_linear(c, model) for c in peft_config)
     config = split_lora_config(peft_config, len(layers), split_layer, layers_pattern_of(model))

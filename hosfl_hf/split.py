@@ -30,7 +30,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ._backends import keep_4bit_layers_differentiable
 
-__all__ = ["SPLIT_REGISTRY", "CutActivations", "SplitModel", "split_model", "unwrap_causal_lm"]
+__all__ = ["SPLIT_REGISTRY", "CutActivations", "SplitModel", "find_layers", "split_model", "unwrap_causal_lm"]
 
 
 # model_type -> dotted path of the `nn.ModuleList` of decoder blocks inside the `*ForCausalLM` model.
@@ -130,7 +130,9 @@ def _layer_counts(config: Any) -> set[int]:
     return counts
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted path and the `nn.ModuleList` of the decoder blocks of a `*ForCausalLM` model (by the registry, or
+    found by shape)."""
     config = model.config
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
@@ -179,7 +181,7 @@ def skeleton_layers(config, split_layer: int) -> tuple[nn.Module, str, nn.Module
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         skeleton = AutoModelForCausalLM.from_config(config)
-    path, layers = _find_layers(skeleton)
+    path, layers = find_layers(skeleton)
     if not 1 <= split_layer <= len(layers) - 1:
         raise ValueError(f"split_layer={split_layer} must be in 1..{len(layers) - 1} for this model.")
     return skeleton, path, layers
@@ -822,7 +824,7 @@ def split_model(model: nn.Module, split_layer: int, verify: bool = False) -> Spl
     lm = unwrap_causal_lm(model)
     if not hasattr(lm, "config") or not hasattr(lm, "get_input_embeddings"):
         raise ValueError(f"split_model expects a transformers *ForCausalLM model, got {type(model).__name__}.")
-    layers_path, layers = _find_layers(lm)
+    layers_path, layers = find_layers(lm)
     num_layers = len(layers)
     if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 1 <= split_layer <= num_layers - 1:
         raise ValueError(

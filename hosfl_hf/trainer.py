@@ -20,7 +20,6 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .algorithms import ALGORITHMS, get_algorithm
 from .client_part import CLIENT_INPUTS, ClientPart
 from .config import HOSFLConfig
 from .federation import FederatedRoundSampler, sample_clients
@@ -28,6 +27,7 @@ from .model_card import HOSFL_TAGS
 from .protocol.client import SplitClient
 from .protocol.rounds import FederatedRun, OpenRound, ReliabilitySettings
 from .protocol.settings import RoundSettings
+from .protocol.strategies import ALGORITHMS, get_algorithm
 from .protocol.transport import SharedPartTransport
 from .server_part import ServerPart
 from .split import CutActivations, split_model

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..algorithms import get_algorithm
 from ..client_part import CLIENT_INPUTS, ClientPart
 from ..federation import FederatedRoundSampler
 from ..lora import upcast_trainable_adapters
@@ -23,6 +22,7 @@ from ..split import split_model
 from ..zeroth_order import build_client_optimizer
 from .messages import CatchUp, ClientCheckpoint, ClientForward, ClientGradient, Cotangent, ProbeReply, RoundPlan
 from .settings import RoundSettings
+from .strategies import get_algorithm
 
 __all__ = ["ClientPart", "SplitClient", "weights_digest"]
 

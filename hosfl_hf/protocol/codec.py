@@ -38,7 +38,7 @@ from .messages import (
     WeightsUpdate,
 )
 
-__all__ = ["FORMAT_VERSION", "MessageError", "decode", "encode"]
+__all__ = ["FORMAT_VERSION", "MessageError", "decode", "encode", "message_header"]
 
 FORMAT_VERSION = 2  # 2: CatchUp carries `after` and an optional client checkpoint
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,7 +75,8 @@ def encode(message: Any) -> bytes:
     return save_tensors(tensors, metadata={"hosfl": json.dumps(header)})
 
 
-def _header(data: bytes) -> dict[str, Any]:
+def message_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of an encoded message (`kind`, `version`, `fields`), unvalidated."""
     try:
         (length,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + length])["__metadata__"]
@@ -111,7 +112,7 @@ def decode(
     Raises:
         [`MessageError`]: naming the field that is wrong; the message must then be dropped.
     """
-    header = _header(data)
+    header = message_header(data)
     kind = _KINDS.get(expected)
     if header.get("kind") != kind:
         raise MessageError(f"Field 'kind': expected a {kind!r} message, got {header.get('kind')!r}.")

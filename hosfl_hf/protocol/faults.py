@@ -35,9 +35,9 @@ def edit_message(data: bytes, **changes: Any) -> bytes:
 
 
 def _is(data: bytes, kind: str) -> bool:
-    from .codec import _header
+    from .codec import message_header
 
-    return _header(data).get("kind") == kind
+    return message_header(data).get("kind") == kind
 
 
 @dataclass

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
-from ..algorithms import get_algorithm
 from ..federation import sample_clients
 from ..lora import upcast_trainable_adapters
 from ..named_tensors import copy_named_tensors
@@ -34,6 +33,7 @@ from ..update_norms import UpdateSnapshot
 from ..zeroth_order import ZerothOrderEstimator, loss_differences
 from .messages import ClientBatch, ClientForward, ClientGradient, ClientUpdate, Cotangent, PerturbedCuts, RoundPlan
 from .settings import RoundSettings
+from .strategies import get_algorithm
 
 __all__ = ["RejectedCut", "SplitServer"]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ...algorithms import ALGORITHMS
 from ...config import HOSFLConfig
 from ...protocol import ReliabilitySettings, RoundSettings
+from ...protocol.strategies import ALGORITHMS
 
 __all__ = [
     "APP_CONFIG",
