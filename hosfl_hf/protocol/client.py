@@ -88,6 +88,7 @@ class SplitClient:
                 shards, settings.clients_per_round, settings.batch_size, seed=settings.federation_seed
             )
         self.dataset, self.collator = dataset, collator
+        self._initial: dict[str, Any] | None = None  # the state at construction, for `reset`
         self._reference: tuple[int, int, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- round
@@ -225,6 +226,17 @@ class SplitClient:
         self.load_state_dict(checkpoint.to_client_state(dict(self.environment)))
 
     # ------------------------------------------------------------------------------------------------ state
+    def remember_initial_state(self) -> None:
+        """Keeps the current state (a copy of the trainable weights and the optimizer's state) for [`reset`]."""
+        self._initial = self.state_dict()
+
+    def reset(self) -> None:
+        """Back to the state at construction (a client with no saved state, served by a process that served others):
+        the run's initial client part, a fresh optimizer, no applied round."""
+        if self._initial is None:
+            raise RuntimeError("reset() needs remember_initial_state() first (right after construction).")
+        self.load_state_dict(self._initial)
+
     def state_dict(self) -> dict[str, Any]:
         """The client's state: trainable weights, optimizer state, last applied round, environment."""
         return {

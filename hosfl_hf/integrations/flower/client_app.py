@@ -9,7 +9,6 @@ rebuilt from the run config (cached within a process). Queries: those of [`hosfl
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +22,11 @@ from .messages import RECORD, pack
 
 __all__ = ["app", "build_client_app"]
 
-# The clients this process answered for lately, at most `clients_per_round` (a simulation actor answers for many
-# nodes): memory grows with the clients a round samples, not with the clients that exist. The state folder is the
-# truth, so a client dropped from here is rebuilt from the model and its folder.
-_CLIENTS: OrderedDict[tuple, SplitClient] = OrderedDict()
+# One client part per process and run, whichever client a message is for (a simulation actor answers for many nodes):
+# each message loads that client's state from its folder (the truth: another process may have handled its last
+# message), or the run's initial state for a client that has none yet. Memory and the cost of a message do not grow
+# with the number of clients that exist.
+_HOLDERS: dict[int, SplitClient] = {}
 
 
 def _client(context: Context, overrides: dict[str, Any] | None) -> tuple[SplitClient, str]:
@@ -41,16 +41,15 @@ def _client(context: Context, overrides: dict[str, Any] | None) -> tuple[SplitCl
             f"num-clients={settings.num_clients}: give each SuperNode a distinct partition-id in 0..num-clients-1."
         )
     folder = state_folder(config, node, context.run_id, client_id)
-    key = (context.run_id, client_id, folder)
-    if key not in _CLIENTS:
-        while len(_CLIENTS) >= settings.clients_per_round:
-            _CLIENTS.popitem(last=False)
-        _CLIENTS[key] = SplitClient(
-            load_model(config), client_id, settings, load_dataset(config), make_collator(config)
-        )
-    _CLIENTS.move_to_end(key)
-    client = _CLIENTS[key]
-    client.load(folder)  # the saved state is the truth (another process may have handled the last message)
+    if context.run_id not in _HOLDERS:
+        _HOLDERS.clear()  # a new run: the previous run's client part is not needed any more
+        holder = SplitClient(load_model(config), client_id, settings, load_dataset(config), make_collator(config))
+        holder.remember_initial_state()
+        _HOLDERS[context.run_id] = holder
+    client = _HOLDERS[context.run_id]
+    client.client_id = client_id
+    if not client.load(folder):
+        client.reset()  # no state saved yet: the run's initial client part
     return client, folder
 
 
