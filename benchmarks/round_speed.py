@@ -103,6 +103,9 @@ def child(kind: str, rounds: int, warmup: int) -> None:
 
 def run_child(kind: str, rounds: int, warmup: int, path: Path) -> list[float]:
     env = dict(os.environ, PYTHONPATH=str(path), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    shared = ROOT.parent / "shared" / "data"  # the other commit's worktree has no ../shared beside it
+    if "HOSFL_DATA_DIR" not in env and shared.is_dir():
+        env["HOSFL_DATA_DIR"] = str(shared)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--rounds", str(rounds)]
     command += ["--warmup", str(warmup)]
     result = subprocess.run(command, cwd=path, env=env, capture_output=True, text=True, timeout=3600)
