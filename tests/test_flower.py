@@ -39,8 +39,8 @@ def write_inputs(folder: Path, rounds: int) -> dict:
     return write_flower_inputs(folder, **{"num-rounds": rounds, "num-clients": CLIENTS, "clients-per-round": 2})
 
 
-def trainer_reference(tmp_path, rounds):
-    args = tiny_args(tmp_path, num_clients=CLIENTS, clients_per_round=2, max_steps=rounds)
+def trainer_reference(tmp_path, rounds, algorithm="hosfl"):
+    args = tiny_args(tmp_path, num_clients=CLIENTS, clients_per_round=2, max_steps=rounds, algorithm=algorithm)
     trainer = HOSFLTrainer(
         tiny_llama(), args, split_layer=2, train_dataset=counting_dataset(), data_collator=stack_collator
     )
@@ -51,8 +51,11 @@ def trainer_reference(tmp_path, rounds):
 def check_against_trainer(out: Path, state: Path, trainer):
     summary = json.loads((out / "flower_summary.json").read_text())
     assert summary["clients_identical"] and summary["rounds"] == trainer.args.max_steps
-    # The server logs the trainer's per-round numbers: the learning rates of every round are the trainer's.
-    assert [h["client_learning_rate"] for h in summary["history"]] == [r.lr for r in trainer.trajectory.rounds]
+    # The server logs the trainer's per-round numbers (the same loop): the learning rates of every round.
+    assert [h["client_learning_rate"] for h in summary["history"]] == [
+        r["client_learning_rate"] for r in trainer.run.log
+    ]
+    assert [h["learning_rate"] for h in summary["history"]] == [r["learning_rate"] for r in trainer.run.log]
     assert all(h["loss"] > 0 for h in summary["history"])
     assert Trajectory.load(out).rounds == trainer.trajectory.rounds
     saved = load_file(out / "model.safetensors")
@@ -164,22 +167,24 @@ def test_app_folder_declares_every_run_config_key(tmp_path):
 
 
 def test_loopback_deployment_writes_the_trainers_artifacts(tmp_path):
-    """flower-superlink + 3 flower-supernodes on 127.0.0.1 (a new ClientApp process per message), 2 rounds: the
-    written artifacts load, and the client part equals the in-process trainer's bit for bit."""
+    """flower-superlink + 3 flower-supernodes on 127.0.0.1 (a new ClientApp process per message), 2 rounds of
+    SplitLoRA (a non-HO-SFL algorithm; HO-SFL's deployment is the TLS test): the written artifacts load, and the
+    client part equals the in-process trainer's bit for bit."""
     from transformers import AutoModelForCausalLM
 
     from hosfl_hf import HOSFLRunRecord
     from hosfl_hf.integrations.flower.local import LocalDeployment
 
-    config = write_inputs(tmp_path, 2)
+    config = {**write_inputs(tmp_path, 2), "algorithm": "splitlora"}
     with LocalDeployment(num_nodes=CLIENTS, state_dir=tmp_path / "state", workdir=tmp_path / "deploy") as deployment:
         code, output = deployment.run(config, timeout=480)
     # `flwr run` exits 0 even when the ServerApp failed: judge the run by what it wrote.
     assert (tmp_path / "out" / "flower_summary.json").is_file(), output[-6000:]
-    trainer = trainer_reference(tmp_path / "trainer", 2)
+    trainer = trainer_reference(tmp_path / "trainer", 2, algorithm="splitlora")
     check_against_trainer(tmp_path / "out", tmp_path / "state", trainer)
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert HOSFLRunRecord.from_pretrained(tmp_path / "out").split_layer == 2
+    record = HOSFLRunRecord.from_pretrained(tmp_path / "out")
+    assert record.split_layer == 2 and record.algorithm == "splitlora"
     assert (tmp_path / "out" / "README.md").is_file()
 
 
