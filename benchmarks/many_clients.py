@@ -29,19 +29,10 @@ OUT = ROOT / "docs" / "results"
 
 
 def inputs(folder: Path, clients: int, batch: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hosfl_hf.testing import tiny_llama
 
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        LlamaForCausalLM(config).save_pretrained(folder / "model")
+    small = dict(vocab_size=64, hidden_size=64, intermediate_size=128)  # the Llama of benchmarks/flower_rounds.py
+    tiny_llama(0, **small).save_pretrained(folder / "model")
     g = torch.Generator().manual_seed(0)
     with open(folder / "train.jsonl", "w") as f:
         for _ in range(clients * batch * 2):  # two batches per client's shard
